@@ -1,0 +1,230 @@
+"""Floating-point arithmetic that carries a running error bound.
+
+Every value computed by a reference rule is a `Tracked`: the value rounded in
+the working dtype (float32 or float64), exactly as numpy computes it, and a
+first-order bound on its absolute distance from the exact real-number result
+of the same formula (a running error analysis, Higham, "Accuracy and Stability
+of Numerical Algorithms", 2nd ed. 2002, section 3.3).  For each operation
+z = fl(x op y) with u the unit roundoff (eps / 2):
+
+    x +- y   e_z = e_x + e_y + u|z|
+    x * y    e_z = |y| e_x + |x| e_y + u|z|
+    x / y    e_z = (e_x + |z| e_y) / |y| + u|z|
+    sqrt x   e_z = min(e_x / z, sqrt(e_x)) + u|z|
+    x ** t   e_z = |t z / x| e_x + u|z| (1 + |t ln x|)   (pow through exp/log)
+
+The bound is what a faithful implementation of the same formula may differ
+by, whatever order it evaluates it in up to a small factor; the comparison
+engine divides the observed difference by it (see verify/compare.py).
+
+A discontinuous function evaluated within rounding of its jump (sign of a
+value whose magnitude is below `tie_width` times its error bound) is a tie:
+both results are legitimate, so the bound of that element becomes the jump.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Where Keras rounds beyond the working dtype, as a named setting.
+
+    learning_rate_float32: Keras stores the learning rate in a float32
+        variable whatever the weights' dtype.
+    cast_rounds_to_float32: `ops.cast(python_float, dtype)` goes through a
+        float32 tensor first (TensorFlow's `tf.cast` of a Python float).
+    decay_factor_float32: the decoupled weight-decay factor (1 - wd * lr)
+        is computed in float32 (torch backend's `_apply_weight_decay`).
+    """
+
+    name: str
+    learning_rate_float32: bool = True
+    cast_rounds_to_float32: bool = False
+    decay_factor_float32: bool = False
+
+    def describe(self) -> str:
+        parts = []
+        if self.learning_rate_float32:
+            parts.append("learning rate stored as float32")
+        if self.cast_rounds_to_float32:
+            parts.append("ops.cast(Python float) rounds to float32 first")
+        if self.decay_factor_float32:
+            parts.append("weight-decay factor (1 - wd*lr) computed in float32")
+        return "; ".join(parts) or "no rounding beyond the working dtype"
+
+
+PRECISIONS = {
+    "tensorflow": Precision("tensorflow", cast_rounds_to_float32=True),
+    "jax": Precision("jax"),
+    "torch": Precision("torch", decay_factor_float32=True),
+    # No rounding beyond the working dtype: the formulas as real-number math.
+    "exact": Precision("exact", learning_rate_float32=False),
+}
+
+
+class Arithmetic:
+    """The working dtype, the precision setting, and whether bounds are kept."""
+
+    def __init__(self, dtype, precision: Precision, *, track: bool = True,
+                 tie_width: float = 32.0):
+        self.dtype = np.dtype(dtype)
+        self.precision = precision
+        self.track = track
+        self.u = float(np.finfo(self.dtype).eps) / 2
+        self.tie_width = tie_width
+
+    # --- constants -------------------------------------------------------
+    def _rounded(self, exact: float) -> "Tracked":
+        value = self.dtype.type(exact)
+        err = None
+        if self.track:
+            err = np.float64(abs(float(value) - exact))
+        return Tracked(np.asarray(value), err, self)
+
+    def const(self, x: float) -> "Tracked":
+        """A Python float entering arithmetic in the working dtype."""
+        return self._rounded(float(x))
+
+    def cast(self, x: float) -> "Tracked":
+        """`ops.cast(x, dtype)` of a Python float hyperparameter."""
+        x = float(x)
+        if self.precision.cast_rounds_to_float32:
+            x = float(np.float32(x))
+        return self._rounded(x)
+
+    def learning_rate(self, lr: float) -> "Tracked":
+        lr = float(lr)
+        if self.precision.learning_rate_float32:
+            lr = float(np.float32(lr))
+        return self._rounded(lr)
+
+    def exact(self, array) -> "Tracked":
+        """An input that both sides receive bit for bit (gradient, state)."""
+        value = np.asarray(array, dtype=self.dtype)
+        err = np.zeros(value.shape) if self.track else None
+        return Tracked(value, err, self)
+
+    def step_count(self, t) -> "Tracked":
+        """An integer step count converted to the working dtype (exact)."""
+        return self.exact(np.asarray(t, dtype=np.float64))
+
+
+def _lift(ar: Arithmetic, x) -> "Tracked":
+    if isinstance(x, Tracked):
+        return x
+    if isinstance(x, (int, float, np.floating, np.integer)):
+        return ar.const(float(x))
+    raise TypeError(f"cannot combine Tracked with {type(x).__name__}")
+
+
+class Tracked:
+    """A value in the working dtype and its absolute error bound (or None)."""
+
+    __slots__ = ("v", "e", "ar")
+    __array_ufunc__ = None  # keep numpy from taking over mixed expressions
+
+    def __init__(self, v, e, ar: Arithmetic):
+        self.v = v
+        self.e = e
+        self.ar = ar
+
+    def _new(self, v, e_parts):
+        if not self.ar.track:
+            return Tracked(v, None, self.ar)
+        e = e_parts() + self.ar.u * np.abs(v.astype(np.float64))
+        return Tracked(v, e, self.ar)
+
+    def __add__(self, other):
+        o = _lift(self.ar, other)
+        return self._new(self.v + o.v, lambda: self.e + o.e)
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        o = _lift(self.ar, other)
+        return self._new(self.v - o.v, lambda: self.e + o.e)
+
+    def __rsub__(self, other):
+        return _lift(self.ar, other) - self
+
+    def __mul__(self, other):
+        o = _lift(self.ar, other)
+        return self._new(
+            self.v * o.v,
+            lambda: np.abs(o.v.astype(np.float64)) * self.e
+            + np.abs(self.v.astype(np.float64)) * o.e,
+        )
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other):
+        o = _lift(self.ar, other)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = self.v / o.v
+
+            def err():
+                ay = np.abs(o.v.astype(np.float64))
+                e = (self.e + np.abs(z.astype(np.float64)) * o.e) / ay
+                # a divisor within its own error of zero has no bound
+                return np.where(ay > o.e, e, np.inf)
+
+            return self._new(z, err)
+
+    def __rtruediv__(self, other):
+        return _lift(self.ar, other) / self
+
+    def __neg__(self):
+        return Tracked(-self.v, self.e, self.ar)
+
+    def __pow__(self, t):
+        """x ** t for a step count t (Tracked or number)."""
+        t = _lift(self.ar, t)
+        z = np.power(self.v, t.v)
+
+        def err():
+            x = np.abs(self.v.astype(np.float64))
+            tt = np.abs(t.v.astype(np.float64))
+            zz = np.abs(z.astype(np.float64))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                prop = np.where(x > 0, tt * zz / x, 0.0) * self.e
+                cond = np.where(x > 0, tt * np.abs(np.log(x)), 0.0)
+            return prop + self.ar.u * zz * cond
+
+        return self._new(z, err)
+
+
+def sqrt(x: Tracked) -> Tracked:
+    z = np.sqrt(x.v)
+
+    def err():
+        zz = z.astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            near = np.where(zz > 0, x.e / zz, np.inf)
+        return np.minimum(near, np.sqrt(x.e))
+
+    return x._new(z, err)
+
+
+def square(x: Tracked) -> Tracked:
+    return x * x
+
+
+def sign(x: Tracked) -> Tracked:
+    """sign(x); a tie within rounding of 0 may legitimately go either way."""
+    z = np.sign(x.v)
+    if not x.ar.track:
+        return Tracked(z, None, x.ar)
+    tie = (x.e > 0) & (np.abs(x.v.astype(np.float64)) <= x.ar.tie_width * x.e)
+    return Tracked(z, np.where(tie, 2.0, 0.0), x.ar)
+
+
+def maximum(x: Tracked, y: Tracked) -> Tracked:
+    """max is 1-Lipschitz: the larger of the two bounds covers it."""
+    z = np.maximum(x.v, y.v)
+    if not x.ar.track:
+        return Tracked(z, None, x.ar)
+    return Tracked(z, np.maximum(x.e, y.e), x.ar)

@@ -1,0 +1,41 @@
+"""Messages between the harness and its backend workers.
+
+A message is one JSON line followed by the arrays it names, each in numpy's
+.npy format with its byte length in the header, so a worker can run under any
+Python that has numpy (another virtual environment, another Keras release).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+
+
+def write_message(stream, header: dict, arrays: dict | None = None) -> None:
+    blobs = []
+    for array in (arrays or {}).values():
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+        blobs.append(buf.getvalue())
+    header = {**header, "arrays": [[name, len(b)] for name, b in zip(arrays or {}, blobs)]}
+    stream.write(json.dumps(header).encode() + b"\n")
+    for b in blobs:
+        stream.write(b)
+    stream.flush()
+
+
+def read_message(stream):
+    """The next (header, arrays), or None at end of stream."""
+    line = stream.readline()
+    if not line:
+        return None
+    header = json.loads(line)
+    arrays = {}
+    for name, length in header.pop("arrays"):
+        data = stream.read(length)
+        if len(data) != length:
+            raise EOFError("worker stream ended inside an array")
+        arrays[name] = np.load(io.BytesIO(data), allow_pickle=False)
+    return header, arrays

@@ -1,0 +1,249 @@
+"""Runs the backend workers and diffs their state streams as they arrive.
+
+One worker process per backend (per backend and x64 setting for JAX), all
+started at once; a reader thread per worker queues its messages and the main
+thread feeds them to the comparisons.  Only per-step statistics are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import reference
+from verify import compare
+from verify.protocol import read_message
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CHUNK = 50
+
+
+@dataclass
+class Selection:
+    backends: list
+    dtypes: list
+    families: list
+    configurations: list  # Configuration objects
+    scenarios: list       # names
+    modes: list
+    steps: int
+    size: int
+    seed: int
+    gradients: dict = field(default_factory=dict)  # scenario -> [steps, size] float64
+    initial: np.ndarray | None = None
+    python: str = sys.executable
+    python_path: list = field(default_factory=list)  # put first on the workers' sys.path
+    jax_x64: bool | None = None  # None: on exactly for float64 work (tests may force it)
+
+
+@dataclass
+class RunSpec:
+    id: int
+    configuration: object
+    backend: str
+    dtype: str
+    mode: str
+
+
+def _worker_groups(sel: Selection):
+    """(backend, x64, dtypes) for each worker process."""
+    groups = []
+    for backend in sel.backends:
+        if backend == "jax":
+            for dtype in sel.dtypes:
+                x64 = dtype == "float64" if sel.jax_x64 is None else sel.jax_x64
+                groups.append((backend, x64, [dtype]))
+        else:
+            groups.append((backend, None, list(sel.dtypes)))
+    return groups
+
+
+class Runner:
+    def __init__(self, sel: Selection, sink, progress=None):
+        self.sel = sel
+        self.sink = sink          # receives finished rows and step tables
+        self.progress = progress  # callable(steps_done) or None
+        names = sel.scenarios
+        self.segments = compare.Segments(names, [sel.size] * len(names))
+        self.all_gradients = np.concatenate([sel.gradients[n] for n in names], axis=1)
+        self.environment = {"backends": {}}
+
+    def run(self) -> None:
+        sel = self.sel
+        with tempfile.TemporaryDirectory(prefix="verify-inputs-") as tmp:
+            tmp = Path(tmp)
+            inputs = {"initial": str(tmp / "initial.npy"), "scenarios": {}}
+            np.save(inputs["initial"], sel.initial)
+            for name in sel.scenarios:
+                path = tmp / f"{name}.npy"
+                np.save(path, sel.gradients[name])
+                inputs["scenarios"][name] = str(path)
+            workers, run_id = [], 0
+            self.runs = {}
+            for backend, x64, dtypes in _worker_groups(sel):
+                specs = []
+                for configuration in sel.configurations:
+                    for dtype in dtypes:
+                        for mode in sel.modes:
+                            run = RunSpec(run_id, configuration, backend, dtype, mode)
+                            self.runs[run_id] = run
+                            specs.append({"id": run_id, "class_name": configuration.class_name,
+                                          "config": configuration.config, "dtype": dtype,
+                                          "mode": mode, "scenarios": sel.scenarios})
+                            run_id += 1
+                job = {"backend": backend, "x64": x64, "steps": sel.steps, "chunk": CHUNK,
+                       "inputs": inputs, "runs": specs, "python_path": sel.python_path}
+                job_path = tmp / f"job-{len(workers)}.json"
+                job_path.write_text(json.dumps(job))
+                workers.append(self._start_worker(backend, job_path, tmp, len(workers), specs))
+            self._pump(workers)
+
+    def _start_worker(self, backend, job_path, tmp, index, specs):
+        env = dict(os.environ)
+        env["KERAS_BACKEND"] = backend
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        log = open(tmp / f"worker-{index}.log", "wb")
+        proc = subprocess.Popen([self.sel.python, "-m", "verify.worker", str(job_path)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+                                env=env, cwd=str(REPO_ROOT))
+        return {"proc": proc, "log": log, "log_path": tmp / f"worker-{index}.log",
+                "backend": backend, "runs": [s["id"] for s in specs]}
+
+    def _pump(self, workers):
+        q = queue.Queue()
+
+        def reader(w):
+            try:
+                while (msg := read_message(w["proc"].stdout)) is not None:
+                    q.put((w, msg))
+            except Exception as exc:  # a torn stream is reported as the worker's failure
+                q.put((w, ({"type": "torn", "reason": str(exc)}, {})))
+            q.put((w, None))
+
+        threads = [threading.Thread(target=reader, args=(w,), daemon=True) for w in workers]
+        for t in threads:
+            t.start()
+        open_workers = len(workers)
+        active = {}
+        done = set()
+        while open_workers:
+            w, msg = q.get()
+            if msg is None:
+                open_workers -= 1
+                w["proc"].wait()
+                w["log"].close()
+                reason = _last_line(w["log_path"]) or f"worker exited with {w['proc'].returncode}"
+                for run_id in w["runs"]:
+                    if run_id not in done:
+                        self._finish_error(run_id, f"{w['backend']} worker failed: {reason}",
+                                           active.pop(run_id, None))
+                        done.add(run_id)
+                continue
+            header, arrays = msg
+            kind = header["type"]
+            if kind == "hello":
+                self.environment["backends"][header["backend"]] = {
+                    "keras": header["keras"], "version": header.get("backend_version"),
+                    "numpy": header["numpy"], "python": header["python"]}
+            elif kind == "run_start":
+                active[header["id"]] = self._start_run(header, arrays)
+            elif kind == "chunk":
+                comparisons = active[header["id"]]
+                states = _assemble(arrays, len(arrays["iterations"]))
+                for c in comparisons.values():
+                    if c is not None:
+                        c.feed(header["start"], states, arrays["iterations"])
+                run = self.runs[header["id"]]
+                run.steps_done = getattr(run, "steps_done", 0) + len(arrays["iterations"])
+                if self.progress:
+                    self.progress(len(arrays["iterations"]))
+            elif kind == "run_end":
+                self._finish(header["id"], active.pop(header["id"]))
+                done.add(header["id"])
+            elif kind in ("run_error", "torn"):
+                run_id = header.get("id")
+                if run_id is not None:
+                    self._finish_error(run_id, header["reason"], active.pop(run_id, None))
+                    done.add(run_id)
+        for t in threads:
+            t.join()
+
+    def _start_run(self, header, arrays):
+        run = self.runs[header["id"]]
+        states = _assemble(arrays, 1)
+        keras_states = [n for n in states if n != "variable"]
+        comparisons = {}
+        computed = header["computed_dtypes"]
+        run.problem = None
+        if computed != [run.dtype]:
+            run.problem = (f"Keras computed in {', '.join(computed)} although {run.dtype} "
+                           "was requested")
+        precision = reference.PRECISIONS[run.backend]
+        for family in self.sel.families:
+            c, reason = compare.build(family, reference.get_rule, run.configuration,
+                                      run.dtype, precision, self.segments,
+                                      self.all_gradients, keras_states)
+            if c is not None:
+                c.error = run.problem
+                c.start(states, int(arrays["iterations"][0]))
+            else:
+                c = reason
+            comparisons[family] = c
+        return comparisons
+
+    def _finish(self, run_id, comparisons):
+        run = self.runs[run_id]
+        for family, c in comparisons.items():
+            for s, scenario in enumerate(self.sel.scenarios):
+                if isinstance(c, str):
+                    self.sink.row(family, run, scenario, error=c)
+                else:
+                    self.sink.row(family, run, scenario, comparison=c, index=s)
+
+    def _finish_error(self, run_id, reason, comparisons):
+        run = self.runs[run_id]
+        for family in self.sel.families:
+            for scenario in self.sel.scenarios:
+                self.sink.row(family, run, scenario, error=reason)
+        if self.progress:
+            self.progress(self.sel.steps - getattr(run, "steps_done", 0))
+
+
+def _assemble(arrays, k):
+    """Worker arrays ("i/state", "g/state") -> {state: [k, N] or [k, 1]}."""
+    per_state = {}
+    for key, value in arrays.items():
+        if key == "iterations":
+            continue
+        owner, name = key.split("/", 1)
+        if owner == "g":
+            per_state[name] = [value.reshape(k, 1)]
+        else:
+            per_state.setdefault(name, []).append((int(owner), value.reshape(k, -1)))
+    out = {}
+    for name, parts in per_state.items():
+        if isinstance(parts[0], tuple):
+            out[name] = np.concatenate([v for _, v in sorted(parts, key=lambda p: p[0])], axis=1)
+        else:
+            out[name] = parts[0]
+    return out
+
+
+def _last_line(path) -> str:
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text(errors="replace").splitlines()
+                 if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""

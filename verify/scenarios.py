@@ -1,0 +1,73 @@
+"""Gradient sequences: deterministic, seeded, generated once per run.
+
+Every scenario is an array [steps, size] in float64 plus the initial weights;
+runs in float32 receive the same numbers rounded once to float32, on both the
+reference and the Keras side.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+DESCRIPTIONS = {
+    "gaussian": "independent N(0, 1) entries",
+    "tiny": "|g| log-uniform in [1e-8, 1e-6], random signs: epsilon handling dominates",
+    "large": "N(0, 1) * 1e3",
+    "sparse": "90% of entries exactly 0, and every step with probability 0.1 all zero",
+    "constant": "one N(0, 1) vector repeated every step",
+    "alternating": "one N(0, 1) vector whose sign flips every step",
+}
+SCENARIOS = tuple(DESCRIPTIONS)
+
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def gradients(name: str, steps: int, size: int, seed: int) -> np.ndarray:
+    rng = _rng(seed, name)
+    if name == "gaussian":
+        return rng.standard_normal((steps, size))
+    if name == "tiny":
+        magnitude = 10.0 ** rng.uniform(-8, -6, (steps, size))
+        return magnitude * rng.choice([-1.0, 1.0], (steps, size))
+    if name == "large":
+        return 1e3 * rng.standard_normal((steps, size))
+    if name == "sparse":
+        g = rng.standard_normal((steps, size)) * (rng.random((steps, size)) < 0.1)
+        g[rng.random(steps) < 0.1] = 0.0
+        return g
+    if name == "constant":
+        return np.broadcast_to(rng.standard_normal(size), (steps, size)).copy()
+    if name == "alternating":
+        signs = np.where(np.arange(steps) % 2 == 0, 1.0, -1.0)[:, None]
+        return signs * rng.standard_normal(size)
+    raise KeyError(name)
+
+
+def initial_weights(size: int, seed: int) -> np.ndarray:
+    return _rng(seed, "initial weights").standard_normal(size)
+
+
+class GradientFileError(ValueError):
+    pass
+
+
+def load_gradient_file(path) -> np.ndarray:
+    """A user's own sequence: a .npy array of finite floats, shape [steps, size]."""
+    try:
+        g = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise GradientFileError(f"cannot read gradient file {path}: {exc}") from None
+    if not isinstance(g, np.ndarray) or g.ndim != 2 or min(g.shape) < 1:
+        raise GradientFileError(
+            f"gradient file {path} must hold an array of shape [steps, size], "
+            f"got shape {getattr(g, 'shape', None)}")
+    if not np.issubdtype(g.dtype, np.floating) and not np.issubdtype(g.dtype, np.integer):
+        raise GradientFileError(f"gradient file {path} holds {g.dtype}, not numbers")
+    g = g.astype(np.float64)
+    if not np.all(np.isfinite(g)):
+        raise GradientFileError(f"gradient file {path} contains NaN or infinite values")
+    return g

@@ -1,0 +1,208 @@
+"""Backend worker: runs real Keras optimizers and streams their state.
+
+Started as `python -m verify.worker JOB.json` with KERAS_BACKEND set (the
+backend is fixed when keras is imported, hence one process per backend).  It
+writes protocol messages to its standard output; anything else printed while
+it runs goes to standard error.
+
+For every run it builds the optimizer from its Keras config dict, one weight
+variable per scenario, records every state (weights, every slot, every
+optimizer-wide variable) before the first step and after each step, and sends
+them in chunks of steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+import numpy as np
+
+from verify.protocol import write_message
+
+MODES = ("eager", "compiled")
+
+
+def _probe_float64(keras) -> bool:
+    """Does this process compute float64 in float64? (JAX needs x64.)"""
+    from keras import ops
+    one = ops.ones((), dtype="float64")
+    tiny = ops.convert_to_tensor(np.float64(2.0 ** -40), dtype="float64")
+    return float(ops.convert_to_numpy(ops.add(one, tiny))) == 1.0 + 2.0 ** -40
+
+
+def _state_layout(optimizer, variables):
+    """Map every optimizer variable to (variable index or None, state name)."""
+    from keras import Variable
+
+    skip = {id(optimizer.iterations)}
+    lr = getattr(optimizer, "_learning_rate", None)
+    if isinstance(lr, Variable):
+        skip.add(id(lr))
+    prefixes = [v.path.replace("/", "_") + "_" for v in variables]
+    attribute_names = {id(value): name.lstrip("_") for name, value in vars(optimizer).items()
+                       if isinstance(value, Variable)}
+    layout = []
+    for opt_var in optimizer.variables:
+        if id(opt_var) in skip:
+            continue
+        name = opt_var.name
+        for i, prefix in enumerate(prefixes):
+            if name.startswith(prefix):
+                layout.append((i, name[len(prefix):], opt_var))
+                break
+        else:
+            layout.append((None, attribute_names.get(id(opt_var), name), opt_var))
+    return layout
+
+
+class Run:
+    def __init__(self, keras, spec, job, gradients, initial):
+        self.keras = keras
+        self.spec = spec
+        self.dtype = spec["dtype"]
+        self.gradients = gradients
+        names = spec["scenarios"]
+        self.variables = [keras.Variable(initial.astype(self.dtype), dtype=self.dtype,
+                                         name=f"v{i}") for i, _ in enumerate(names)]
+        self.optimizer = keras.optimizers.get(
+            {"class_name": spec["class_name"], "config": dict(spec["config"])})
+        self.optimizer.build(self.variables)
+        self.layout = _state_layout(self.optimizer, self.variables)
+        self.state_vars = ([(i, "variable", v) for i, v in enumerate(self.variables)]
+                           + self.layout)
+        self.step_fn, self.read = self._make_step(job["backend"], spec["mode"])
+
+    def _grads(self, t):
+        return [self.keras.ops.convert_to_tensor(self.gradients[name][t].astype(self.dtype))
+                for name in self.spec["scenarios"]]
+
+    def _make_step(self, backend, mode):
+        keras, opt, variables = self.keras, self.optimizer, self.variables
+        to_numpy = keras.ops.convert_to_numpy
+
+        def read_variables():
+            return ([to_numpy(v.value) for _, _, v in self.state_vars],
+                    int(to_numpy(opt.iterations.value)))
+
+        if mode == "eager" or backend == "torch":
+            # torch has no compiled training step: model.fit runs it eagerly.
+            return (lambda grads: opt.apply(grads, variables)), read_variables
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            # model.fit's train function: tf.function; Keras's jit_compile="auto"
+            # turns XLA off on CPU-only machines, so no XLA here either.
+            step = tf.function(lambda grads: opt.apply(grads, variables),
+                               jit_compile=_tf_uses_xla(keras))
+            return step, read_variables
+        if backend == "jax":
+            import jax
+
+            # model.fit's JAX train step: a jitted stateless_apply.
+            trainable = [v.value for v in variables]
+            opt_values = [v.value for v in opt.variables]
+            index = {id(v): k for k, v in enumerate(opt.variables)}
+            apply = jax.jit(opt.stateless_apply)
+            holder = {"trainable": trainable, "opt": opt_values}
+
+            def step(grads):
+                holder["trainable"], holder["opt"] = apply(holder["opt"], grads,
+                                                           holder["trainable"])
+
+            def read():
+                values = []
+                for i, name, v in self.state_vars:
+                    if name == "variable" and v is variables[i]:
+                        values.append(np.asarray(holder["trainable"][i]))
+                    else:
+                        values.append(np.asarray(holder["opt"][index[id(v)]]))
+                return values, int(np.asarray(holder["opt"][index[id(opt.iterations)]]))
+
+            return step, read
+        raise ValueError(f"unknown mode {mode}")
+
+    def execute(self, out, steps, chunk):
+        spec = self.spec
+        names = [f"{'g' if i is None else i}/{name}" for i, name, _ in self.state_vars]
+        values, iteration = self.read()
+        write_message(out, {
+            "type": "run_start", "id": spec["id"], "states": names,
+            "computed_dtypes": sorted({str(v.dtype) for v in values
+                                       if np.issubdtype(v.dtype, np.floating)}),
+            "keras_config": _json_safe(self.optimizer.get_config()),
+        }, {**{n: v[None] for n, v in zip(names, values)},
+            "iterations": np.array([iteration])})
+        start = time.perf_counter()
+        for t0 in range(0, steps, chunk):
+            k = min(chunk, steps - t0)
+            buffers = [np.empty((k,) + v.shape, v.dtype) for v in values]
+            iterations = np.empty(k, np.int64)
+            for j in range(k):
+                self.step_fn(self._grads(t0 + j))
+                values, iterations[j] = self.read()
+                for b, v in zip(buffers, values):
+                    b[j] = v
+            write_message(out, {"type": "chunk", "id": spec["id"], "start": t0 + 1},
+                          {**dict(zip(names, buffers)), "iterations": iterations})
+        write_message(out, {"type": "run_end", "id": spec["id"],
+                            "seconds": time.perf_counter() - start})
+
+
+def _tf_uses_xla(keras) -> bool:
+    import tensorflow as tf
+    return any(d.device_type != "CPU" for d in tf.config.list_physical_devices())
+
+
+def _json_safe(value):
+    return json.loads(json.dumps(value, default=repr))
+
+
+def main(job_path: str) -> int:
+    with open(job_path) as f:
+        job = json.load(f)
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # stray prints from libraries must not corrupt the protocol
+    os.environ["KERAS_BACKEND"] = job["backend"]
+    if job["backend"] == "jax":
+        os.environ["JAX_ENABLE_X64"] = "1" if job.get("x64") else "0"
+    for path in reversed(job.get("python_path", [])):
+        sys.path.insert(0, path)
+    import keras
+
+    hello = {"type": "hello", "backend": keras.backend.backend(),
+             "keras": keras.__version__, "numpy": np.__version__,
+             "python": sys.version.split()[0],
+             "float64_computes_float64": _probe_float64(keras)}
+    try:
+        module = __import__({"tensorflow": "tensorflow", "jax": "jax",
+                             "torch": "torch"}[job["backend"]])
+        hello["backend_version"] = module.__version__
+    except Exception:  # pragma: no cover - version only informs the report
+        hello["backend_version"] = "unknown"
+    write_message(out, hello)
+
+    inputs = job["inputs"]
+    initial = np.load(inputs["initial"])
+    gradients = {name: np.load(path, mmap_mode="r")
+                 for name, path in inputs["scenarios"].items()}
+    for spec in job["runs"]:
+        try:
+            if spec["dtype"] == "float64" and not hello["float64_computes_float64"]:
+                raise RuntimeError(f"{job['backend']} computes float64 in float32 in this "
+                                   "process (JAX without x64)")
+            Run(keras, spec, job, gradients, initial).execute(out, job["steps"], job["chunk"])
+        except Exception as exc:  # reported as an `error` verdict for this run
+            traceback.print_exc()
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            write_message(out, {"type": "run_error", "id": spec["id"], "reason": reason})
+    write_message(out, {"type": "bye"})
+    out.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
