@@ -1,0 +1,236 @@
+"""`verify-optimizers`: feed identical gradients to reference rules and to real
+Keras optimizers, diff the states step by step, and write the reports.
+
+Exit codes: 0 every `keras`-family comparison is exact or match; 1 some
+`keras`-family comparison is a mismatch or could not run; 2 usage or
+environment error (one line on stderr, nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from tabulate import tabulate
+
+import reference
+from verify import compare, scenarios
+from verify.configurations import CONFIGURATIONS
+from verify.report import Sink, pivot
+from verify.runner import Runner, Selection
+
+BACKENDS = ("tensorflow", "jax", "torch")
+DTYPES = ("float32", "float64")
+MODES = ("eager", "compiled")
+FORMATS = ("md", "csv", "json")
+MAX_GRADIENT_BYTES = 2 * 1024 ** 3  # the scenario arrays the run holds and hands out
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def installed_backends() -> list:
+    return [b for b in BACKENDS if importlib.util.find_spec(b) is not None]
+
+
+def _choices(values, allowed, what):
+    """Repeatable, comma-separated option values, checked and de-duplicated in order."""
+    chosen = []
+    for value in values:
+        for item in value.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            if item not in allowed:
+                raise UsageError(f"unknown {what} {item!r} (choose from {', '.join(allowed)})")
+            if item not in chosen:
+                chosen.append(item)
+    return chosen
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="verify-optimizers", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="Subcommand: `verify-optimizers list` prints configurations, "
+                       "families and scenarios.")
+    p.add_argument("--backend", action="append", default=[],
+                   help="tensorflow, jax, torch (default: every installed one)")
+    p.add_argument("--dtype", action="append", default=[], help="float32, float64 (default both)")
+    p.add_argument("--family", action="append", default=[],
+                   help=f"{', '.join(reference.FAMILIES)} (default all)")
+    p.add_argument("--optimizer", action="append", default=[],
+                   help="configuration ids (default all; see `list`)")
+    p.add_argument("--scenario", action="append", default=[],
+                   help="gradient scenarios (default all; see `list`)")
+    p.add_argument("--mode", action="append", default=[], help="eager, compiled (default both)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000)")
+    p.add_argument("--size", type=int, default=None, help="elements per weight (default 1024)")
+    p.add_argument("--seed", type=int, default=0, help="seed of gradients and weights (default 0)")
+    p.add_argument("--gradients", metavar="FILE.npy",
+                   help="your own gradient sequence, shape [steps, size]; replaces the scenarios")
+    p.add_argument("--output", default="reports/latest", help="report folder (default %(default)s)")
+    p.add_argument("--format", action="append", default=[], help="md, csv, json (default all)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def selection_from_args(args) -> tuple:
+    available = installed_backends()
+    backends = _choices(args.backend, BACKENDS, "backend") or available
+    missing = [b for b in backends if b not in available]
+    if missing:
+        raise UsageError(f"backend not installed: {', '.join(missing)}")
+    if not backends:
+        raise UsageError("no Keras backend is installed (tensorflow, jax or torch)")
+    dtypes = _choices(args.dtype, DTYPES, "dtype") or list(DTYPES)
+    families = _choices(args.family, reference.FAMILIES, "family") or list(reference.FAMILIES)
+    optimizer_ids = _choices(args.optimizer, list(CONFIGURATIONS), "optimizer") or list(
+        CONFIGURATIONS)
+    modes = _choices(args.mode, MODES, "mode") or list(MODES)
+    formats = _choices(args.format, FORMATS, "format") or list(FORMATS)
+    if args.gradients:
+        if args.scenario:
+            raise UsageError("--gradients replaces the scenarios; do not combine it with "
+                             "--scenario")
+        try:
+            g = scenarios.load_gradient_file(args.gradients)
+        except scenarios.GradientFileError as exc:
+            raise UsageError(str(exc)) from None
+        for flag, value, actual in (("--steps", args.steps, g.shape[0]),
+                                    ("--size", args.size, g.shape[1])):
+            if value is not None and value != actual:
+                raise UsageError(f"{flag} {value} disagrees with the gradient file "
+                                 f"(shape {g.shape[0]} x {g.shape[1]})")
+        steps, size = g.shape
+        names = ["file"]
+        gradients = {"file": g}
+    else:
+        names = _choices(args.scenario, scenarios.SCENARIOS, "scenario") or list(
+            scenarios.SCENARIOS)
+        steps = 1000 if args.steps is None else args.steps
+        size = 1024 if args.size is None else args.size
+        if steps < 1 or size < 1:
+            raise UsageError(f"--steps and --size must be at least 1 (got {steps}, {size})")
+        if steps * size * len(names) * 8 > MAX_GRADIENT_BYTES:
+            raise UsageError(f"--steps {steps} x --size {size} x {len(names)} scenarios needs "
+                             f"more than {MAX_GRADIENT_BYTES // 1024 ** 3} GiB of gradients")
+        gradients = None
+    if not 0 <= args.seed < 2 ** 63:
+        raise UsageError(f"--seed must be a non-negative integer (got {args.seed})")
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output} exists and is not a folder")
+    if gradients is None:
+        gradients = {n: scenarios.gradients(n, steps, size, args.seed) for n in names}
+    sel = Selection(backends=backends, dtypes=dtypes, families=families,
+                    configurations=[CONFIGURATIONS[i] for i in optimizer_ids],
+                    scenarios=names, modes=modes, steps=steps, size=size, seed=args.seed,
+                    gradients=gradients, initial=scenarios.initial_weights(size, args.seed))
+    return sel, output, formats
+
+
+def settings_of(sel: Selection, formats) -> dict:
+    return {
+        "backends": sel.backends, "dtypes": sel.dtypes, "families": sel.families,
+        "optimizers": [c.id for c in sel.configurations],
+        "configurations": {c.id: c.keras_config() for c in sel.configurations},
+        "scenarios": sel.scenarios, "modes": sel.modes, "steps": sel.steps, "size": sel.size,
+        "seed": sel.seed, "tolerance": compare.TOLERANCE, "comparison": "lockstep",
+        "precision": {b: reference.PRECISIONS[b].describe() for b in sel.backends},
+    }
+
+
+def run(sel: Selection, output: Path, formats, *, quiet=False, console=sys.stdout):
+    """Run the selection and write the reports to `output` atomically."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    try:
+        settings = settings_of(sel, formats)
+        order = {"family": sel.families, "optimizer": [c.id for c in sel.configurations],
+                 "backend": sel.backends, "dtype": sel.dtypes, "mode": sel.modes,
+                 "scenario": sel.scenarios}
+        sink = Sink(tmp, formats, settings, order)
+        total = len(sel.backends) * len(sel.dtypes) * len(sel.modes) * len(
+            sel.configurations) * sel.steps
+        started = time.perf_counter()
+        if quiet:
+            runner = Runner(sel, sink)
+            runner.run()
+        else:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+            from rich.console import Console
+            with Progress(TextColumn("optimizer steps"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), TimeRemainingColumn(),
+                          console=Console(stderr=True)) as bar:
+                task = bar.add_task("steps", total=total)
+                runner = Runner(sel, sink, progress=lambda n: bar.advance(task, n))
+                runner.run()
+        environment = {"python": sys.version.split()[0], "numpy": np.__version__,
+                       "backends": runner.environment["backends"],
+                       "wall_seconds": round(time.perf_counter() - started, 1)}
+        keras_versions = sorted({b["keras"] for b in runner.environment["backends"].values()})
+        environment["keras"] = ", ".join(keras_versions)
+        df = sink.write(environment)
+        if output.exists():
+            shutil.rmtree(output)
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(pivot(df), file=console)
+    counts = df.groupby(["family", "verdict"]).size()
+    print("\n" + ", ".join(f"{fam} {verdict}: {n}" for (fam, verdict), n in counts.items()),
+          file=console)
+    written = {"md": "summary.md, steps.md", "csv": "summary.csv, steps/", "json": "summary.json"}
+    print(f"Full tables in {output}/: " + "; ".join(written[f] for f in formats), file=console)
+    keras_rows = df[df.family == "keras"]
+    return 1 if keras_rows.verdict.isin(["mismatch", "error"]).any() else 0
+
+
+def list_command(console=sys.stdout) -> int:
+    rows = [(c.id, c.describe()) for c in CONFIGURATIONS.values()]
+    print(tabulate(rows, headers=["configuration", "Keras optimizer"]), file=console)
+    print("\nfamilies: " + ", ".join(reference.FAMILIES), file=console)
+    print("\n" + tabulate(list(scenarios.DESCRIPTIONS.items()), headers=["scenario", "gradients"]),
+          file=console)
+    print("\nbackends installed: " + (", ".join(installed_backends()) or "none"), file=console)
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv[:1] == ["list"]:
+            if len(argv) > 1:
+                raise UsageError(f"`list` takes no arguments (got {' '.join(argv[1:])})")
+            return list_command()
+        args = build_parser().parse_args(argv)
+        sel, output, formats = selection_from_args(args)
+    except UsageError as exc:
+        print(f"verify-optimizers: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return run(sel, output, formats, quiet=args.quiet)
+    except KeyboardInterrupt:
+        print("verify-optimizers: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        print(f"verify-optimizers: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Reports: summary rows, per-step tables, markdown / CSV / JSON files.
+
+Everything except the environment block is a function of the inputs, so the
+same inputs give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tabulate import tabulate
+
+import reference
+from verify import compare
+from verify.scenarios import DESCRIPTIONS
+
+ROW_FIELDS = [
+    "family", "optimizer", "backend", "dtype", "mode", "scenario", "steps", "verdict",
+    "first_divergent_step", "divergent_state", "keras_value", "reference_value",
+    "error_bound", "max_abs_error", "max_rel_error", "max_scaled_error", "mismatch_steps",
+    "drift", "final_drift", "precision", "reason",
+]
+EXCERPT_STEPS = 6  # steps shown around a divergence in the markdown excerpts
+
+
+def _num(x):
+    """JSON-safe number: None for NaN, "inf"/"-inf" for infinities."""
+    if x is None:
+        return None
+    x = float(x)
+    if math.isnan(x):
+        return None
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return x
+
+
+class Sink:
+    """Collects summary rows; writes each per-step table as soon as it is final."""
+
+    def __init__(self, out_dir: Path, formats, settings: dict, order: dict):
+        self.out_dir = Path(out_dir)
+        self.formats = set(formats)
+        self.settings = settings
+        self.order = order  # field -> list giving the row order
+        self.rows = []
+        self.excerpts = {}
+
+    def row(self, family, run, scenario, comparison=None, index=None, error=None):
+        base = {"family": family, "optimizer": run.configuration.id, "backend": run.backend,
+                "dtype": run.dtype, "mode": run.mode, "scenario": scenario,
+                "steps": self.settings["steps"], "precision": run.backend}
+        if error is not None or comparison is None or comparison.error:
+            reason = error if error is not None else comparison.error
+            self.rows.append({**{f: None for f in ROW_FIELDS}, **base, "verdict": "error",
+                              "reason": reason, "mismatch_steps": 0})
+            return
+        s = comparison.summary(index)
+        d = s["divergence"]
+        reason = ""
+        if comparison.only_keras:
+            reason += f"Keras state not in the reference: {', '.join(comparison.only_keras)}. "
+        if comparison.only_reference:
+            reason += ("reference state not in Keras: "
+                       f"{', '.join(comparison.only_reference)}. ")
+        self.rows.append({
+            **base, "verdict": s["verdict"],
+            "first_divergent_step": d.step if d else None,
+            "divergent_state": d.state if d else None,
+            "keras_value": d.keras if d else None,
+            "reference_value": d.reference if d else None,
+            "error_bound": d.bound if d else None,
+            "max_abs_error": s["max_abs_error"], "max_rel_error": s["max_rel_error"],
+            "max_scaled_error": s["max_scaled_error"], "mismatch_steps": s["mismatch_steps"],
+            "drift": s["drift"], "final_drift": s["final_drift"], "reason": reason.strip(),
+        })
+        table = pd.DataFrame(comparison.step_table(index))
+        key = (family, run.configuration.id, run.backend, run.dtype, run.mode, scenario)
+        if "csv" in self.formats:
+            path = self.out_dir / "steps" / family / run.configuration.id / (
+                f"{run.backend}-{run.dtype}-{run.mode}-{scenario}.csv.gz")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            table.to_csv(path, index=False,
+                         compression={"method": "gzip", "mtime": 0, "compresslevel": 6})
+        if d is not None:
+            lo = max(0, d.step - 1)
+            self.excerpts[key] = table[(table.step >= lo) & (table.step < lo + EXCERPT_STEPS)]
+
+    # --- final files --------------------------------------------------------
+    def frame(self) -> pd.DataFrame:
+        df = pd.DataFrame(self.rows, columns=ROW_FIELDS)
+        keys = []
+        for field, values in self.order.items():
+            keys.append(df[field].map({v: i for i, v in enumerate(values)}))
+        df = df.assign(**{f"_k{i}": k for i, k in enumerate(keys)})
+        df = df.sort_values([f"_k{i}" for i in range(len(keys))], kind="stable")
+        return df.drop(columns=[f"_k{i}" for i in range(len(keys))]).reset_index(drop=True)
+
+    def write(self, environment: dict) -> pd.DataFrame:
+        df = self.frame()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if "csv" in self.formats:
+            df.to_csv(self.out_dir / "summary.csv", index=False)
+        if "json" in self.formats:
+            rows = [{k: (_num(v) if isinstance(v, float) else v) for k, v in r.items()}
+                    for r in df.astype(object).where(df.notna(), None).to_dict("records")]
+            doc = {"environment": environment, "settings": self.settings, "rows": rows}
+            (self.out_dir / "summary.json").write_text(
+                json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n")
+        if "md" in self.formats:
+            (self.out_dir / "summary.md").write_text(self.markdown(df, environment))
+            (self.out_dir / "steps.md").write_text(self.steps_markdown(df))
+        return df
+
+    def markdown(self, df: pd.DataFrame, environment: dict) -> str:
+        s = self.settings
+        lines = ["# verify-optimizers report", ""]
+        lines += ["## Settings", "", tabulate(
+            [(k, json.dumps(v) if isinstance(v, (list, dict)) else v)
+             for k, v in s.items()], headers=["setting", "value"], tablefmt="github"), ""]
+        lines += ["## Verdicts", "",
+                  "Worst verdict over the scenarios; exact < match < mismatch < error.", "",
+                  pivot(df, tablefmt="github"), ""]
+        lines += ["## Deviations (first divergent step and state)", ""]
+        dev = df[df.verdict.isin(["mismatch", "error"])]
+        if len(dev):
+            cols = ["family", "optimizer", "backend", "dtype", "mode", "scenario", "verdict",
+                    "first_divergent_step", "divergent_state", "keras_value",
+                    "reference_value", "max_rel_error", "max_scaled_error", "reason"]
+            lines += [_table(dev[cols]), ""]
+        else:
+            lines += ["None.", ""]
+        lines += ["## All comparisons", "", _table(df.drop(columns=["precision"])), ""]
+        lines += ["## References", ""]
+        for family in s["families"]:
+            for opt_id in s["optimizers"]:
+                class_name = s["configurations"][opt_id]["class_name"]
+                try:
+                    rule = reference.get_rule(family, class_name)
+                except reference.Unsupported:
+                    continue
+                lines += [f"### {family} / {opt_id}", "", f"Source: {rule.source}", "",
+                          "```", rule.doc, "```", ""]
+                if rule.choices:
+                    lines += [f"Choices: {rule.choices}", ""]
+        lines += ["## Precision settings", "",
+                  tabulate([(p.name, p.describe()) for p in reference.PRECISIONS.values()
+                            if p.name in s["backends"]],
+                           headers=["backend", "rounding modelled"], tablefmt="github"), ""]
+        lines += ["## Scenarios", "",
+                  tabulate([(n, DESCRIPTIONS.get(n, "user gradient file")) for n in s["scenarios"]],
+                           headers=["scenario", "gradients"], tablefmt="github"), ""]
+        lines += ["---", "", "## Environment", "", "```json",
+                  json.dumps(environment, indent=1, sort_keys=True), "```", ""]
+        return "\n".join(lines)
+
+    def steps_markdown(self, df: pd.DataFrame) -> str:
+        lines = ["# Per-step excerpts around each first divergence", "",
+                 "Columns: per state, the largest absolute, relative and scaled error over "
+                 "the elements at that step; drift is the free-run distance of the weights. "
+                 "Full per-step tables for every comparison: steps/**/*.csv.gz.", ""]
+        for _, r in df[df.verdict == "mismatch"].iterrows():
+            key = tuple(r[f] for f in ("family", "optimizer", "backend", "dtype", "mode", "scenario"))
+            if key not in self.excerpts:
+                continue
+            lines += [f"## {' / '.join(key)}", "", _table(self.excerpts[key]), ""]
+        return "\n".join(lines)
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        if math.isnan(v):
+            return ""
+        return f"{v:.3g}"
+    return "" if v is None else str(v)
+
+
+def _table(df: pd.DataFrame) -> str:
+    return tabulate([[_fmt(v) for v in row] for row in df.astype(object).itertuples(index=False)],
+                    headers=list(df.columns), tablefmt="github", disable_numparse=True)
+
+
+def pivot(df: pd.DataFrame, tablefmt="simple") -> str:
+    """Rows family x configuration; columns backend x dtype x mode; worst verdict."""
+    col = df["backend"] + " " + df["dtype"] + " " + df["mode"]
+    cols = list(dict.fromkeys(col))
+    rows = list(dict.fromkeys(zip(df.family, df.optimizer)))
+    cells = {}
+    for (fam, opt, c), group in df.groupby([df.family, df.optimizer, col], sort=False):
+        cells[(fam, opt, c)] = compare.worst(group.verdict)
+    body = [[fam, opt] + [cells.get((fam, opt, c), "") for c in cols] for fam, opt in rows]
+    headers = ["family", "optimizer"] + [c.replace(" ", "\n") if tablefmt == "simple" else c
+                                         for c in cols]
+    return tabulate(body, headers=headers, tablefmt=tablefmt)
