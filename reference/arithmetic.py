@@ -18,8 +18,9 @@ by, whatever order it evaluates it in up to a small factor; the comparison
 engine divides the observed difference by it (see verify/compare.py).
 
 A discontinuous function evaluated within rounding of its jump (sign of a
-value whose magnitude is below `tie_width` times its error bound) is a tie:
-both results are legitimate, so the bound of that element becomes the jump.
+value whose magnitude is below `tie_width` times its error bound, or sqrt of a
+value that rounding made negative) is a tie: both results are legitimate, so
+the bound of that element becomes the jump (infinite for NaN versus a number).
 """
 
 from __future__ import annotations
@@ -105,8 +106,7 @@ class Arithmetic:
     def exact(self, array) -> "Tracked":
         """An input that both sides receive bit for bit (gradient, state)."""
         value = np.asarray(array, dtype=self.dtype)
-        err = np.zeros(value.shape) if self.track else None
-        return Tracked(value, err, self)
+        return Tracked(value, np.float64(0.0) if self.track else None, self)
 
     def step_count(self, t) -> "Tracked":
         """An integer step count converted to the working dtype (exact)."""
@@ -135,7 +135,7 @@ class Tracked:
     def _new(self, v, e_parts):
         if not self.ar.track:
             return Tracked(v, None, self.ar)
-        e = e_parts() + self.ar.u * np.abs(v.astype(np.float64))
+        e = e_parts() + np.abs(v) * self.ar.u
         return Tracked(v, e, self.ar)
 
     def __add__(self, other):
@@ -155,8 +155,7 @@ class Tracked:
         o = _lift(self.ar, other)
         return self._new(
             self.v * o.v,
-            lambda: np.abs(o.v.astype(np.float64)) * self.e
-            + np.abs(self.v.astype(np.float64)) * o.e,
+            lambda: np.abs(o.v) * self.e + np.abs(self.v) * o.e,
         )
 
     __rmul__ = __mul__
@@ -167,8 +166,8 @@ class Tracked:
             z = self.v / o.v
 
             def err():
-                ay = np.abs(o.v.astype(np.float64))
-                e = (self.e + np.abs(z.astype(np.float64)) * o.e) / ay
+                ay = np.abs(o.v)
+                e = (self.e + np.abs(z) * o.e) / ay
                 # a divisor within its own error of zero has no bound
                 return np.where(ay > o.e, e, np.inf)
 
@@ -198,15 +197,19 @@ class Tracked:
 
 
 def sqrt(x: Tracked) -> Tracked:
-    z = np.sqrt(x.v)
-
-    def err():
-        zz = z.astype(np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            near = np.where(zz > 0, x.e / zz, np.inf)
-        return np.minimum(near, np.sqrt(x.e))
-
-    return x._new(z, err)
+    """sqrt(x); a negative x within rounding of 0 is a tie (NaN or a number)."""
+    with np.errstate(invalid="ignore"):
+        z = np.sqrt(x.v)
+    if not x.ar.track:
+        return Tracked(z, None, x.ar)
+    zz = z.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        near = np.where(zz > 0, x.e / zz, np.inf)
+        e = np.minimum(near, np.sqrt(x.e)) + x.ar.u * np.nan_to_num(zz)
+    negative = x.v < 0
+    tie = negative & (np.abs(x.v.astype(np.float64)) <= x.ar.tie_width * x.e)
+    # out of the domain beyond rounding: NaN is the exact answer (bound 0)
+    return Tracked(z, np.where(tie, np.inf, np.where(negative, 0.0, e)), x.ar)
 
 
 def square(x: Tracked) -> Tracked:

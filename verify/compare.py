@@ -45,20 +45,25 @@ def worst(verdicts) -> str:
 def element_errors(keras: np.ndarray, reference: np.ndarray, bound: np.ndarray):
     """Elementwise (|keras - reference|, relative error, scaled error).
 
-    Identical values (NaN included) have error 0; a bound of 0 makes any
-    difference infinite; NaN on one side only is an infinite error.
+    Identical values (NaN and infinities included) have error 0; a bound of 0
+    makes any difference infinite; NaN on one side only is an infinite error;
+    an unbounded element (infinite or NaN bound: a tie on a domain edge, a
+    divisor within rounding of zero) accepts any value.
     """
-    k = keras.astype(np.float64)
-    r = reference.astype(np.float64)
-    same = (k == r) | (np.isnan(k) & np.isnan(r))
+    k = keras.astype(np.float64, copy=False)
+    r = reference.astype(np.float64, copy=False)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        diff = np.where(same, 0.0, np.abs(k - r))
-        diff = np.where(np.isnan(diff), np.inf, diff)
-        scaled = np.where(diff == 0, 0.0, diff / (2 * np.broadcast_to(bound, diff.shape)))
-        rel = np.where(diff == 0, 0.0,
-                       diff / np.maximum(np.abs(r), np.finfo(np.float64).tiny))
-    scaled = np.where(np.isnan(scaled), np.inf, scaled)
-    return diff, np.where(np.isnan(rel), np.inf, rel), scaled
+        diff = np.abs(k - r)
+        odd = np.isnan(diff)
+        if odd.any():
+            same = (k == r) | (np.isnan(k) & np.isnan(r))
+            diff[odd] = np.where(same[odd], 0.0, np.inf)
+        scaled = diff / (2 * bound)
+        rel = diff / np.maximum(np.abs(r), np.finfo(np.float64).tiny)
+    # NaN here is 0/0 (equal, exact bound) or x/inf-or-NaN (unbounded): both pass
+    scaled[np.isnan(scaled)] = 0.0
+    rel[np.isnan(rel)] = np.where(diff[np.isnan(rel)] == 0, 0.0, np.inf)
+    return diff, rel, scaled
 
 
 @dataclass

@@ -121,7 +121,7 @@ class Runner:
                 "backend": backend, "runs": [s["id"] for s in specs]}
 
     def _pump(self, workers):
-        q = queue.Queue()
+        q = queue.Queue(maxsize=2 * len(workers))  # backpressure: workers wait for the diff
 
         def reader(w):
             try:

@@ -1,0 +1,56 @@
+"""Session fixtures: one real verification run over every installed backend,
+shared by the integration, specificity and sensitivity tests."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from verify import scenarios  # noqa: E402
+from verify.cli import installed_backends  # noqa: E402
+from verify.configurations import CONFIGURATIONS  # noqa: E402
+from verify.report import Sink  # noqa: E402
+from verify.runner import Runner, Selection  # noqa: E402
+
+import perturbations  # noqa: E402
+
+STEPS, SIZE, SEED = 25, 24, 7
+
+
+def make_selection(backends, families, *, configurations=None, dtypes=("float32", "float64"),
+                   modes=("eager", "compiled"), names=scenarios.SCENARIOS, steps=STEPS,
+                   size=SIZE, seed=SEED, **extra):
+    configurations = configurations or list(CONFIGURATIONS)
+    return Selection(backends=list(backends), dtypes=list(dtypes), families=list(families),
+                     configurations=[CONFIGURATIONS[c] for c in configurations],
+                     scenarios=list(names), modes=list(modes), steps=steps, size=size,
+                     seed=seed,
+                     gradients={n: scenarios.gradients(n, steps, size, seed) for n in names},
+                     initial=scenarios.initial_weights(size, seed), **extra)
+
+
+def run_selection(sel, out_dir):
+    order = {"family": sel.families, "optimizer": [c.id for c in sel.configurations],
+             "backend": sel.backends, "dtype": sel.dtypes, "mode": sel.modes,
+             "scenario": sel.scenarios}
+    sink = Sink(out_dir, ["csv"], {"steps": sel.steps}, order)
+    Runner(sel, sink).run()
+    return sink.frame()
+
+
+@pytest.fixture(scope="session")
+def backends():
+    found = installed_backends()
+    assert found, "no Keras backend installed"
+    return found
+
+
+@pytest.fixture(scope="session")
+def verification(backends, tmp_path_factory):
+    """Every configuration x backend x dtype x mode x scenario, every family."""
+    sel = make_selection(backends, ["article", "keras"] + perturbations.FAMILIES)
+    return run_selection(sel, tmp_path_factory.mktemp("verification"))

@@ -1,0 +1,140 @@
+"""Reference rules against values computed by hand (first step from w=1, g=2)."""
+
+import math
+
+import numpy as np
+import pytest
+
+import reference
+from reference import PRECISIONS, Arithmetic
+from reference.arithmetic import sign, sqrt
+
+W, G = 1.0, 2.0
+
+
+def first_step(family, class_name, config, state=None):
+    ar = Arithmetic("float64", PRECISIONS["exact"])
+    rule = reference.get_rule(family, class_name)
+    hp = rule.hyperparameters(config)
+    s = {"variable": ar.exact([W])}
+    for spec in rule.states(hp):
+        s[spec.name] = ar.exact([spec.initial])
+    out = rule(ar, hp, s, ar.exact([G]), ar.step_count([0.0]))
+    return {k: float(v.v[0]) for k, v in out.items()}, out
+
+
+def nadam_expected(u_t_1_beta, u_product0):
+    u_t = 0.9 * (1 - 0.5 * 0.96)
+    u_t_1 = u_t_1_beta * (1 - 0.5 * 0.96 ** 2)
+    u_product = u_product0 * 0.9 * (1 - 0.5 * 0.96)
+    m, v = 0.1 * G, 0.001 * G * G
+    m_hat = u_t_1 * m / (1 - u_product * u_t_1) + (1 - u_t) * G / (1 - u_product)
+    v_hat = v / (1 - 0.999)
+    return {"variable": W - 0.01 * m_hat / (math.sqrt(v_hat) + 1e-7), "momentum": m,
+            "velocity": v, "u_product": u_product}
+
+
+ADAM_W = W - (0.01 * math.sqrt(1 - 0.999) / (1 - 0.9)) * 0.2 / (math.sqrt(0.004) + 1e-7)
+CASES = [
+    ("keras", "SGD", {"learning_rate": 0.01}, {"variable": 0.98}),
+    ("keras", "SGD", {"learning_rate": 0.01, "momentum": 0.9},
+     {"variable": 0.98, "momentum": -0.02}),
+    ("keras", "SGD", {"learning_rate": 0.01, "momentum": 0.9, "nesterov": True},
+     {"variable": 1 + (0.9 * -0.02 - 0.02), "momentum": -0.02}),
+    ("article", "SGD", {"learning_rate": 0.01, "momentum": 0.9},
+     {"variable": 1.0, "momentum": -0.02}),
+    ("article", "SGD", {"learning_rate": 0.01, "momentum": 0.9, "nesterov": True},
+     {"variable": 1 + (0.9 * -0.02 - 0.02), "momentum": -0.02}),
+    ("keras", "Adagrad", {"learning_rate": 0.01},
+     {"variable": 1 - 0.02 / math.sqrt(4.1 + 1e-7), "accumulator": 4.1}),
+    ("article", "Adagrad", {"learning_rate": 0.01},
+     {"variable": 1 - 0.02 / math.sqrt(4 + 1e-7), "accumulator": 4.0}),
+    ("keras", "RMSprop", {"learning_rate": 0.01},
+     {"variable": 1 - 0.02 / math.sqrt(0.4 + 1e-7), "velocity": 0.4}),
+    ("keras", "RMSprop", {"learning_rate": 0.01, "momentum": 0.9, "centered": True},
+     {"variable": 1 - 0.02 / math.sqrt(0.36 + 1e-7), "velocity": 0.4,
+      "average_gradient": 0.2, "momentum": 0.02 / math.sqrt(0.36 + 1e-7)}),
+    ("article", "RMSprop", {"learning_rate": 0.01, "momentum": 0.9, "centered": True},
+     {"variable": 1 - 0.02 / math.sqrt(0.36 + 1e-7), "momentum": 0.02 / math.sqrt(0.36 + 1e-7)}),
+    ("keras", "Adam", {"learning_rate": 0.01},
+     {"variable": ADAM_W, "momentum": 0.2, "velocity": 0.004}),
+    ("article", "Adam", {"learning_rate": 0.01}, {"variable": ADAM_W}),
+    ("keras", "AdamW", {"learning_rate": 0.01, "weight_decay": 0.01},
+     {"variable": ADAM_W - 1e-4}),
+    ("keras", "Nadam", {"learning_rate": 0.01}, nadam_expected(0.9, 1.0)),
+    ("article", "Nadam", {"learning_rate": 0.01}, nadam_expected(0.999, 0.0)),
+    ("keras", "Lion", {"learning_rate": 0.001}, {"variable": 0.999, "momentum": 0.02}),
+    ("article", "Lion", {"learning_rate": 0.001}, {"variable": 0.999, "momentum": 0.02}),
+]
+
+
+@pytest.mark.parametrize("family,class_name,config,expected", CASES,
+                         ids=[f"{c[0]}-{c[1]}-{'-'.join(c[2])}" for c in CASES])
+def test_first_step_by_hand(family, class_name, config, expected):
+    got, tracked = first_step(family, class_name, config)
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-14, atol=1e-16, err_msg=name)
+        # the carried error bound is a few roundings of the value, not more
+        bound = float(np.ravel(tracked[name].e)[0])
+        assert bound <= 100 * np.finfo(np.float64).eps * max(abs(value), 1.0)
+
+
+def test_adamw_decay_comes_from_the_weights_before_the_step():
+    got, _ = first_step("keras", "AdamW", {"learning_rate": 0.01, "weight_decay": 0.5})
+    # (1 - 0.5 * 0.01) * w, then the unchanged Adam increment
+    np.testing.assert_allclose(got["variable"], ADAM_W - 0.005, rtol=1e-14)
+
+
+def test_unmodelled_argument_is_refused():
+    with pytest.raises(reference.Unsupported):
+        reference.get_rule("keras", "Adam").hyperparameters({"clipnorm": 1.0})
+    with pytest.raises(reference.Unsupported):
+        reference.get_rule("article", "Adam").hyperparameters({"amsgrad": True, "foo": 1})
+
+
+def test_keras_defaults_are_used_when_the_config_is_silent():
+    hp = reference.get_rule("keras", "Adagrad").hyperparameters({})
+    assert hp["initial_accumulator_value"] == 0.1 and hp["epsilon"] == 1e-7
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_running_bound_covers_the_actual_rounding_error(dtype):
+    """Adam's step, computed with bounds, against the same formula evaluated
+    in extended precision on the same inputs: the error is within the bound."""
+    rng = np.random.default_rng(3)
+    n = 2000
+    ar = Arithmetic(dtype, PRECISIONS["exact"])
+    rule = reference.get_rule("keras", "Adam")
+    hp = rule.hyperparameters({"learning_rate": 0.01})
+    s = {"variable": ar.exact(rng.standard_normal(n)),
+         "momentum": ar.exact(0.1 * rng.standard_normal(n)),
+         "velocity": ar.exact(rng.random(n))}
+    g = ar.exact(rng.standard_normal(n))
+    out = rule(ar, hp, s, g, ar.step_count(np.full(n, 4.0)))
+    # the same formula with every input exactly as the working dtype holds it
+    hi = Arithmetic(np.longdouble, PRECISIONS["exact"], track=False)
+    s_hi = {k: hi.exact(v.v.astype(np.longdouble)) for k, v in s.items()}
+    ref = rule(hi, hp, s_hi, hi.exact(g.v.astype(np.longdouble)),
+               hi.step_count(np.full(n, 4.0)))
+    if np.finfo(np.longdouble).eps >= np.finfo(np.float64).eps and dtype == "float64":
+        pytest.skip("no extended precision on this platform to check float64 bounds")
+    for name in out:
+        err = np.abs(out[name].v.astype(np.longdouble) - ref[name].v)
+        assert np.all(err <= out[name].e * 1.0001), name
+
+
+def test_sign_at_a_tie_may_go_either_way_but_not_elsewhere():
+    ar = Arithmetic("float32", PRECISIONS["exact"])
+    x = ar.exact([1e-9, 1.0, -1.0, 0.0]) * ar.const(0.1)  # rounding error ~1e-17 .. 1e-9
+    x.e = np.array([1e-9, 1e-9, 1e-9, 0.0])
+    s = sign(x)
+    assert list(s.e) == [2.0, 0.0, 0.0, 0.0]
+
+
+def test_sqrt_of_a_value_rounding_made_negative_is_a_tie():
+    ar = Arithmetic("float64", PRECISIONS["exact"])
+    x = ar.exact([-1e-20, -1.0, 4.0])
+    x.e = np.array([1e-18, 1e-18, 0.0])
+    r = sqrt(x)
+    assert np.isinf(r.e[0]) and r.e[1] == 0.0 and np.isnan(r.v[1])
+    assert r.v[2] == 2.0 and r.e[2] == ar.u * 2.0  # only its own rounding
