@@ -152,8 +152,9 @@ def settings_of(sel: Selection, formats) -> dict:
     }
 
 
-def run(sel: Selection, output: Path, formats, *, quiet=False, console=sys.stdout):
+def run(sel: Selection, output: Path, formats, *, quiet=False, console=None):
     """Run the selection and write the reports to `output` atomically."""
+    console = console or sys.stdout
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
     try:
@@ -200,7 +201,8 @@ def run(sel: Selection, output: Path, formats, *, quiet=False, console=sys.stdou
     return 1 if keras_rows.verdict.isin(["mismatch", "error"]).any() else 0
 
 
-def list_command(console=sys.stdout) -> int:
+def list_command(console=None) -> int:
+    console = console or sys.stdout
     rows = [(c.id, c.describe()) for c in CONFIGURATIONS.values()]
     print(tabulate(rows, headers=["configuration", "Keras optimizer"]), file=console)
     print("\nfamilies: " + ", ".join(reference.FAMILIES), file=console)

@@ -1,0 +1,181 @@
+"""The command line: bad input, exit codes, determinism, nothing half-written."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import reference
+from reference.rule import REGISTRY
+from verify import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def verify_optimizers(*args, cwd):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "verify.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture()
+def gradient_files(tmp_path):
+    files = {}
+    np.save(tmp_path / "ok.npy", np.random.default_rng(0).standard_normal((4, 3)))
+    np.save(tmp_path / "three_d.npy", np.zeros((2, 3, 4)))
+    np.save(tmp_path / "nan.npy", np.array([[1.0, np.nan]]))
+    np.save(tmp_path / "strings.npy", np.array([["a", "b"]]))
+    np.save(tmp_path / "objects.npy", np.array([[1, None]], dtype=object), allow_pickle=True)
+    (tmp_path / "text.npy").write_text("not an array")
+    for name in ("ok", "three_d", "nan", "strings", "objects", "text"):
+        files[name] = str(tmp_path / f"{name}.npy")
+    files["missing"] = str(tmp_path / "missing.npy")
+    return files
+
+
+BAD = {
+    "unknown-optimizer": ["--optimizer", "adamax_typo"],
+    "unknown-scenario": ["--scenario", "gaussian,nope"],
+    "unknown-backend": ["--backend", "mxnet"],
+    "unknown-dtype": ["--dtype", "float16"],
+    "unknown-family": ["--family", "textbook_typo"],
+    "unknown-mode": ["--mode", "lazy"],
+    "unknown-format": ["--format", "xlsx"],
+    "zero-steps": ["--steps", "0"],
+    "negative-size": ["--size", "-5"],
+    "huge-size": ["--steps", "1000000", "--size", "1000000"],
+    "not-a-number": ["--steps", "ten"],
+    "negative-seed": ["--seed", "-1"],
+    "unknown-flag": ["--frobnicate"],
+    "list-with-args": ["list", "extra"],
+}
+BAD_FILES = ["three_d", "nan", "strings", "objects", "text", "missing"]
+
+
+@pytest.mark.parametrize("args", list(BAD.values()), ids=list(BAD))
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, args):
+    out = tmp_path / "report"
+    r = verify_optimizers(*args, "--output", str(out), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("verify-optimizers: error:"), r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".report-*"))
+
+
+@pytest.mark.parametrize("name", BAD_FILES)
+def test_bad_gradient_file_is_exit_2(tmp_path, gradient_files, name):
+    out = tmp_path / "report"
+    r = verify_optimizers("--gradients", gradient_files[name], "--output", str(out),
+                          cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
+def test_gradient_file_with_scenario_or_other_shape_is_exit_2(tmp_path, gradient_files):
+    for extra in (["--scenario", "tiny"], ["--steps", "5"], ["--size", "7"]):
+        r = verify_optimizers("--gradients", gradient_files["ok"], *extra, cwd=tmp_path)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_backend_not_installed_is_exit_2(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(cli, "installed_backends", lambda: ["jax"])
+    code = cli.main(["--backend", "torch", "--output", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["verify-optimizers: error: backend not installed: torch"]
+    assert not (tmp_path / "r").exists()
+
+
+def test_existing_report_survives_bad_input(tmp_path):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "keep.txt").write_text("old report")
+    r = verify_optimizers("--optimizer", "nope", "--output", str(out), cwd=tmp_path)
+    assert r.returncode == 2 and (out / "keep.txt").read_text() == "old report"
+
+
+def test_list_names_configurations_families_and_scenarios(tmp_path):
+    r = verify_optimizers("list", cwd=tmp_path)
+    assert r.returncode == 0
+    for word in ("sgd_nesterov", "rmsprop_momentum_centered", "article", "keras", "alternating"):
+        assert word in r.stdout
+
+
+SMALL = ["--optimizer", "sgd,adam", "--scenario", "gaussian,sparse", "--steps", "6",
+         "--size", "5", "--quiet"]
+
+
+def _without_environment(out: Path) -> dict:
+    files = {}
+    for path in sorted(out.rglob("*")):
+        if path.is_dir():
+            continue
+        data = path.read_bytes()
+        if path.name == "summary.json":
+            doc = json.loads(data)
+            doc.pop("environment")
+            data = json.dumps(doc, sort_keys=True).encode()
+        elif path.name == "summary.md":
+            data = data.split(b"\n---\n")[0]
+        files[str(path.relative_to(out))] = data
+    return files
+
+
+def test_run_exit_0_reports_and_byte_identical_rerun(tmp_path, backends):
+    backend = backends[0]
+    a, b = tmp_path / "a", tmp_path / "b"
+    r1 = verify_optimizers("--backend", backend, *SMALL, "--output", str(a), cwd=tmp_path)
+    r2 = verify_optimizers("--backend", backend, *SMALL, "--output", str(b), cwd=tmp_path)
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr[-2000:]
+    assert "Full tables in" in r1.stdout and "keras" in r1.stdout
+    fa, fb = _without_environment(a), _without_environment(b)
+    assert fa == fb
+    assert {"summary.md", "steps.md", "summary.csv", "summary.json"} <= set(fa)
+    doc = json.loads((a / "summary.json").read_text())
+    assert set(doc) == {"environment", "settings", "rows"}
+    assert len(doc["rows"]) == 2 * 2 * 2 * 2 * 2  # families x optimizers x dtypes x modes x scenarios
+    for field in ("family", "optimizer", "backend", "dtype", "mode", "scenario", "steps",
+                  "verdict", "first_divergent_step", "divergent_state", "max_abs_error",
+                  "max_rel_error", "max_scaled_error", "drift"):
+        assert field in doc["rows"][0]
+    steps = sorted((a / "steps").rglob("*.csv.gz"))
+    assert len(steps) == len(doc["rows"])
+    with gzip.open(steps[0], "rt") as f:
+        assert len(f.read().strip().splitlines()) == 1 + 7  # header, steps 0..6
+
+
+def test_gradient_file_runs_as_scenario_file(tmp_path, gradient_files, backends):
+    out = tmp_path / "r"
+    r = verify_optimizers("--gradients", gradient_files["ok"], "--backend", backends[0],
+                          "--optimizer", "rmsprop", "--quiet", "--format", "json",
+                          "--output", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = json.loads((out / "summary.json").read_text())
+    assert {row["scenario"] for row in doc["rows"]} == {"file"}
+    assert doc["settings"]["steps"] == 4 and doc["settings"]["size"] == 3
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json"]
+
+
+def test_keras_family_mismatch_exits_1(monkeypatch, tmp_path, backends, capsys):
+    import perturbations  # noqa: F401  (registers the perturbed rules)
+
+    monkeypatch.setitem(REGISTRY, ("keras", "Adam"),
+                        reference.get_rule("eps-inside-sqrt", "Adam"))
+    code = cli.main(["--backend", backends[0], "--optimizer", "adam", "--dtype", "float64",
+                     "--scenario", "gaussian", "--steps", "4", "--size", "3", "--quiet",
+                     "--output", str(tmp_path / "r")])
+    assert code == 1
+    assert "mismatch" in capsys.readouterr().out
+
+
+def test_article_mismatch_alone_exits_0(tmp_path, backends, capsys):
+    code = cli.main(["--backend", backends[0], "--optimizer", "adagrad", "--dtype", "float64",
+                     "--scenario", "gaussian", "--steps", "3", "--size", "3", "--quiet",
+                     "--output", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert code == 0 and "mismatch" in out

@@ -1,0 +1,168 @@
+"""The diff engine: scaled error, verdicts, step 0, ties, on synthetic streams.
+
+A "Keras" stream here is produced by running a reference rule without bounds
+(the same arithmetic Keras would do), then optionally altered.
+"""
+
+import numpy as np
+import pytest
+
+import reference
+from reference import PRECISIONS, Arithmetic
+from verify import compare
+from verify.configurations import Configuration
+
+N, S = 8, 2  # elements per scenario, scenarios
+
+
+def stream(class_name, config, steps, dtype="float64", precision="jax", seed=0,
+           initial=None, grads=None, alter=None):
+    """States after each step (index 0 = before any step) from the keras rule;
+    `alter(step, states)` may change the states in place after a step, and the
+    stream continues from the altered states (a Keras that computed them)."""
+    rule = reference.get_rule("keras", class_name)
+    hp = rule.hyperparameters(config)
+    ar = Arithmetic(dtype, PRECISIONS[precision], track=False)
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal((steps, N * S)) if grads is None else grads
+    state = {"variable": ar.exact(rng.standard_normal(N * S))}
+    for spec in rule.states(hp):
+        shape = (N * S,) if spec.per_variable else (1,)
+        value = spec.initial if initial is None else initial.get(spec.name, spec.initial)
+        state[spec.name] = ar.exact(np.full(shape, value))
+    history = [{k: np.asarray(v.v).copy() for k, v in state.items()}]
+    for t in range(steps):
+        state = rule(ar, hp, state, ar.exact(g[t]), ar.step_count(float(t)))
+        state = {k: np.asarray(v.v).reshape(-1).copy() for k, v in state.items()}
+        if alter:
+            alter(t + 1, state)
+        state = {k: ar.exact(v) for k, v in state.items()}
+        history.append({k: np.asarray(v.v).copy() for k, v in state.items()})
+    return g, history
+
+
+def judge(class_name, config, g, history, dtype="float64", precision="jax", chunk=4):
+    rule = reference.get_rule("keras", class_name)
+    segments = compare.Segments([f"s{i}" for i in range(S)], [N] * S)
+    names = [n for n in history[0] if n != "variable"]
+    c = compare.RunComparison("keras", rule, config, dtype, PRECISIONS[precision], segments,
+                              g, names)
+    as_batch = lambda states: {n: np.stack([h[n] for h in states]) for n in history[0]}
+    c.start(as_batch(history[:1]), 0)
+    for t0 in range(1, len(history), chunk):
+        part = history[t0:t0 + chunk]
+        c.feed(t0, as_batch(part), np.arange(t0, t0 + len(part)))
+    return c
+
+
+ADAM = ("Adam", {"learning_rate": 0.01})
+
+
+def test_identical_stream_is_exact():
+    g, h = stream(*ADAM, steps=10)
+    c = judge(*ADAM, g, h)
+    assert [c.verdict(s) for s in range(S)] == ["exact", "exact"]
+    assert c.summary(0)["max_scaled_error"] == 0.0
+
+
+def test_change_beyond_rounding_is_a_mismatch_at_its_step_and_state():
+    g, h = stream(*ADAM, steps=10)
+    h[6]["momentum"][N + 3] *= 1 + 1e-10  # scenario 1, element 3, after step 6
+    c = judge(*ADAM, g, h)
+    assert c.verdict(0) == "exact"
+    assert c.verdict(1) == "mismatch"
+    d = c.divergence[1]
+    assert (d.step, d.state) == (6, "momentum")
+    assert d.scaled_error > compare.TOLERANCE
+    assert c.summary(1)["mismatch_steps"] >= 1
+
+
+def test_change_within_rounding_is_a_match():
+    g, h = stream(*ADAM, steps=10)
+    v = h[6]["variable"]
+    v[2] = np.nextafter(v[2], np.inf)  # one ulp: far below the bound of an Adam step
+    c = judge(*ADAM, g, h)
+    assert c.verdict(0) == "match"
+    assert 0 < c.summary(0)["max_scaled_error"] <= compare.TOLERANCE
+
+
+def test_lockstep_resynchronises_so_one_bad_step_is_one_mismatch_step():
+    def alter(step, state):
+        if step == 3:
+            state["variable"][0] += 1e-3
+
+    g, h = stream(*ADAM, steps=12, alter=alter)
+    c = judge(*ADAM, g, h)
+    assert c.verdict(0) == "mismatch" and c.summary(0)["mismatch_steps"] == 1
+
+
+def test_different_initial_slot_is_a_mismatch_at_step_0():
+    config = {"learning_rate": 0.01}
+    g, h = stream("Adagrad", config, steps=5, initial={"accumulator": 0.0})
+    c = judge("Adagrad", config, g, h)
+    d = c.divergence[0]
+    assert (d.step, d.state) == (0, "accumulator")
+    assert d.keras == 0.0 and d.reference == pytest.approx(0.1)
+
+
+def test_sign_tie_within_rounding_is_not_a_mismatch_but_a_real_change_is():
+    config = {"learning_rate": 0.001}
+    rng = np.random.default_rng(1)
+    steps = 6
+    g = rng.standard_normal((steps, N * S))
+    # make the Lion interpolation c = 0.9 m + 0.1 g vanish up to rounding at
+    # element 0 of step 3: choose g from the momentum the stream will have
+    _, h = stream("Lion", config, steps, grads=g)
+    m = h[2]["momentum"][0]
+    g[2, 0] = -0.9 * m / (1 - 0.9)
+    _, h = stream("Lion", config, steps, grads=g)
+    ar = Arithmetic("float64", PRECISIONS["jax"])
+    c_val = ar.exact(m) * ar.cast(0.9) + ar.exact(g[2, 0]) * (1.0 - ar.cast(0.9))
+    assert abs(c_val.v) <= 2 * compare.TOLERANCE * c_val.e  # a genuine tie
+    lr = float(np.float32(0.001))
+    jump = 2 * lr * (np.sign(c_val.v) or 1.0)  # the other branch of the sign
+
+    def other_branch(element):
+        def alter(step, state):
+            if step == 3:
+                state["variable"][element] += jump
+        return alter
+
+    _, tie = stream("Lion", config, steps, grads=g, alter=other_branch(0))
+    assert judge("Lion", config, g, tie).verdict(0) == "match"
+    # the same jump on an element that is not at a tie is caught
+    _, no_tie = stream("Lion", config, steps, grads=g, alter=other_branch(1))
+    c = judge("Lion", config, g, no_tie)
+    assert c.verdict(0) == "mismatch" and c.divergence[0].step == 3
+
+
+@pytest.mark.parametrize("keras,ref,bound,expected", [
+    (1.0, 1.0, 0.0, 0.0),
+    (1.0, 1.0 + 2e-16, 0.0, np.inf),
+    (1.0, 1.0 + 4e-16, 1e-16, 2.0),  # 4e-16 / (2 * 1e-16), up to rounding of 1 + 4e-16
+    (np.nan, np.nan, 0.0, 0.0),
+    (np.nan, 1.0, 1.0, np.inf),
+    (np.inf, np.inf, 0.0, 0.0),
+    (np.nan, 1.0, np.inf, 0.0),
+], ids=["equal", "zero-bound", "scaled", "both-nan", "one-nan", "both-inf", "unbounded"])
+def test_element_errors(keras, ref, bound, expected):
+    _, _, scaled = compare.element_errors(np.array([keras]), np.array([ref]),
+                                          np.array([bound]))
+    if np.isinf(expected) or expected == 0.0:
+        assert scaled[0] == expected
+    else:
+        assert scaled[0] == pytest.approx(expected, rel=0.2)
+
+
+def test_worst_verdict_order():
+    assert compare.worst(["exact", "match"]) == "match"
+    assert compare.worst(["match", "mismatch", "exact"]) == "mismatch"
+    assert compare.worst(["mismatch", "error"]) == "error"
+
+
+def test_unsupported_configuration_becomes_an_error_reason():
+    cfg = Configuration("x", "Adam", {"learning_rate": 0.01, "clipnorm": 1.0})
+    comparison, reason = compare.build("keras", reference.get_rule, cfg, "float64",
+                                       PRECISIONS["jax"], compare.Segments(["a"], [1]),
+                                       np.zeros((1, 1)), [])
+    assert comparison is None and "clipnorm" in reason
