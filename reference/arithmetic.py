@@ -13,6 +13,8 @@ z = fl(x op y) with u the unit roundoff (eps / 2):
     sqrt x   e_z = min(e_x / z, sqrt(e_x)) + u|z|
     x ** t   e_z = |t z / x| e_x + u|z| (1 + |t ln x|)   (pow through exp/log)
 
+plus, for every operation, the absolute error of underflow (eq. 2.8).
+
 The bound is what a faithful implementation of the same formula may differ
 by, whatever order it evaluates it in up to a small factor; the comparison
 engine divides the observed difference by it (see verify/compare.py).
@@ -40,12 +42,17 @@ class Precision:
         float32 tensor first (TensorFlow's `tf.cast` of a Python float).
     decay_factor_float32: the decoupled weight-decay factor (1 - wd * lr)
         is computed in float32 (torch backend's `_apply_weight_decay`).
+    flushes_subnormals: results below the smallest normal number may be
+        flushed to zero (TensorFlow and XLA set FTZ/DAZ on CPU), so each
+        operation's underflow error is up to the smallest normal number
+        rather than half the smallest subnormal (Higham 2002, eq. 2.8).
     """
 
     name: str
     learning_rate_float32: bool = True
     cast_rounds_to_float32: bool = False
     decay_factor_float32: bool = False
+    flushes_subnormals: bool = False
 
     def describe(self) -> str:
         parts = []
@@ -59,8 +66,8 @@ class Precision:
 
 
 PRECISIONS = {
-    "tensorflow": Precision("tensorflow", cast_rounds_to_float32=True),
-    "jax": Precision("jax"),
+    "tensorflow": Precision("tensorflow", cast_rounds_to_float32=True, flushes_subnormals=True),
+    "jax": Precision("jax", flushes_subnormals=True),
     "torch": Precision("torch", decay_factor_float32=True),
     # No rounding beyond the working dtype: the formulas as real-number math.
     "exact": Precision("exact", learning_rate_float32=False),
@@ -75,7 +82,11 @@ class Arithmetic:
         self.dtype = np.dtype(dtype)
         self.precision = precision
         self.track = track
-        self.u = float(np.finfo(self.dtype).eps) / 2
+        info = np.finfo(self.dtype)
+        self.u = float(info.eps) / 2
+        # absolute error of an underflowing result (Higham 2002, eq. 2.8)
+        self.underflow = float(info.smallest_normal if precision.flushes_subnormals
+                               else info.smallest_subnormal / 2)
         self.tie_width = tie_width
 
     # --- constants -------------------------------------------------------
@@ -135,7 +146,7 @@ class Tracked:
     def _new(self, v, e_parts):
         if not self.ar.track:
             return Tracked(v, None, self.ar)
-        e = e_parts() + np.abs(v) * self.ar.u
+        e = e_parts() + np.abs(v) * self.ar.u + self.ar.underflow
         return Tracked(v, e, self.ar)
 
     def __add__(self, other):
@@ -205,7 +216,7 @@ def sqrt(x: Tracked) -> Tracked:
     zz = z.astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         near = np.where(zz > 0, x.e / zz, np.inf)
-        e = np.minimum(near, np.sqrt(x.e)) + x.ar.u * np.nan_to_num(zz)
+        e = np.minimum(near, np.sqrt(x.e)) + x.ar.u * np.nan_to_num(zz) + x.ar.underflow
     negative = x.v < 0
     tie = negative & (np.abs(x.v.astype(np.float64)) <= x.ar.tie_width * x.e)
     # out of the domain beyond rounding: NaN is the exact answer (bound 0)

@@ -55,15 +55,14 @@ class RunSpec:
 
 
 def _worker_groups(sel: Selection):
-    """(backend, x64, dtypes) for each worker process."""
+    """(backend, x64, dtypes) for each worker process: one per backend and
+    dtype, so that slow backends use every core and JAX's x64 is on exactly
+    for float64."""
     groups = []
     for backend in sel.backends:
-        if backend == "jax":
-            for dtype in sel.dtypes:
-                x64 = dtype == "float64" if sel.jax_x64 is None else sel.jax_x64
-                groups.append((backend, x64, [dtype]))
-        else:
-            groups.append((backend, None, list(sel.dtypes)))
+        for dtype in sel.dtypes:
+            x64 = (dtype == "float64") if sel.jax_x64 is None else sel.jax_x64
+            groups.append((backend, x64 if backend == "jax" else None, [dtype]))
     return groups
 
 
