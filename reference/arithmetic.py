@@ -62,6 +62,8 @@ class Precision:
             parts.append("ops.cast(Python float) rounds to float32 first")
         if self.decay_factor_float32:
             parts.append("weight-decay factor (1 - wd*lr) computed in float32")
+        if self.flushes_subnormals:
+            parts.append("subnormal results may be flushed to zero")
         return "; ".join(parts) or "no rounding beyond the working dtype"
 
 

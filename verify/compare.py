@@ -45,6 +45,9 @@ def worst(verdicts) -> str:
 def element_errors(keras: np.ndarray, reference: np.ndarray, bound: np.ndarray):
     """Elementwise (|keras - reference|, relative error, scaled error).
 
+    The relative error is taken against max(|keras|, |reference|), so that a
+    state one side leaves at zero reads 1, not an overflow.
+
     Identical values (NaN and infinities included) have error 0; a bound of 0
     makes any difference infinite; NaN on one side only is an infinite error;
     an unbounded element (infinite or NaN bound: a tie on a domain edge, a
@@ -59,7 +62,7 @@ def element_errors(keras: np.ndarray, reference: np.ndarray, bound: np.ndarray):
             same = (k == r) | (np.isnan(k) & np.isnan(r))
             diff[odd] = np.where(same[odd], 0.0, np.inf)
         scaled = diff / (2 * bound)
-        rel = diff / np.maximum(np.abs(r), np.finfo(np.float64).tiny)
+        rel = diff / np.maximum(np.maximum(np.abs(k), np.abs(r)), np.finfo(np.float64).tiny)
     # NaN here is 0/0 (equal, exact bound) or x/inf-or-NaN (unbounded): both pass
     scaled[np.isnan(scaled)] = 0.0
     rel[np.isnan(rel)] = np.where(diff[np.isnan(rel)] == 0, 0.0, np.inf)
@@ -115,7 +118,8 @@ class RunComparison:
         self.keras_states = list(keras_states)
         self.names = list(dict.fromkeys(["variable"] + self.keras_states + self.ref_states))
         self.only_keras = [n for n in self.keras_states if n not in self.ref_states]
-        self.only_reference = [n for n in self.ref_states if n not in self.keras_states]
+        self.only_reference = [n for n in self.ref_states
+                               if n != "variable" and n not in self.keras_states]
         self.dtype = np.dtype(dtype)
         self.segments = segments
         self.gradients = gradients  # [steps, N] float64, all scenarios laid end to end

@@ -119,21 +119,23 @@ class Sink:
     def markdown(self, df: pd.DataFrame, environment: dict) -> str:
         s = self.settings
         lines = ["# verify-optimizers report", ""]
+        plain = {k: v for k, v in s.items() if k not in ("configurations", "precision")}
         lines += ["## Settings", "", tabulate(
-            [(k, json.dumps(v) if isinstance(v, (list, dict)) else v)
-             for k, v in s.items()], headers=["setting", "value"], tablefmt="github"), ""]
+            [(k, ", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in plain.items()],
+            headers=["setting", "value"], tablefmt="github"), ""]
+        lines += ["## Configurations", "", tabulate(
+            [(k, json.dumps(v["config"], sort_keys=True), v["class_name"])
+             for k, v in s["configurations"].items()],
+            headers=["id", "config", "Keras class"], tablefmt="github"), ""]
         lines += ["## Verdicts", "",
                   "Worst verdict over the scenarios; exact < match < mismatch < error.", "",
                   pivot(df, tablefmt="github"), ""]
-        lines += ["## Deviations (first divergent step and state)", ""]
-        dev = df[df.verdict.isin(["mismatch", "error"])]
-        if len(dev):
-            cols = ["family", "optimizer", "backend", "dtype", "mode", "scenario", "verdict",
-                    "first_divergent_step", "divergent_state", "keras_value",
-                    "reference_value", "max_rel_error", "max_scaled_error", "reason"]
-            lines += [_table(dev[cols]), ""]
-        else:
-            lines += ["None.", ""]
+        lines += ["## Deviations", "",
+                  "Every mismatch and error, grouped where the first divergent step and "
+                  "state agree; per-scenario rows are under All comparisons, per-step "
+                  "excerpts in steps.md.", ""]
+        dev = deviations(df)
+        lines += [_table(dev) if len(dev) else "None.", ""]
         lines += ["## All comparisons", "", _table(df.drop(columns=["precision"])), ""]
         lines += ["## References", ""]
         for family in s["families"]:
@@ -169,6 +171,23 @@ class Sink:
                 continue
             lines += [f"## {' / '.join(key)}", "", _table(self.excerpts[key]), ""]
         return "\n".join(lines)
+
+
+def deviations(df: pd.DataFrame) -> pd.DataFrame:
+    """Mismatch and error rows grouped by where they start."""
+    bad = df[df.verdict.isin(["mismatch", "error"])].copy()
+    if bad.empty:
+        return bad
+    keys = ["family", "optimizer", "backend", "dtype", "verdict", "first_divergent_step",
+            "divergent_state", "reason"]
+    bad[keys] = bad[keys].astype(object).where(bad[keys].notna(), "")
+    out = bad.groupby(keys, sort=False).agg(
+        modes=("mode", lambda x: ", ".join(dict.fromkeys(x))),
+        scenarios=("scenario", lambda x: ", ".join(dict.fromkeys(x))),
+        max_rel_error=("max_rel_error", "max"),
+        max_scaled_error=("max_scaled_error", "max")).reset_index()
+    return out[keys[:5] + ["modes", "scenarios"] + keys[5:7] + ["max_rel_error",
+                                                               "max_scaled_error", "reason"]]
 
 
 def _fmt(v):
