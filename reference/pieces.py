@@ -48,8 +48,9 @@ def decoupled_weight_decay(ar: Arithmetic, w: Tracked, weight_decay: float,
     is formed in float32 and then multiplies the weights (torch backend).
     """
     if ar.precision.decay_factor_float32:
-        f32 = Arithmetic("float32", ar.precision, track=ar.track, tie_width=ar.tie_width)
-        lr32 = f32.learning_rate(float(lr.v))
-        factor = 1 - f32.const(weight_decay) * lr32
-        return w * Tracked(np.asarray(factor.v, dtype=ar.dtype), factor.e, ar)
+        # torch: 1 - wd * lr on a float32 scalar tensor, every step rounded to
+        # float32 and known exactly, so it carries no error bound of its own.
+        f32 = Arithmetic("float32", ar.precision, track=False)
+        factor = 1 - f32.const(weight_decay) * f32.learning_rate(float(lr.v))
+        return w * ar.exact(np.asarray(factor.v))
     return w - w * ar.cast(weight_decay) * lr

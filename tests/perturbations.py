@@ -9,7 +9,7 @@ from dataclasses import replace
 import reference
 from reference import pieces
 from reference.arithmetic import Arithmetic, square
-from reference.rule import REGISTRY, Rule
+from reference.rule import REGISTRY
 
 KERAS_ADAM = reference.get_rule("keras", "Adam")
 
@@ -25,8 +25,9 @@ def _eps_inside_sqrt_adam(ar, hp, s, g, t):
 
 
 def _shifted(rule, key, delta):
+    """Shift a hyperparameter the configuration uses (a zero momentum stays 0)."""
     def step(ar, hp, s, g, t):
-        return rule.step(ar, {**hp, key: hp[key] + delta}, s, g, t)
+        return rule.step(ar, {**hp, key: hp[key] + delta} if hp[key] else hp, s, g, t)
     return step
 
 
@@ -43,24 +44,31 @@ def _register(family, class_name, step):
     REGISTRY[(family, class_name)] = replace(base, family=family, step=step)
 
 
+SHIFTS = {  # family: (hyperparameter, Keras classes)
+    "beta_1+1e-4": ("beta_1", ["Adam", "AdamW", "Nadam"]),
+    "beta_2+1e-4": ("beta_2", ["Lion"]),
+    "momentum+1e-4": ("momentum", ["SGD"]),
+    "rho+1e-4": ("rho", ["RMSprop"]),
+}
+ALL_CLASSES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Nadam", "Lion"]
+
+# family -> the configuration ids whose math the change alters
 PERTURBED = {
-    "eps-inside-sqrt": ["Adam"],
-    "beta_1+1e-4": ["Adam", "Nadam", "Lion"],
-    "momentum+1e-4": ["SGD"],
-    "rho+1e-4": ["RMSprop"],
-    "lr-not-float32": ["SGD", "Adagrad", "RMSprop", "Adam", "Nadam", "Lion"],
+    "eps-inside-sqrt": ["adam"],
+    "beta_1+1e-4": ["adam", "adamw", "nadam"],
+    "beta_2+1e-4": ["lion"],
+    "momentum+1e-4": ["sgd_momentum", "sgd_nesterov"],
+    "rho+1e-4": ["rmsprop", "rmsprop_momentum_centered"],
+    "lr-not-float32": ["sgd", "sgd_momentum", "sgd_nesterov", "adagrad", "rmsprop",
+                       "rmsprop_momentum_centered", "adam", "adamw", "nadam", "lion"],
 }
 
 if ("eps-inside-sqrt", "Adam") not in REGISTRY:
     _register("eps-inside-sqrt", "Adam", _eps_inside_sqrt_adam)
-    for name in PERTURBED["beta_1+1e-4"]:
-        _register("beta_1+1e-4", name, _shifted(reference.get_rule("keras", name), "beta_1", 1e-4))
-    _register("momentum+1e-4", "SGD", _shifted(reference.get_rule("keras", "SGD"), "momentum",
-                                               1e-4))
-    _register("rho+1e-4", "RMSprop", _shifted(reference.get_rule("keras", "RMSprop"), "rho",
-                                              1e-4))
-    for name in PERTURBED["lr-not-float32"]:
+    for family, (key, classes) in SHIFTS.items():
+        for name in classes:
+            _register(family, name, _shifted(reference.get_rule("keras", name), key, 1e-4))
+    for name in ALL_CLASSES:
         _register("lr-not-float32", name, _learning_rate_as_given(reference.get_rule("keras", name)))
 
 FAMILIES = list(PERTURBED)
-assert all(isinstance(REGISTRY[(f, c)], Rule) for f, cs in PERTURBED.items() for c in cs)

@@ -161,8 +161,8 @@ class Runner:
                 comparisons = active[header["id"]]
                 states = _assemble(arrays, len(arrays["iterations"]))
                 for c in comparisons.values():
-                    if c is not None:
-                        c.feed(header["start"], states, arrays["iterations"])
+                    if isinstance(c, compare.RunComparison) and not c.error:
+                        _guarded(c, c.feed, header["start"], states, arrays["iterations"])
                 run = self.runs[header["id"]]
                 run.steps_done = getattr(run, "steps_done", 0) + len(arrays["iterations"])
                 if self.progress:
@@ -195,7 +195,7 @@ class Runner:
                                       self.all_gradients, keras_states)
             if c is not None:
                 c.error = run.problem
-                c.start(states, int(arrays["iterations"][0]))
+                _guarded(c, c.start, states, int(arrays["iterations"][0]))
             else:
                 c = reason
             comparisons[family] = c
@@ -217,6 +217,14 @@ class Runner:
                 self.sink.row(family, run, scenario, error=reason)
         if self.progress:
             self.progress(self.sel.steps - getattr(run, "steps_done", 0))
+
+
+def _guarded(comparison, method, *args):
+    """A reference that raises makes its comparison an `error`, not the run's end."""
+    try:
+        method(*args)
+    except Exception as exc:
+        comparison.error = f"reference failed: {type(exc).__name__}: {exc}".splitlines()[0]
 
 
 def _assemble(arrays, k):
