@@ -212,6 +212,19 @@ def list_command(console=None) -> int:
     return 0
 
 
+# Subcommands other than the default verification: name -> "module:function".
+# Each function takes the remaining argv and returns an exit code; it raises
+# UsageError for bad input.
+SUBCOMMANDS = {}
+
+
+def _subcommand(name, argv):
+    import importlib
+
+    module, function = SUBCOMMANDS[name].split(":")
+    return getattr(importlib.import_module(module), function)(argv)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -219,6 +232,8 @@ def main(argv=None) -> int:
             if len(argv) > 1:
                 raise UsageError(f"`list` takes no arguments (got {' '.join(argv[1:])})")
             return list_command()
+        if argv[:1] and argv[0] in SUBCOMMANDS:
+            return _subcommand(argv[0], argv[1:])
         args = build_parser().parse_args(argv)
         sel, output, formats = selection_from_args(args)
     except UsageError as exc:
