@@ -20,9 +20,11 @@ by, whatever order it evaluates it in up to a small factor; the comparison
 engine divides the observed difference by it (see verify/compare.py).
 
 A discontinuous function evaluated within rounding of its jump (sign of a
-value whose magnitude is below `tie_width` times its error bound, or sqrt of a
-value that rounding made negative) is a tie: both results are legitimate, so
-the bound of that element becomes the jump (infinite for NaN versus a number).
+value whose magnitude is below `tie_width` times its error bound, sqrt of a
+value that rounding made negative, a division by a value within rounding of
+zero) is a tie: either result is legitimate.  Ties are carried as a mask next
+to the bound, through every later operation, and the comparison accepts any
+value at a tied element of that step only.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class Arithmetic:
         info = np.finfo(self.dtype)
         self.u = float(info.eps) / 2
         # absolute error of an underflowing result (Higham 2002, eq. 2.8)
+        self.smallest_normal = float(info.smallest_normal)
         self.underflow = float(info.smallest_normal if precision.flushes_subnormals
                                else info.smallest_subnormal / 2)
         self.tie_width = tie_width
@@ -134,63 +137,92 @@ def _lift(ar: Arithmetic, x) -> "Tracked":
     raise TypeError(f"cannot combine Tracked with {type(x).__name__}")
 
 
-class Tracked:
-    """A value in the working dtype and its absolute error bound (or None)."""
+def _either(a, b):
+    """Union of two tie masks (None: no tie anywhere)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a | b
 
-    __slots__ = ("v", "e", "ar")
+
+class Tracked:
+    """A value in the working dtype, its absolute error bound (or None when
+    bounds are not kept) and its tie mask (None, or True where the value
+    depends on a discontinuity evaluated within rounding of its jump)."""
+
+    __slots__ = ("v", "e", "ar", "tie")
     __array_ufunc__ = None  # keep numpy from taking over mixed expressions
 
-    def __init__(self, v, e, ar: Arithmetic):
+    def __init__(self, v, e, ar: Arithmetic, tie=None):
         self.v = v
         self.e = e
         self.ar = ar
+        self.tie = tie
 
-    def _new(self, v, e_parts):
+    def exact_zero(self):
+        return (self.v == 0) & (self.e == 0)
+
+    def _new(self, v, e_parts, other, exact_result=None):
+        """Result v of an operation with `other`: the propagated bound, its own
+        rounding u|v|, and the underflow error where v is below the normal
+        range, unless `exact_result` marks results that are exactly zero."""
         if not self.ar.track:
             return Tracked(v, None, self.ar)
-        e = e_parts() + np.abs(v) * self.ar.u + self.ar.underflow
-        return Tracked(v, e, self.ar)
+        av = np.abs(v)
+        e = e_parts() + av * self.ar.u
+        small = av < self.ar.smallest_normal
+        if np.any(small):
+            if exact_result is not None:
+                small = small & ~exact_result()
+            e = e + np.where(small, self.ar.underflow, 0.0)
+        return Tracked(v, e, self.ar, _either(self.tie, other.tie))
 
     def __add__(self, other):
         o = _lift(self.ar, other)
-        return self._new(self.v + o.v, lambda: self.e + o.e)
+        return self._new(self.v + o.v, lambda: self.e + o.e, o,
+                         lambda: self.exact_zero() & o.exact_zero())
 
     __radd__ = __add__
 
     def __sub__(self, other):
         o = _lift(self.ar, other)
-        return self._new(self.v - o.v, lambda: self.e + o.e)
+        return self._new(self.v - o.v, lambda: self.e + o.e, o,
+                         lambda: self.exact_zero() & o.exact_zero())
 
     def __rsub__(self, other):
         return _lift(self.ar, other) - self
 
     def __mul__(self, other):
         o = _lift(self.ar, other)
-        return self._new(
-            self.v * o.v,
-            lambda: np.abs(o.v) * self.e + np.abs(self.v) * o.e,
-        )
+        with np.errstate(invalid="ignore"):
+            return self._new(self.v * o.v,
+                             lambda: np.abs(o.v) * self.e + np.abs(self.v) * o.e, o,
+                             lambda: self.exact_zero() | o.exact_zero())
 
     __rmul__ = __mul__
 
     def __truediv__(self, other):
         o = _lift(self.ar, other)
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             z = self.v / o.v
-
-            def err():
-                ay = np.abs(o.v)
-                e = (self.e + np.abs(z) * o.e) / ay
-                # a divisor within its own error of zero has no bound
-                return np.where(ay > o.e, e, np.inf)
-
-            return self._new(z, err)
+            if not self.ar.track:
+                return Tracked(z, None, self.ar)
+            ay = np.abs(o.v)
+            out = self._new(z, lambda: (self.e + np.abs(z) * o.e) / ay, o, self.exact_zero)
+            # a divisor within its error of zero (but not exactly zero, where
+            # inf or NaN is the exact IEEE result) is a tie: any result goes
+            near_zero = (ay <= o.e) & (o.e > 0)
+            if np.any(near_zero):
+                out.e = np.where(near_zero, 0.0, out.e)
+                out.tie = _either(out.tie, near_zero)
+        return out
 
     def __rtruediv__(self, other):
         return _lift(self.ar, other) / self
 
     def __neg__(self):
-        return Tracked(-self.v, self.e, self.ar)
+        return Tracked(-self.v, self.e, self.ar, self.tie)
 
     def __pow__(self, t):
         """x ** t for a step count t (Tracked or number)."""
@@ -206,7 +238,7 @@ class Tracked:
                 cond = np.where(x > 0, tt * np.abs(np.log(x)), 0.0)
             return prop + self.ar.u * zz * cond
 
-        return self._new(z, err)
+        return self._new(z, err, t)
 
 
 def sqrt(x: Tracked) -> Tracked:
@@ -218,11 +250,13 @@ def sqrt(x: Tracked) -> Tracked:
     zz = z.astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         near = np.where(zz > 0, x.e / zz, np.inf)
-        e = np.minimum(near, np.sqrt(x.e)) + x.ar.u * np.nan_to_num(zz) + x.ar.underflow
+        e = np.minimum(near, np.sqrt(x.e)) + x.ar.u * np.abs(zz)
+    e = np.where((zz > 0) & (zz < x.ar.smallest_normal), e + x.ar.underflow, e)
     negative = x.v < 0
     tie = negative & (np.abs(x.v.astype(np.float64)) <= x.ar.tie_width * x.e)
     # out of the domain beyond rounding: NaN is the exact answer (bound 0)
-    return Tracked(z, np.where(tie, np.inf, np.where(negative, 0.0, e)), x.ar)
+    e = np.where(negative, 0.0, e)
+    return Tracked(z, e, x.ar, _either(x.tie, tie if np.any(tie) else None))
 
 
 def square(x: Tracked) -> Tracked:
@@ -235,7 +269,7 @@ def sign(x: Tracked) -> Tracked:
     if not x.ar.track:
         return Tracked(z, None, x.ar)
     tie = (x.e > 0) & (np.abs(x.v.astype(np.float64)) <= x.ar.tie_width * x.e)
-    return Tracked(z, np.where(tie, 2.0, 0.0), x.ar)
+    return Tracked(z, np.zeros(np.shape(z)), x.ar, _either(x.tie, tie if np.any(tie) else None))
 
 
 def maximum(x: Tracked, y: Tracked) -> Tracked:
@@ -243,4 +277,4 @@ def maximum(x: Tracked, y: Tracked) -> Tracked:
     z = np.maximum(x.v, y.v)
     if not x.ar.track:
         return Tracked(z, None, x.ar)
-    return Tracked(z, np.maximum(x.e, y.e), x.ar)
+    return Tracked(z, np.maximum(x.e, y.e), x.ar, _either(x.tie, y.tie))

@@ -125,16 +125,38 @@ def test_running_bound_covers_the_actual_rounding_error(dtype):
 
 def test_sign_at_a_tie_may_go_either_way_but_not_elsewhere():
     ar = Arithmetic("float32", PRECISIONS["exact"])
-    x = ar.exact([1e-9, 1.0, -1.0, 0.0]) * ar.const(0.1)  # rounding error ~1e-17 .. 1e-9
+    x = ar.exact([1e-9, 1.0, -1.0, 0.0])
     x.e = np.array([1e-9, 1e-9, 1e-9, 0.0])
     s = sign(x)
-    assert list(s.e) == [2.0, 0.0, 0.0, 0.0]
+    assert list(s.tie) == [True, False, False, False]
+    assert list((s * ar.const(2.0) + ar.const(1.0)).tie) == [True, False, False, False]
 
 
 def test_sqrt_of_a_value_rounding_made_negative_is_a_tie():
     ar = Arithmetic("float64", PRECISIONS["exact"])
-    x = ar.exact([-1e-20, -1.0, 4.0])
-    x.e = np.array([1e-18, 1e-18, 0.0])
+    x = ar.exact([-1e-20, -1.0, 4.0, 0.0])
+    x.e = np.array([1e-18, 1e-18, 0.0, 0.0])
     r = sqrt(x)
-    assert np.isinf(r.e[0]) and r.e[1] == 0.0 and np.isnan(r.v[1])
+    assert list(r.tie) == [True, False, False, False]
+    assert r.e[1] == 0.0 and np.isnan(r.v[1])  # NaN is the exact answer there
     assert r.v[2] == 2.0 and r.e[2] == ar.u * 2.0  # only its own rounding
+    assert r.v[3] == 0.0 and r.e[3] == 0.0  # sqrt of an exact zero is exact
+
+
+def test_division_by_an_exact_zero_is_exact_and_by_a_rounded_zero_a_tie():
+    ar = Arithmetic("float64", PRECISIONS["exact"])
+    zero = ar.exact([0.0, 0.0])
+    num = ar.exact([0.0, 1.0])
+    q = num / zero
+    assert np.isnan(q.v[0]) and np.isinf(q.v[1]) and q.tie is None
+    rounded = ar.exact([1e-30, 1e-30])
+    rounded.e = np.array([1e-29, 0.0])
+    q = num / rounded
+    assert list(q.tie) == [True, False]
+
+
+def test_products_of_exact_zeros_carry_no_underflow_error():
+    ar = Arithmetic("float32", PRECISIONS["tensorflow"])
+    z = ar.exact([0.0, 1e-30]) * ar.exact([5.0, 1e-30])
+    assert z.e[0] == 0.0
+    assert z.e[1] >= np.finfo(np.float32).smallest_normal  # 1e-60 flushed to 0

@@ -42,16 +42,15 @@ def worst(verdicts) -> str:
     return max(verdicts, key=VERDICT_ORDER.index)
 
 
-def element_errors(keras: np.ndarray, reference: np.ndarray, bound: np.ndarray):
+def element_errors(keras: np.ndarray, reference: np.ndarray, bound: np.ndarray, tie=None):
     """Elementwise (|keras - reference|, relative error, scaled error).
 
-    The relative error is taken against max(|keras|, |reference|), so that a
-    state one side leaves at zero reads 1, not an overflow.
-
-    Identical values (NaN and infinities included) have error 0; a bound of 0
-    makes any difference infinite; NaN on one side only is an infinite error;
-    an unbounded element (infinite or NaN bound: a tie on a domain edge, a
-    divisor within rounding of zero) accepts any value.
+    Identical values (NaN and infinities included) have error 0.  A bound of
+    0 makes any difference infinite, and so does a non-finite reference value
+    (inf or NaN is then the exact IEEE result).  At a tie (see
+    reference/arithmetic.py) any value is accepted.  The relative error is
+    taken against max(|keras|, |reference|), so a state one side leaves at
+    zero reads 1, not an overflow.
     """
     k = keras.astype(np.float64, copy=False)
     r = reference.astype(np.float64, copy=False)
@@ -61,10 +60,16 @@ def element_errors(keras: np.ndarray, reference: np.ndarray, bound: np.ndarray):
         if odd.any():
             same = (k == r) | (np.isnan(k) & np.isnan(r))
             diff[odd] = np.where(same[odd], 0.0, np.inf)
+        bound = np.broadcast_to(bound, diff.shape)
+        if not np.all(np.isfinite(r)):
+            bound = np.where(np.isfinite(r), bound, 0.0)
         scaled = diff / (2 * bound)
         rel = diff / np.maximum(np.maximum(np.abs(k), np.abs(r)), np.finfo(np.float64).tiny)
-    # NaN here is 0/0 (equal, exact bound) or x/inf-or-NaN (unbounded): both pass
+    # NaN here is 0/0 (equal under an exact bound) or a NaN bound from inf * 0
+    # in the propagation: both pass
     scaled[np.isnan(scaled)] = 0.0
+    if tie is not None:
+        scaled[np.broadcast_to(tie, scaled.shape)] = 0.0
     rel[np.isnan(rel)] = np.where(diff[np.isnan(rel)] == 0, 0.0, np.inf)
     return diff, rel, scaled
 
@@ -142,6 +147,7 @@ class RunComparison:
             shape = w0.shape if spec.per_variable else (1, 1)
             ref[name] = np.broadcast_to(c.v, shape).astype(self.dtype)
             bounds[name] = np.broadcast_to(c.e, shape)
+        self.ties = {}
         self._judge(np.array([0]), initial, ref, bounds, np.zeros((1, len(self.segments.names))))
         self.prev = {n: v[-1] for n, v in initial.items()}
         self.prev_iteration = int(iteration)
@@ -175,6 +181,9 @@ class RunComparison:
         ref = {n: np.asarray(out[n].v).reshape(k, -1) for n in self.ref_states}
         bounds = {n: np.broadcast_to(out[n].e, np.shape(out[n].v)).reshape(k, -1)
                   for n in self.ref_states}
+        self.ties = {n: None if out[n].tie is None
+                     else np.broadcast_to(out[n].tie, np.shape(out[n].v)).reshape(k, -1)
+                     for n in self.ref_states}
         return ref, bounds
 
     def _free_run(self, states, g, t_before):
@@ -207,7 +216,8 @@ class RunComparison:
         for name in self.names:
             if name in keras and name in ref:
                 kv, rv = keras[name].reshape(k, -1), ref[name].reshape(k, -1)
-                diff, rel, scaled = element_errors(kv, rv, bounds[name])
+                diff, rel, scaled = element_errors(kv, rv, bounds[name],
+                                                   self.ties.get(name))
                 if kv.dtype != rv.dtype:
                     self.exact[:] = False
                 self.exact &= ~self.segments.reduce_max(diff != 0).any(axis=0)
