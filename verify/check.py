@@ -1,0 +1,586 @@
+"""`verify-optimizers check`: re-run a committed baseline's verification and
+compare it cell by cell.
+
+A cell is one family x configuration x backend x dtype x mode x scenario.
+Its *class* is what the check compares:
+
+  verdict               exact, match, mismatch, error
+  first_divergent_step  and divergent_state (mismatches)
+  magnitude             exact -> "exact", match -> "rounding"; a mismatch ->
+                        the decade of its largest relative error ("1e-03" for
+                        [1e-3, 1e-2)), "inf" when one side is NaN or infinite;
+                        error -> "error"
+  reason                for a non-error cell, the states only one side has
+
+Why the decade: a mismatch's relative error is set by the formula that
+differs, not by rounding; rounding moves it by a relative 1e-7 (float32) or
+1e-16 (float64), so a rerun of the same Keras stays in the same decade unless
+the value sits within that of a power of ten, while a changed term moves it by
+orders of magnitude.  The exact values are not compared: they are in the
+run's report.
+
+The check fails (exit 1) when a cell's math class changes: exact/match <->
+mismatch or error, another first divergent step, state, magnitude or set of
+unmatched states.  exact <-> match is rounding only: reported, and a failure
+only with --strict.  Exit 2: missing or malformed baseline, a baseline backend
+that is not installed, settings that cannot be reproduced, bad flags.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import itertools
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from tabulate import tabulate
+
+import reference
+from verify import compare, scenarios
+from verify.cli import UsageError, build_parser, installed_backends, run, selection_from_args
+from verify.configurations import CONFIGURATIONS
+
+FORMAT = 1
+DEFAULT_BASELINE = "reports/baseline"
+DEFAULT_OUTPUT = "reports/check"
+CELL = ("family", "optimizer", "backend", "dtype", "mode", "scenario")
+CLASS = ("verdict", "first_divergent_step", "divergent_state", "magnitude", "reason")
+COLUMNS = CELL + CLASS
+# selection flag -> key of the settings that lists its values, in run order
+LISTS = {"family": "families", "optimizer": "optimizers", "backend": "backends",
+         "dtype": "dtypes", "mode": "modes", "scenario": "scenarios"}
+CELL_KEYS = {"family": "families", "optimizer": "optimizers", "backend": "backends",
+             "dtype": "dtypes", "mode": "modes", "scenario": "scenarios"}
+NUMBERS = ("steps", "size", "seed")
+REQUIRED_SETTINGS = tuple(LISTS.values()) + NUMBERS + (
+    "configurations", "tolerance", "comparison", "precision")
+AGREE = ("exact", "match")
+
+
+# --- cell classes -----------------------------------------------------------
+def magnitude(verdict, max_rel_error) -> str:
+    """The magnitude class of a cell (see the module docstring)."""
+    if verdict == "exact":
+        return "exact"
+    if verdict == "match":
+        return "rounding"
+    if verdict == "error":
+        return "error"
+    x = _float(max_rel_error)
+    if x is None or math.isnan(x) or math.isinf(x):
+        return "inf"
+    if x <= 0:
+        return "0"
+    return f"1e{math.floor(math.log10(x)):+03d}"
+
+
+def _float(v):
+    if v is None or v == "":
+        return None
+    return float(v)  # also "inf", as the JSON report writes infinities
+
+
+def cell_class(row: dict) -> dict:
+    """A report row (summary.json) -> the baseline columns of its cell."""
+    verdict = row["verdict"]
+    step = row.get("first_divergent_step")
+    return {**{k: row[k] for k in CELL}, "verdict": verdict,
+            "first_divergent_step": "" if step is None or verdict != "mismatch" else int(step),
+            "divergent_state": (row.get("divergent_state") or "") if verdict == "mismatch" else "",
+            "magnitude": magnitude(verdict, row.get("max_rel_error")),
+            "reason": (row.get("reason") or "")}
+
+
+def cell_id(cell: dict, with_family=True) -> str:
+    keys = CELL if with_family else CELL[1:]
+    return "-".join(str(cell[k]) for k in keys)
+
+
+def math_key(c: dict) -> tuple:
+    """What must not change: exact and match are one class; an error's reason
+    is free text (paths, library messages) and not compared."""
+    agree = c["verdict"] in AGREE
+    return ("agree" if agree else c["verdict"], c["first_divergent_step"], c["divergent_state"],
+            "" if agree else c["magnitude"], "" if c["verdict"] == "error" else c["reason"])
+
+
+def describe(c: dict | None) -> str:
+    if c is None:
+        return "(absent)"
+    if c["verdict"] == "mismatch":
+        text = (f"mismatch at step {c['first_divergent_step']} in {c['divergent_state']}, "
+                f"rel. error {c['magnitude']}")
+    elif c["verdict"] == "error":
+        return "error: " + _short(c["reason"])
+    else:
+        text = c["verdict"]
+    return text + (f" ({_short(c['reason'])})" if c["reason"] else "")
+
+
+def _short(text, n=90):
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+@dataclass
+class Change:
+    cell: dict
+    before: dict | None
+    after: dict | None
+    what: str
+    fails: bool
+
+
+def compare_cells(before: list, after: list, strict=False) -> list:
+    """Cell-by-cell changes, in the baseline's order (cells only in `after` last)."""
+    key = lambda c: tuple(c[k] for k in CELL)  # noqa: E731
+    now = {key(c): c for c in after}
+    seen, changes = set(), []
+    for b in before:
+        k = key(b)
+        seen.add(k)
+        a = now.get(k)
+        if a is None:
+            changes.append(Change(b, b, None, "cell missing from the run", True))
+            continue
+        what = _what_changed(b, a)
+        if what:
+            rounding_only = math_key(a) == math_key(b)
+            changes.append(Change(b, b, a, what, strict or not rounding_only))
+    for k, a in now.items():
+        if k not in seen:
+            changes.append(Change(a, None, a, "cell not in the baseline", True))
+    return changes
+
+
+def _what_changed(b, a) -> str:
+    if math_key(a) == math_key(b):
+        return "" if a["verdict"] == b["verdict"] else "rounding only (exact <-> match)"
+    parts = []
+    if (b["verdict"] in AGREE) != (a["verdict"] in AGREE) or (
+            b["verdict"] not in AGREE and b["verdict"] != a["verdict"]):
+        parts.append("verdict")
+    else:
+        for field, name in (("first_divergent_step", "first divergent step"),
+                            ("divergent_state", "divergent state"), ("magnitude", "magnitude")):
+            if a[field] != b[field]:
+                parts.append(name)
+        if a["reason"] != b["reason"] and a["verdict"] != "error":
+            parts.append("unmatched states")
+    return ", ".join(parts)
+
+
+# --- the baseline on disk ---------------------------------------------------
+@dataclass
+class Baseline:
+    path: Path
+    settings: dict
+    environment: dict
+    cells: list  # dicts with COLUMNS, in run order
+
+
+def _bad(path, what):
+    return UsageError(f"malformed baseline {path}: {what}")
+
+
+def load_baseline(path) -> Baseline:
+    path = Path(path)
+    meta_path, cells_path = path / "baseline.json", path / "cells.csv"
+    if not path.is_dir():
+        raise UsageError(f"no baseline at {path} (write one with `verify-optimizers check "
+                         "--update-baseline`)")
+    for p in (meta_path, cells_path):
+        if not p.is_file():
+            raise _bad(path, f"{p.name} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _bad(path, f"cannot read baseline.json: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise _bad(path, f"baseline.json is not JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise _bad(path, f"baseline.json has format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                         f"expected {FORMAT}")
+    settings, environment = meta.get("settings"), meta.get("environment")
+    if not isinstance(settings, dict) or not isinstance(environment, dict):
+        raise _bad(path, "baseline.json needs objects `settings` and `environment`")
+    for k in REQUIRED_SETTINGS:
+        if k not in settings:
+            raise _bad(path, f"settings lack `{k}`")
+    for k in LISTS.values():
+        v = settings[k]
+        if not (isinstance(v, list) and v and all(isinstance(x, str) for x in v)):
+            raise _bad(path, f"settings `{k}` must be a non-empty list of names")
+    for k in NUMBERS:
+        if not isinstance(settings[k], int) or isinstance(settings[k], bool) or settings[k] < 0:
+            raise _bad(path, f"settings `{k}` must be a non-negative integer")
+    cells = _read_cells(path, cells_path)
+    expected = [dict(zip(CELL, combo)) for combo in
+                itertools.product(*(settings[LISTS[k]] for k in CELL))]
+    have = {tuple(c[k] for k in CELL) for c in cells}
+    missing = [c for c in expected if tuple(c[k] for k in CELL) not in have]
+    if missing:
+        raise _bad(path, f"cells.csv lacks {len(missing)} cell(s) of its settings, e.g. "
+                         f"{cell_id(missing[0])}")
+    if len(cells) != len(expected):
+        wanted = {tuple(c[k] for k in CELL) for c in expected}
+        extra = next(c for c in cells if tuple(c[k] for k in CELL) not in wanted)
+        raise _bad(path, f"cells.csv has a cell outside its settings: {cell_id(extra)}")
+    return Baseline(path, settings, environment, cells)
+
+
+def _read_cells(path, cells_path) -> list:
+    try:
+        text = cells_path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _bad(path, f"cannot read cells.csv: {exc}") from None
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if header != list(COLUMNS):
+        raise _bad(path, f"cells.csv header must be {','.join(COLUMNS)}")
+    cells, seen = [], set()
+    for line, values in enumerate(reader, start=2):
+        if len(values) != len(COLUMNS):
+            raise _bad(path, f"cells.csv line {line}: {len(values)} fields, expected "
+                             f"{len(COLUMNS)}")
+        c = dict(zip(COLUMNS, values))
+        if c["verdict"] not in compare.VERDICT_ORDER:
+            raise _bad(path, f"cells.csv line {line}: unknown verdict {c['verdict']!r}")
+        if c["verdict"] == "mismatch":
+            try:
+                c["first_divergent_step"] = int(c["first_divergent_step"])
+            except ValueError:
+                raise _bad(path, f"cells.csv line {line}: a mismatch needs an integer "
+                                 "first_divergent_step") from None
+            if not c["divergent_state"]:
+                raise _bad(path, f"cells.csv line {line}: a mismatch needs a divergent_state")
+            if not _valid_decade(c["magnitude"]):
+                raise _bad(path, f"cells.csv line {line}: bad magnitude {c['magnitude']!r}")
+        elif c["first_divergent_step"] or c["divergent_state"] or c["magnitude"] != magnitude(
+                c["verdict"], None):
+            raise _bad(path, f"cells.csv line {line}: a {c['verdict']} cell has no divergence "
+                             f"and magnitude {magnitude(c['verdict'], None)!r}")
+        k = tuple(c[f] for f in CELL)
+        if k in seen:
+            raise _bad(path, f"cells.csv line {line}: duplicate cell {cell_id(c)}")
+        seen.add(k)
+        cells.append(c)
+    return cells
+
+
+def _valid_decade(m) -> bool:
+    if m in ("inf", "0"):
+        return True
+    return len(m) >= 4 and m[:2] == "1e" and m[2] in "+-" and m[3:].isdigit()
+
+
+def write_baseline(path, settings, environment, cells) -> None:
+    """Write cells.csv, baseline.json and README.md; replace `path` whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        with open(tmp / "cells.csv", "w", newline="") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(COLUMNS)
+            for c in cells:
+                w.writerow([c[k] for k in COLUMNS])
+        meta = {"format": FORMAT, "settings": settings, "environment": environment}
+        (tmp / "baseline.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        (tmp / "README.md").write_text(_baseline_readme(settings, environment, cells))
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}-old-", dir=path.parent))
+            path.rename(old / path.name)
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _baseline_readme(settings, environment, cells) -> str:
+    counts = pd.DataFrame(cells).groupby(["family", "verdict"]).size()
+    backends = environment.get("backends", {})
+    return "\n".join([
+        "# Baseline of `verify-optimizers check`", "",
+        "Written by `verify-optimizers check --update-baseline`; do not edit by hand.", "",
+        "- `cells.csv`: one line per family x configuration x backend x dtype x mode x "
+        "scenario, in run order: " + ", ".join(f"`{c}`" for c in COLUMNS) + ". "
+        "`magnitude` is `exact`, `rounding` (match), the decade of a mismatch's largest "
+        "relative error (`1e-03` is [1e-3, 1e-2)), `inf` or `error`; `reason` lists the "
+        "states only one side has (for errors: why it could not run).",
+        "- `baseline.json`: the settings the cells were computed with (what `check` re-runs) "
+        "and the environment.", "",
+        f"Keras {environment.get('keras', '?')}; "
+        + ", ".join(f"{b} {v.get('version')}" for b, v in sorted(backends.items()))
+        + f"; {settings['steps']} steps x {settings['size']} elements, seed {settings['seed']}; "
+        + f"{len(cells)} cells: " + ", ".join(f"{f} {v} {n}" for (f, v), n in counts.items())
+        + ".", ""])
+
+
+# --- selections from a baseline ---------------------------------------------
+def _parser():
+    p = build_parser()
+    p.prog = "verify-optimizers check"
+    p.description = ("Re-run the baseline's verification (or the subset the selection flags "
+                     "choose) and compare it cell by cell. Exit 0 no change, 1 a cell's math "
+                     "changed, 2 usage, baseline or environment error.")
+    p.epilog = None
+    p.set_defaults(seed=None, output=DEFAULT_OUTPUT)
+    p.add_argument("--baseline", default=DEFAULT_BASELINE,
+                   help="baseline folder (default %(default)s)")
+    p.add_argument("--update-baseline", action="store_true",
+                   help="run the selection and write it as the baseline (defaults: the "
+                        "existing baseline's settings, else the main command's)")
+    p.add_argument("--strict", action="store_true",
+                   help="also fail on exact <-> match (rounding-only) changes")
+    p.add_argument("--keras-path", action="append", default=[], metavar="DIR",
+                   help="put DIR first on the workers' import path (e.g. an edited keras)")
+    return p
+
+
+def _names(values) -> list:
+    return [x.strip() for v in values for x in v.split(",") if x.strip()]
+
+
+def _restrict(args, settings) -> None:
+    """Selection flags default to the baseline's settings and must stay within them."""
+    for flag, key in LISTS.items():
+        allowed = settings[key]
+        chosen = _names(getattr(args, flag))
+        outside = [x for x in chosen if x not in allowed]
+        if outside:
+            raise UsageError(f"{flag} {outside[0]!r} is not in the baseline "
+                             f"({', '.join(allowed)})")
+        values = [x for x in allowed if x in chosen] if chosen else list(allowed)
+        setattr(args, flag, [",".join(values)])
+    for k in NUMBERS:
+        given = getattr(args, k)
+        if given is not None and given != settings[k]:
+            raise UsageError(f"--{k} {given} differs from the baseline's {settings[k]}: a check "
+                             "re-runs the baseline's settings")
+        setattr(args, k, settings[k])
+
+
+def _defaults_from(args, settings) -> None:
+    """Unset selection flags take the settings' values (for --update-baseline)."""
+    for flag, key in LISTS.items():
+        if not _names(getattr(args, flag)):
+            values = settings[key]
+            if flag == "backend":
+                values = [b for b in values if b in installed_backends()]
+            setattr(args, flag, [",".join(values)] if values else [])
+    for k in NUMBERS:
+        if getattr(args, k) is None:
+            setattr(args, k, settings[k])
+
+
+def _reproducible(settings, sel) -> None:
+    """Raise UsageError unless this checkout computes what the baseline recorded."""
+    ids = [c.id for c in sel.configurations]
+    for i in ids:
+        recorded = settings["configurations"].get(i)
+        if recorded != CONFIGURATIONS[i].keras_config():
+            raise UsageError(f"cannot reproduce the baseline: configuration {i!r} is "
+                             f"{json.dumps(recorded, sort_keys=True)} there and "
+                             f"{json.dumps(CONFIGURATIONS[i].keras_config(), sort_keys=True)} "
+                             "in verify/configurations.toml")
+    if settings["tolerance"] != compare.TOLERANCE:
+        raise UsageError(f"cannot reproduce the baseline: tolerance {settings['tolerance']} "
+                         f"there, {compare.TOLERANCE} here")
+    if settings["comparison"] != "lockstep":
+        raise UsageError(f"cannot reproduce the baseline: comparison {settings['comparison']!r}")
+    for b in sel.backends:
+        here = reference.PRECISIONS[b].describe()
+        if settings["precision"].get(b) != here:
+            raise UsageError(f"cannot reproduce the baseline: the {b} precision setting there "
+                             f"is {settings['precision'].get(b)!r}, here {here!r}")
+
+
+def plan(argv_or_args):
+    """`check` flags against a baseline: (args, baseline, selection, output, formats,
+    baseline cells to compare)."""
+    args = (_parser().parse_args(argv_or_args) if isinstance(argv_or_args, (list, tuple))
+            else argv_or_args)
+    if args.gradients:
+        raise UsageError("a check re-runs the baseline's seeded scenarios; --gradients is not "
+                         "supported")
+    if args.update_baseline:
+        raise UsageError("plan() is for checks, not --update-baseline")
+    baseline = load_baseline(args.baseline)
+    s = baseline.settings
+    for key, known, what in (("families", reference.FAMILIES, "family"),
+                             ("optimizers", list(CONFIGURATIONS), "configuration"),
+                             ("scenarios", list(scenarios.SCENARIOS), "scenario")):
+        unknown = [x for x in s[key] if x not in known]
+        if unknown:
+            raise UsageError(f"cannot reproduce the baseline: its {what} {unknown[0]!r} is not "
+                             "known here")
+    _restrict(args, s)
+    wanted = _names(args.backend)
+    missing = [b for b in wanted if b not in installed_backends()]
+    if missing:
+        raise UsageError(f"the baseline's backend {', '.join(missing)} is not installed "
+                         "(install it, or check a subset with --backend)")
+    sel, output, formats = selection_from_args(args)
+    _reproducible(s, sel)
+    sel.python_path = [str(Path(p).resolve()) for p in args.keras_path]
+    chosen = {flag: set(_names(getattr(args, flag))) for flag in LISTS}
+    cells = [c for c in baseline.cells if all(c[f] in chosen[f] for f in LISTS)]
+    return args, baseline, sel, output, sorted(set(formats) | {"csv", "json"}), cells
+
+
+def execute(sel, output, formats, quiet=True):
+    """Run the selection, reports to `output`; (cells, environment)."""
+    run(sel, output, formats, quiet=quiet, console=io.StringIO())
+    doc = json.loads((output / "summary.json").read_text())
+    return [cell_class(r) for r in doc["rows"]], doc["environment"]
+
+
+# --- output -------------------------------------------------------------------
+def changes_table(changes, tablefmt="github") -> str:
+    rows = [(cell_id(c.cell), describe(c.before), describe(c.after), c.what,
+             "yes" if c.fails else "no") for c in changes]
+    return tabulate(rows, headers=["cell", "baseline", "now", "changed", "fails"],
+                    tablefmt=tablefmt, disable_numparse=True)
+
+
+def step_detail(output, change, rows=6) -> str:
+    """Per-step errors of the run around where the changed cell diverges."""
+    c = change.cell
+    if change.after is None:
+        return "The cell is not in the run."
+    if change.after["verdict"] == "error":
+        return f"The cell could not run: {change.after['reason']}"
+    path = Path(output) / "steps" / c["family"] / c["optimizer"] / (
+        f"{c['backend']}-{c['dtype']}-{c['mode']}-{c['scenario']}.csv.gz")
+    try:
+        with gzip.open(path, "rt") as f:
+            table = pd.read_csv(f)
+    except OSError as exc:
+        return f"No per-step table: {exc}"
+    steps = [x["first_divergent_step"] for x in (change.after, change.before)
+             if x and x["verdict"] == "mismatch"]
+    scaled = [col for col in table.columns if col.endswith("_scaled")]
+    if steps:
+        at = min(steps)
+    else:
+        at = int(table.step[table[scaled].max(axis=1).idxmax()]) if scaled else 0
+    lo = max(0, at - 1)
+    part = table[(table.step >= lo) & (table.step < lo + rows)]
+    part = part[["step"] + [col for col in table.columns if col.endswith(("_rel", "_scaled"))]
+                + ["drift"]]
+    body = [[f"{v:.3g}" if isinstance(v, float) else v for v in r]
+            for r in part.itertuples(index=False)]
+    return (f"Per-step detail of {cell_id(c)} (largest relative and scaled error per state; "
+            f"scaled > {compare.TOLERANCE:g} is a mismatch), from {path}:\n\n"
+            + tabulate(body, headers=list(part.columns), tablefmt="github",
+                       disable_numparse=True))
+
+
+def _versions(environment) -> str:
+    backends = environment.get("backends", {})
+    return f"keras {environment.get('keras', '?')} (" + ", ".join(
+        f"{b} {v.get('version')}" for b, v in sorted(backends.items())) + ")"
+
+
+def report(baseline, cells, now, environment, changes, output, strict) -> tuple:
+    """(text for the console and check.md, exit code)."""
+    failing = [c for c in changes if c.fails]
+    head = (f"Baseline {baseline.path}: {_versions(baseline.environment)}; now "
+            f"{_versions(environment)}; {len(cells)} cells compared.")
+    if not changes:
+        return f"no change: all {len(cells)} cells as in the baseline ({head})", 0
+    order = failing + [c for c in changes if not c.fails]
+    lines = [head, "", changes_table(order), ""]
+    if failing:
+        lines += [f"{len(failing)} cell(s) changed their math class"
+                  + (" or rounding (--strict)" if strict else "") + ".", "",
+                  step_detail(output, failing[0])]
+    else:
+        lines += [f"no math change: {len(changes)} cell(s) changed between exact and match "
+                  "only (rounding; --strict makes that a failure)."]
+    return "\n".join(lines), 1 if failing else 0
+
+
+def _write_check_files(output, text, changes) -> None:
+    output = Path(output)
+    rows = [{"cell": cell_id(c.cell), **{f"baseline_{k}": (c.before or {}).get(k, "")
+                                         for k in CLASS},
+             **{f"now_{k}": (c.after or {}).get(k, "") for k in CLASS},
+             "changed": c.what, "fails": c.fails} for c in changes]
+    for name, content in (("check.md", "# verify-optimizers check\n\n" + text + "\n"),
+                          ("changes.csv", pd.DataFrame(
+                              rows, columns=["cell"] + [f"baseline_{k}" for k in CLASS]
+                              + [f"now_{k}" for k in CLASS] + ["changed", "fails"]
+                          ).to_csv(index=False))):
+        tmp = output / f".{name}.tmp"
+        tmp.write_text(content)
+        os.replace(tmp, output / name)
+
+
+# --- the subcommand -----------------------------------------------------------
+def check(args, console=None) -> int:
+    console = console or sys.stdout
+    args, baseline, sel, output, formats, cells = plan(args)
+    now, environment = execute(sel, output, formats, quiet=args.quiet)
+    changes = compare_cells(cells, now, strict=args.strict)
+    text, code = report(baseline, cells, now, environment, changes, output, args.strict)
+    _write_check_files(output, text, changes)
+    print(text, file=console)
+    if changes:
+        print(f"\nReport: {output}/check.md, changes.csv; the run's tables in {output}/",
+              file=console)
+    return code
+
+
+def update(args, console=None) -> int:
+    console = console or sys.stdout
+    if args.gradients:
+        raise UsageError("a baseline records seeded scenarios; --gradients is not supported")
+    previous = None
+    try:
+        previous = load_baseline(args.baseline)
+    except UsageError:
+        pass
+    if previous is not None:
+        _defaults_from(args, previous.settings)
+    if args.seed is None:
+        args.seed = build_parser().get_default("seed")
+    sel, output, formats = selection_from_args(args)
+    sel.python_path = [str(Path(p).resolve()) for p in args.keras_path]
+    formats = sorted(set(formats) | {"csv", "json"})
+    now, environment = execute(sel, output, formats, quiet=args.quiet)
+    doc = json.loads((output / "summary.json").read_text())
+    if previous is not None and all(previous.settings[k] == doc["settings"][k] for k in NUMBERS):
+        keys = {tuple(c[k] for k in CELL) for c in now}
+        old = [c for c in previous.cells if tuple(c[k] for k in CELL) in keys]
+        changes = compare_cells(old, now, strict=True)
+        if changes:
+            print(f"Changes from the previous baseline ({_versions(previous.environment)}):\n\n"
+                  + changes_table(changes) + "\n", file=console)
+    write_baseline(args.baseline, doc["settings"], environment, now)
+    print(f"baseline written: {args.baseline}/cells.csv ({len(now)} cells), baseline.json; "
+          f"{_versions(environment)}, {environment.get('wall_seconds')} s", file=console)
+    return 0
+
+
+def main(argv) -> int:
+    args = _parser().parse_args(list(argv))
+    try:
+        return update(args) if args.update_baseline else check(args)
+    except KeyboardInterrupt:
+        print("verify-optimizers check: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        raise UsageError(str(exc)) from None
