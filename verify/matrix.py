@@ -1,0 +1,289 @@
+"""`verify-optimizers matrix --keras 3.0.0,3.5.0,...`: the same verification
+against several Keras releases, one report with a column per release.
+
+Each release gets its own virtual environment under --work (kept and reused):
+`python -m venv`, a .pth file that appends this interpreter's site-packages
+(the installed backends: TensorFlow, JAX, torch) after the environment's own,
+and `pip install keras==VERSION` (plus whatever that release strictly needs
+that is not already there).  Only the backend workers run in that environment
+(`Selection.python`); the references and the comparison run here, identical
+for every column.
+
+A release that cannot be installed, or that cannot be imported with a backend,
+is a column (or the backend's cells of a column) marked `unsupported` with the
+reason; the matrix goes on.  Cells are classed as in `verify-optimizers check`
+(verify/check.py), and every cell whose class differs between consecutive
+releases is listed.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pandas as pd
+from tabulate import tabulate
+
+from verify import check, compare
+from verify.cli import UsageError, build_parser, run, selection_from_args
+
+DEFAULT_OUTPUT = "reports/matrix"
+DEFAULT_WORK = str(Path.home() / ".cache" / "verify-optimizers" / "matrix")
+UNSUPPORTED = "unsupported"
+
+
+def _parser():
+    p = build_parser()
+    p.prog = "verify-optimizers matrix"
+    p.description = ("Run the same verification against several Keras releases, each in its "
+                     "own virtual environment, and write one report with a column per release.")
+    p.epilog = None
+    p.set_defaults(output=DEFAULT_OUTPUT)
+    p.add_argument("--keras", action="append", default=[], required=True,
+                   help="Keras releases, comma-separated, oldest first (e.g. 3.0.0,3.5.0)")
+    p.add_argument("--work", default=DEFAULT_WORK,
+                   help="virtual environments and per-release runs (default %(default)s)")
+    p.add_argument("--timeout", type=int, default=1800,
+                   help="seconds allowed for one release's pip install (default %(default)s)")
+    return p
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def _venv_python(env: Path) -> Path:
+    return env / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def prepare(version: str, work: Path, timeout: int) -> tuple:
+    """(python of an environment with keras==version, None) or (None, reason)."""
+    env = work / "venvs" / f"keras-{version}"
+    python = _venv_python(env)
+    probe = [str(python), "-c", "import importlib.metadata as m; print(m.version('keras'))"]
+    if python.exists():
+        done = subprocess.run(probe, capture_output=True, text=True)
+        if done.returncode == 0 and done.stdout.strip() == version:
+            return python, None
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(env)], check=True,
+                       capture_output=True, text=True, timeout=300)
+        purelib = Path(subprocess.run([str(python), "-c",
+                                       "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                      check=True, capture_output=True, text=True).stdout.strip())
+        # appended after the environment's own site-packages: its keras comes first
+        (purelib / "_verify_reuse_backends.pth").write_text(
+            sysconfig.get_paths()["purelib"] + "\n")
+        done = subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check",
+                               "--no-input", f"keras=={version}"],
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"pip install keras=={version} took more than {timeout} s"
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return None, f"cannot create the environment: {_last_line(getattr(exc, 'stderr', '') or '') or exc}"
+    if done.returncode != 0:
+        return None, f"pip install keras=={version} failed: {_last_line(done.stderr)}"
+    return python, None
+
+
+def probe_backends(python: Path, version: str, backends) -> dict:
+    """backend -> None if `import keras` works with it in that environment, else the reason."""
+    out = {}
+    for backend in backends:
+        env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        try:
+            done = subprocess.run(
+                [str(python), "-c", "import keras; print(keras.__version__); "
+                 "print(keras.backend.backend())"],
+                capture_output=True, text=True, env=env, timeout=600, cwd="/")
+        except subprocess.TimeoutExpired:
+            out[backend] = "import keras took more than 600 s"
+            continue
+        lines = done.stdout.split()
+        if done.returncode != 0:
+            out[backend] = f"import keras fails: {_last_line(done.stderr)}"
+        elif lines[:2] != [version, backend]:
+            out[backend] = f"imports keras {' '.join(lines[:2])} instead of {version} {backend}"
+        else:
+            out[backend] = None
+    return out
+
+
+def cell_text(c: dict) -> str:
+    """Compact class of a cell for the matrix."""
+    if c["verdict"] == "mismatch":
+        text = f"mismatch@{c['first_divergent_step']} {c['divergent_state']} {c['magnitude']}"
+    elif c["verdict"] == "error":
+        return "error"
+    else:
+        text = c["verdict"]
+    return text + (" (+states)" if c["reason"] else "")
+
+
+def consecutive_changes(columns: dict, versions: list) -> list:
+    """[(from, to, Change)] between consecutive releases that ran, over the cells both ran."""
+    out = []
+    ran = [v for v in versions if columns.get(v) is not None]
+    for a, b in zip(ran, ran[1:]):
+        both = [k for k, c in columns[a].items() if c is not None and columns[b].get(k)]
+        out += [(a, b, change) for change in check.compare_cells(
+            [columns[a][k] for k in both], [columns[b][k] for k in both], strict=True)]
+    return out
+
+
+def write_report(output: Path, settings: dict, versions: list, releases: dict, columns: dict,
+                 cells: list) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    tmp = output / ".matrix-tmp"
+    tmp.mkdir(exist_ok=True)
+    keyed = [tuple(c[f] for f in check.CELL) for c in cells]
+    table = []
+    for k in keyed:
+        row = dict(zip(check.CELL, k))
+        for v in versions:
+            col = columns.get(v)
+            if col is None:
+                row[v] = UNSUPPORTED
+            else:
+                c = col.get(k)
+                row[v] = UNSUPPORTED if c is None else cell_text(c)
+        table.append(row)
+    df = pd.DataFrame(table, columns=list(check.CELL) + versions)
+    df.to_csv(tmp / "matrix.csv", index=False)
+    changes = consecutive_changes(columns, versions)
+    (tmp / "releases.json").write_text(json.dumps(
+        {"settings": settings, "releases": releases}, indent=1, sort_keys=True) + "\n")
+    (tmp / "matrix.md").write_text(_markdown(settings, versions, releases, df, changes))
+    for name in ("matrix.csv", "releases.json", "matrix.md"):
+        os.replace(tmp / name, output / name)
+    tmp.rmdir()
+
+
+def _markdown(settings, versions, releases, df, changes) -> str:
+    lines = ["# Keras version matrix", "",
+             "Generated by `verify-optimizers matrix`; every release ran in its own virtual "
+             "environment with the same backends, the same references and the same gradients. "
+             "Findings explained: FINDINGS.md.", "",
+             "## Settings", "",
+             tabulate([(k, ", ".join(map(str, v)) if isinstance(v, list) else v)
+                       for k, v in settings.items() if k not in ("configurations", "precision")],
+                      headers=["setting", "value"], tablefmt="github"), "",
+             "## Releases", "",
+             tabulate([(v, r["status"], r.get("backends_text", ""), r.get("wall_seconds", ""),
+                        r.get("reason", "")) for v, r in releases.items()],
+                      headers=["keras", "status", "backends", "run (s)", "reason"],
+                      tablefmt="github", disable_numparse=True), "",
+             "## Worst verdict per configuration", "",
+             "Over backends, dtypes, modes and scenarios; `unsupported` where the release did "
+             "not run.", ""]
+    body = []
+    for (fam, opt), g in df.groupby(["family", "optimizer"], sort=False):
+        row = [fam, opt]
+        for v in versions:
+            values = [x.split("@")[0].split(" ")[0] for x in g[v] if x != UNSUPPORTED]
+            row.append(compare.worst(values) if values else UNSUPPORTED)
+        body.append(row)
+    lines += [tabulate(body, headers=["family", "optimizer"] + versions, tablefmt="github"), ""]
+    lines += ["## Changes between consecutive releases", "",
+              "Cells whose class (verdict; for a mismatch its first divergent step, state and "
+              "decade of relative error; the states one side lacks) differs from the previous "
+              "release that ran it, grouped.", ""]
+    if not changes:
+        lines += ["None.", ""]
+    else:
+        groups = {}
+        for a, b, ch in changes:
+            key = (a, b, ch.cell["family"], ch.cell["optimizer"], ch.cell["backend"],
+                   check.describe(ch.before), check.describe(ch.after), ch.what)
+            groups.setdefault(key, []).append(ch.cell)
+        rows = []
+        for key, members in groups.items():
+            a, b, fam, opt, backend, before, after, what = key
+            dims = "; ".join(f"{f}: " + ", ".join(dict.fromkeys(m[f] for m in members))
+                             for f in ("dtype", "mode", "scenario"))
+            rows.append((f"{a} -> {b}", fam, opt, backend, dims, len(members), before, after,
+                         what))
+        lines += [tabulate(rows, headers=["releases", "family", "optimizer", "backend",
+                                          "cells", "n", "before", "after", "changed"],
+                           tablefmt="github", disable_numparse=True), ""]
+        changed = {tuple(ch.cell[f] for f in check.CELL) for _, _, ch in changes}
+        marks = {(tuple(ch.cell[f] for f in check.CELL), b) for _, b, ch in changes}
+        detail = []
+        for r in df.itertuples(index=False):
+            k = tuple(getattr(r, f) for f in check.CELL)
+            if k in changed:
+                detail.append([check.cell_id(dict(zip(check.CELL, k)))]
+                              + [f"**{x}**" if (k, v) in marks else x
+                                 for v, x in zip(versions, r[len(check.CELL):])])
+        lines += ["### Changed cells", "", "Bold: differs from the previous release.", "",
+                  tabulate(detail, headers=["cell"] + versions, tablefmt="github",
+                           disable_numparse=True), ""]
+    lines += ["Every cell of every release: matrix.csv; environments: releases.json.", ""]
+    return "\n".join(lines)
+
+
+def main(argv) -> int:
+    args = _parser().parse_args(list(argv))
+    versions = check._names(args.keras)
+    if not versions:
+        raise UsageError("--keras needs at least one release")
+    sel, output, formats = selection_from_args(args)
+    work = Path(args.work).resolve()
+    (work / "runs").mkdir(parents=True, exist_ok=True)
+    releases, columns = {}, {}
+    settings = None
+    for version in versions:
+        print(f"keras {version}: preparing", file=sys.stderr, flush=True)
+        python, reason = prepare(version, work, args.timeout)
+        if python is None:
+            releases[version] = {"status": UNSUPPORTED, "reason": reason}
+            columns[version] = None
+            print(f"keras {version}: unsupported: {reason}", file=sys.stderr, flush=True)
+            continue
+        probes = probe_backends(python, version, sel.backends)
+        usable = [b for b in sel.backends if probes[b] is None]
+        releases[version] = {"status": "ran" if usable else UNSUPPORTED,
+                             "reason": "; ".join(f"{b}: {r}" for b, r in probes.items() if r)}
+        if not usable:
+            columns[version] = None
+            continue
+        sel.backends, sel.python = usable, str(python)
+        out = work / "runs" / version
+        started = time.perf_counter()
+        print(f"keras {version}: running on {', '.join(usable)}", file=sys.stderr, flush=True)
+        run(sel, out, ["json", "csv"], quiet=True, console=io.StringIO())
+        sel.backends = [b for b in probes]
+        doc = json.loads((out / "summary.json").read_text())
+        if settings is None:
+            settings = {k: v for k, v in doc["settings"].items()}
+            settings["backends"] = list(probes)
+        env = doc["environment"]
+        releases[version].update(
+            wall_seconds=round(time.perf_counter() - started),
+            backends={b: env["backends"].get(b) for b in usable},
+            backends_text=", ".join(
+                f"{b} {env['backends'][b]['version']}" + (
+                    "" if env["backends"][b]["keras"] == version
+                    else f" (keras {env['backends'][b]['keras']}!)")
+                for b in usable if b in env["backends"]))
+        columns[version] = {tuple(c[f] for f in check.CELL): c
+                            for c in map(check.cell_class, doc["rows"])}
+    if settings is None:
+        raise UsageError("no release could run: " + "; ".join(
+            f"{v}: {r['reason']}" for v, r in releases.items()))
+    # every cell of the selection, in run order
+    cells = [dict(zip(check.CELL, k)) for k in itertools.product(
+        *(settings[check.LISTS[f]] for f in check.CELL))]
+    write_report(Path(args.output), settings, versions, releases, columns, cells)
+    n = len(consecutive_changes(columns, versions))
+    print(f"matrix written to {args.output}/matrix.md ({len(versions)} releases, {n} cell "
+          "changes between consecutive releases)")
+    return 0
