@@ -8,6 +8,7 @@ reference and the Keras side.
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 
 import numpy as np
 
@@ -18,8 +19,14 @@ DESCRIPTIONS = {
     "sparse": "90% of entries exactly 0, and every step with probability 0.1 all zero",
     "constant": "one N(0, 1) vector repeated every step",
     "alternating": "one N(0, 1) vector whose sign flips every step",
+    "moons": "recorded: the 415 gradients per step of the article's make_moons MLP trained by "
+             "Adam(learning_rate=0.01) with model.fit (seed 0, torch, 100 epochs = 1000 steps); "
+             "step t and element i are recorded step t mod 1000 and parameter i mod 415 "
+             "(longer sequences and weights repeat it); --seed does not change it",
 }
 SCENARIOS = tuple(DESCRIPTIONS)
+# written by `python -m verify.convergence.record` (see its docstring)
+MOONS_FILE = Path(__file__).with_name("data") / "moons_gradients.npz"
 
 
 def _rng(seed: int, name: str) -> np.random.Generator:
@@ -44,6 +51,11 @@ def gradients(name: str, steps: int, size: int, seed: int) -> np.ndarray:
     if name == "alternating":
         signs = np.where(np.arange(steps) % 2 == 0, 1.0, -1.0)[:, None]
         return signs * rng.standard_normal(size)
+    if name == "moons":
+        with np.load(MOONS_FILE) as data:
+            recorded = data["gradients"].astype(np.float64)
+        return recorded[np.ix_(np.arange(steps) % recorded.shape[0],
+                               np.arange(size) % recorded.shape[1])]
     raise KeyError(name)
 
 

@@ -201,6 +201,15 @@ def configuration_stats(losses: np.ndarray) -> dict:
             "epochs": int(losses.shape[1])}
 
 
+def needed_epochs(claim: dict) -> int:
+    """An epoch-count criterion can only be decided by runs at least as long as
+    its latest epoch; the other measures are read over whatever the run covers."""
+    if claim["measure"] != "epochs_to_near_zero":
+        return 1
+    value = claim["value"]
+    return int(max(value) if isinstance(value, list) else value)
+
+
 def evaluate(claim: dict, curves: dict) -> dict:
     """curves: backend -> configuration id -> loss [seeds, epochs]."""
     involved = [claim["subject"], *claim.get("others", [])]
@@ -212,6 +221,12 @@ def evaluate(claim: dict, curves: dict) -> dict:
     if not backends:
         missing = sorted({c for c in involved for b in curves if c not in curves[b]})
         row.update(verdict="not measured", reason=f"not run: {', '.join(missing)}",
+                   runs=0, holding=0, fraction=None, by_backend={}, values={}, stats={})
+        return row
+    needed = needed_epochs(claim)
+    short = [b for b in backends if curves[b][claim["subject"]].shape[1] < needed]
+    if short:
+        row.update(verdict="not measured", reason=f"needs runs of at least {needed} epochs",
                    runs=0, holding=0, fraction=None, by_backend={}, values={}, stats={})
         return row
     per_key, by_backend, holding, runs = {}, {}, 0, 0

@@ -20,6 +20,7 @@ feeds the same batches.
 
 from __future__ import annotations
 
+import copy
 import zlib
 
 import keras
@@ -183,7 +184,7 @@ def train(optimizer_config: dict, seeds, epochs: int, *, on_epoch=None, optimize
     x, y = dataset()
     model = stacked_model(copies)
     model.set_weights(stack_weights([initial_weights(s) for s in seeds]))
-    model.compile(optimizer=optimizer or keras.optimizers.get(optimizer_config),
+    model.compile(optimizer=optimizer or keras.optimizers.get(copy.deepcopy(optimizer_config)),
                   loss=summed_loss,
                   metrics=[PerCopyMean(per_copy_loss, copies, "copy_loss"),
                            PerCopyMean(per_copy_accuracy, copies, "copy_accuracy")])
@@ -205,7 +206,7 @@ def train_single(optimizer_config: dict, seed: int, epochs: int, *, optimizer=No
     x, y = dataset()
     model = article_model()
     model.set_weights(initial_weights(seed))
-    model.compile(optimizer=optimizer or keras.optimizers.get(optimizer_config),
+    model.compile(optimizer=optimizer or keras.optimizers.get(copy.deepcopy(optimizer_config)),
                   loss='sparse_categorical_crossentropy', metrics=['accuracy'])
     batches = ((bx[:, 0], by[:, 0]) for bx, by in _batches(x, y, [seed], epochs))
     history = model.fit(batches, epochs=epochs, steps_per_epoch=steps_per_epoch(),
