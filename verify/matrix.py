@@ -22,6 +22,7 @@ import io
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -32,7 +33,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from verify import check, compare
-from verify.cli import UsageError, build_parser, run, selection_from_args
+from verify.cli import UsageError, build_parser, run, selection_from_args, settings_of
 
 DEFAULT_OUTPUT = "reports/matrix"
 DEFAULT_WORK = str(Path.home() / ".cache" / "verify-optimizers" / "matrix")
@@ -230,6 +231,72 @@ def _markdown(settings, versions, releases, df, changes) -> str:
     return "\n".join(lines)
 
 
+SELECTION_FLAGS = {"backend": "backends", "dtype": "dtypes", "family": "families",
+                   "optimizer": "optimizers", "scenario": "scenarios", "mode": "modes"}
+
+
+def _selection_argv(sel, optimizers=None) -> list:
+    argv = []
+    lists = {"backend": sel.backends, "dtype": sel.dtypes, "family": sel.families,
+             "optimizer": optimizers or [c.id for c in sel.configurations],
+             "scenario": sel.scenarios, "mode": sel.modes}
+    for flag, values in lists.items():
+        argv += [f"--{flag}", ",".join(values)]
+    return argv + ["--steps", str(sel.steps), "--size", str(sel.size), "--seed", str(sel.seed),
+                   "--quiet"]
+
+
+def run_release(argv) -> int:
+    """Child process: `PYTHON OUTPUT SELECTION-FLAGS...`; the workers run on PYTHON.
+
+    A separate process per run, so that a harness failure on an unexpected
+    release (its worker streams end with it) cannot take the matrix down."""
+    python, output, rest = argv[0], Path(argv[1]), argv[2:]
+    sel, _, _ = selection_from_args(build_parser().parse_args(rest + ["--output", str(output)]))
+    sel.python = python
+    run(sel, output, ["json", "csv"], quiet=True, console=io.StringIO())
+    return 0
+
+
+def _run_child(python, output, argv) -> str | None:
+    """Run one selection in a child process; None, or why it failed."""
+    code = "import sys; from verify.matrix import run_release; sys.exit(run_release(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", code, str(python), str(output)] + argv,
+                          capture_output=True, text=True, cwd=str(Path(__file__).parent.parent))
+    if done.returncode == 0:
+        return None
+    return f"harness failed: {_last_line(done.stderr) or f'exit {done.returncode}'}"
+
+
+def run_columns(sel, python, out: Path) -> tuple:
+    """(cells by key, environment) of one release; a configuration the harness cannot
+    run on it gets `error` cells with the reason instead of stopping the release."""
+    reason = _run_child(python, out / "all", _selection_argv(sel))
+    parts = [(out / "all", None)] if reason is None else []
+    failed = {}
+    if reason is not None:  # isolate the configuration(s) that fail
+        for c in sel.configurations:
+            why = _run_child(python, out / c.id, _selection_argv(sel, [c.id]))
+            parts.append((out / c.id, None) if why is None else (None, c.id))
+            if why is not None:
+                failed[c.id] = why
+    cells, environment = {}, {}
+    for path, _ in parts:
+        if path is None:
+            continue
+        doc = json.loads((path / "summary.json").read_text())
+        environment = doc["environment"]
+        for c in map(check.cell_class, doc["rows"]):
+            cells[tuple(c[f] for f in check.CELL)] = c
+    for opt, why in failed.items():
+        for combo in itertools.product(sel.families, [opt], sel.backends, sel.dtypes, sel.modes,
+                                       sel.scenarios):
+            c = {**dict(zip(check.CELL, combo)), "verdict": "error", "first_divergent_step": "",
+                 "divergent_state": "", "magnitude": "error", "reason": why}
+            cells[combo] = c
+    return cells, environment, failed
+
+
 def main(argv) -> int:
     args = _parser().parse_args(list(argv))
     versions = check._names(args.keras)
@@ -238,8 +305,9 @@ def main(argv) -> int:
     sel, output, formats = selection_from_args(args)
     work = Path(args.work).resolve()
     (work / "runs").mkdir(parents=True, exist_ok=True)
+    all_backends = list(sel.backends)
+    settings = dict(settings_of(sel, ["json"]))
     releases, columns = {}, {}
-    settings = None
     for version in versions:
         print(f"keras {version}: preparing", file=sys.stderr, flush=True)
         python, reason = prepare(version, work, args.timeout)
@@ -248,38 +316,37 @@ def main(argv) -> int:
             columns[version] = None
             print(f"keras {version}: unsupported: {reason}", file=sys.stderr, flush=True)
             continue
-        probes = probe_backends(python, version, sel.backends)
-        usable = [b for b in sel.backends if probes[b] is None]
+        probes = probe_backends(python, version, all_backends)
+        usable = [b for b in all_backends if probes[b] is None]
         releases[version] = {"status": "ran" if usable else UNSUPPORTED,
                              "reason": "; ".join(f"{b}: {r}" for b, r in probes.items() if r)}
         if not usable:
             columns[version] = None
             continue
-        sel.backends, sel.python = usable, str(python)
+        sel.backends = usable
         out = work / "runs" / version
+        shutil.rmtree(out, ignore_errors=True)
         started = time.perf_counter()
         print(f"keras {version}: running on {', '.join(usable)}", file=sys.stderr, flush=True)
-        run(sel, out, ["json", "csv"], quiet=True, console=io.StringIO())
-        sel.backends = [b for b in probes]
-        doc = json.loads((out / "summary.json").read_text())
-        if settings is None:
-            settings = {k: v for k, v in doc["settings"].items()}
-            settings["backends"] = list(probes)
-        env = doc["environment"]
+        cells, env, failed = run_columns(sel, python, out)
+        sel.backends = all_backends
+        if failed:
+            releases[version]["reason"] = "; ".join(
+                [releases[version]["reason"]] * bool(releases[version]["reason"])
+                + [f"{o}: {w}" for o, w in failed.items()])
+        backends = env.get("backends", {})
         releases[version].update(
             wall_seconds=round(time.perf_counter() - started),
-            backends={b: env["backends"].get(b) for b in usable},
+            backends=backends,
             backends_text=", ".join(
-                f"{b} {env['backends'][b]['version']}" + (
-                    "" if env["backends"][b]["keras"] == version
-                    else f" (keras {env['backends'][b]['keras']}!)")
-                for b in usable if b in env["backends"]))
-        columns[version] = {tuple(c[f] for f in check.CELL): c
-                            for c in map(check.cell_class, doc["rows"])}
-    if settings is None:
+                f"{b} {backends[b]['version']}" + (
+                    "" if backends[b]["keras"] == version
+                    else f" (keras {backends[b]['keras']}!)")
+                for b in usable if b in backends))
+        columns[version] = cells
+    if all(c is None for c in columns.values()):
         raise UsageError("no release could run: " + "; ".join(
             f"{v}: {r['reason']}" for v, r in releases.items()))
-    # every cell of the selection, in run order
     cells = [dict(zip(check.CELL, k)) for k in itertools.product(
         *(settings[check.LISTS[f]] for f in check.CELL))]
     write_report(Path(args.output), settings, versions, releases, columns, cells)
