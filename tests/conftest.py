@@ -52,5 +52,5 @@ def backends():
 @pytest.fixture(scope="session")
 def verification(backends, tmp_path_factory):
     """Every configuration x backend x dtype x mode x scenario, every family."""
-    sel = make_selection(backends, ["article", "keras"] + perturbations.FAMILIES)
+    sel = make_selection(backends, ["article", "textbook", "keras"] + perturbations.FAMILIES)
     return run_selection(sel, tmp_path_factory.mktemp("verification"))

@@ -34,6 +34,13 @@ def nadam_expected(u_t_1_beta, u_product0):
             "velocity": v, "u_product": u_product}
 
 
+def textbook_nadam_expected():
+    mu1 = 0.9 * (1 - 0.5 * 0.96 ** 0.004)
+    mu2 = 0.9 * (1 - 0.5 * 0.96 ** 0.008)
+    m_bar = mu2 * 0.2 / (1 - mu1 * mu2) + (1 - mu1) * G / (1 - mu1)
+    return {"variable": W - 0.01 * m_bar / (2.0 + 1e-7), "u_product": mu1}
+
+
 ADAM_W = W - (0.01 * math.sqrt(1 - 0.999) / (1 - 0.9)) * 0.2 / (math.sqrt(0.004) + 1e-7)
 CASES = [
     ("keras", "SGD", {"learning_rate": 0.01}, {"variable": 0.98}),
@@ -64,6 +71,23 @@ CASES = [
     ("keras", "Nadam", {"learning_rate": 0.01}, nadam_expected(0.9, 1.0)),
     ("article", "Nadam", {"learning_rate": 0.01}, nadam_expected(0.999, 0.0)),
     ("keras", "Lion", {"learning_rate": 0.001}, {"variable": 0.999, "momentum": 0.02}),
+    ("textbook", "SGD", {"learning_rate": 0.01, "momentum": 0.9},
+     {"variable": 0.98, "momentum": -0.02}),
+    ("textbook", "SGD", {"learning_rate": 0.01, "momentum": 0.9, "nesterov": True},
+     {"variable": 1 + (0.9 * -0.02 - 0.02), "momentum": -0.02}),
+    ("textbook", "Adagrad", {"learning_rate": 0.01},
+     {"variable": 1 - 0.02 / (1e-7 + 2.0), "accumulator": 4.0}),
+    ("textbook", "RMSprop", {"learning_rate": 0.01},
+     {"variable": 1 - 0.02 / math.sqrt(0.4), "velocity": 0.4}),
+    ("textbook", "RMSprop", {"learning_rate": 0.01, "momentum": 0.9, "centered": True},
+     {"variable": 1 - 0.02 / math.sqrt(0.36 + 1e-7), "momentum": 0.02 / math.sqrt(0.36 + 1e-7),
+      "average_gradient": 0.2}),
+    ("textbook", "Adam", {"learning_rate": 0.01},
+     {"variable": 1 - 0.01 * 2.0 / (2.0 + 1e-7), "momentum": 0.2, "velocity": 0.004}),
+    ("textbook", "AdamW", {"learning_rate": 0.01, "weight_decay": 0.01},
+     {"variable": 1 - (0.01 * 2.0 / (2.0 + 1e-7) + 0.01 * 1.0)}),
+    ("textbook", "Nadam", {"learning_rate": 0.01}, textbook_nadam_expected()),
+    ("textbook", "Lion", {"learning_rate": 0.001}, {"variable": 0.999, "momentum": 0.02}),
     ("article", "Lion", {"learning_rate": 0.001}, {"variable": 0.999, "momentum": 0.02}),
 ]
 

@@ -15,6 +15,7 @@ import pandas as pd
 from tabulate import tabulate
 
 import reference
+from reference.explanations import cause
 from verify import compare
 from verify.scenarios import DESCRIPTIONS
 
@@ -22,7 +23,7 @@ ROW_FIELDS = [
     "family", "optimizer", "backend", "dtype", "mode", "scenario", "steps", "verdict",
     "first_divergent_step", "divergent_state", "keras_value", "reference_value",
     "error_bound", "max_abs_error", "max_rel_error", "max_scaled_error", "mismatch_steps",
-    "drift", "final_drift", "precision", "reason",
+    "drift", "final_drift", "precision", "reason", "explanation",
 ]
 EXCERPT_STEPS = 6  # steps shown around a divergence in the markdown excerpts
 
@@ -98,7 +99,9 @@ class Sink:
             keys.append(df[field].map({v: i for i, v in enumerate(values)}))
         df = df.assign(**{f"_k{i}": k for i, k in enumerate(keys)})
         df = df.sort_values([f"_k{i}" for i in range(len(keys))], kind="stable")
-        return df.drop(columns=[f"_k{i}" for i in range(len(keys))]).reset_index(drop=True)
+        df = df.drop(columns=[f"_k{i}" for i in range(len(keys))]).reset_index(drop=True)
+        df["explanation"] = explanations(df)
+        return df
 
     def write(self, environment: dict) -> pd.DataFrame:
         df = self.frame()
@@ -130,13 +133,19 @@ class Sink:
         lines += ["## Verdicts", "",
                   "Worst verdict over the scenarios; exact < match < mismatch < error.", "",
                   pivot(df, tablefmt="github"), ""]
+        lines += ["## Findings", "",
+                  "Where the article's or the papers' formulas depart from what Keras "
+                  "computes, why, and where it shows (a mismatch of the keras family would "
+                  "be a failure instead, listed under Deviations).", ""]
+        lines += findings(df) or ["None.", ""]
         lines += ["## Deviations", "",
                   "Every mismatch and error, grouped where the first divergent step and "
                   "state agree; per-scenario rows are under All comparisons, per-step "
                   "excerpts in steps.md.", ""]
         dev = deviations(df)
         lines += [_table(dev) if len(dev) else "None.", ""]
-        lines += ["## All comparisons", "", _table(df.drop(columns=["precision"])), ""]
+        lines += ["## All comparisons", "",
+                  _table(df.drop(columns=["precision", "explanation"])), ""]
         lines += ["## References", ""]
         for family in s["families"]:
             for opt_id in s["optimizers"]:
@@ -171,6 +180,61 @@ class Sink:
                 continue
             lines += [f"## {' / '.join(key)}", "", _table(self.excerpts[key]), ""]
         return "\n".join(lines)
+
+
+def explanations(df: pd.DataFrame) -> list:
+    """For each article or textbook mismatch: the curated cause, then what the
+    run measured (first step and state, size in each dtype, drift, and
+    whether float32 shows it in the same cell)."""
+    cell = ["family", "optimizer", "backend", "mode", "scenario"]
+    by_cell = {key: group for key, group in df.groupby(cell, sort=False)}
+    out = []
+    for _, r in df.iterrows():
+        if r.family == "keras" or r.verdict != "mismatch":
+            out.append("")
+            continue
+        text = cause(r.family, r.optimizer, r.backend, r["dtype"]) or (
+            "No curated cause for this cell; see its per-step table.")
+        text += (f" First departs at step {int(r.first_divergent_step)} in "
+                 f"{r.divergent_state}.")
+        others = by_cell[tuple(r[c] for c in cell)]
+        sizes = [f"{o.max_rel_error:.2g} in {o['dtype']} ({o.verdict})"
+                 for _, o in others.iterrows()]
+        text += " Largest relative difference: " + ", ".join(sizes) + "."
+        text += f" Free-run drift of the weights after {int(r.steps)} steps: {r.final_drift:.2g}."
+        f32 = others[others.dtype == "float32"]
+        if len(f32):
+            text += (" A float32 user sees it too." if (f32.verdict == "mismatch").any() else
+                     " In float32 it stays within rounding here: a float32 user would not "
+                     "see it in this scenario.")
+        out.append(text)
+    return out
+
+
+def findings(df: pd.DataFrame) -> list:
+    """Markdown lines: per article/textbook configuration that departs, its
+    causes and where it shows."""
+    lines = []
+    bad = df[(df.family != "keras") & (df.verdict == "mismatch")]
+    for (family, optimizer), group in bad.groupby(["family", "optimizer"], sort=False):
+        lines += [f"### {family} / {optimizer}", ""]
+        causes = dict.fromkeys(cause(family, optimizer, b, d) or "No curated cause."
+                               for b, d in zip(group.backend, group.dtype))
+        lines += [f"- {c}" for c in causes] + [""]
+        rows = []
+        for (backend, dtype), g in group.groupby(["backend", "dtype"], sort=False):
+            total = len(df[(df.family == family) & (df.optimizer == optimizer)
+                           & (df.backend == backend) & (df.dtype == dtype)])
+            rows.append([backend, dtype, f"{len(g)} of {total}",
+                         ", ".join(dict.fromkeys(g.scenario)),
+                         ", ".join(str(int(x)) for x in sorted(set(g.first_divergent_step))),
+                         ", ".join(dict.fromkeys(g.divergent_state)),
+                         f"{g.max_rel_error.max():.2g}", f"{g.final_drift.max():.2g}"])
+        lines += [tabulate(rows, headers=["backend", "dtype", "mismatching cells", "scenarios",
+                                          "first step", "state", "max rel. error",
+                                          "final drift"], tablefmt="github",
+                           disable_numparse=True), ""]
+    return lines
 
 
 def deviations(df: pd.DataFrame) -> pd.DataFrame:
