@@ -203,7 +203,8 @@ def test_stacked_seeds_match_separate_article_models(equivalence, backend, confi
 @needs_backend
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stacked_training_is_reproducible(equivalence, backend):
-    assert all(r["reproducible"] for r in equivalence[backend].values())
+    first = equivalence[backend][next(iter(CONFIGURATIONS))]
+    assert first["repeat_identical"] is True
 
 
 # --- plots and the whole command on a short run ---------------------------------
@@ -225,7 +226,7 @@ def test_plot_titles_name_configuration_backend_seeds_keras():
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("conv") / "report"
-    backend = BACKENDS[0]
+    backend = "jax" if "jax" in BACKENDS else BACKENDS[0]  # the quickest to start
     proc = subprocess.run(
         [sys.executable, "-m", "verify.cli", "convergence", "--optimizer", "sgd,adam",
          "--epochs", "3", "--seeds", "2", "--backend", backend, "--output", str(out),

@@ -193,9 +193,16 @@ def holds(claim: dict, values: dict) -> bool:
     return all(OPS[claim["op"]](v, claim["value"]) for v in values.values())
 
 
+# Loss levels whose epochs-to-reach the report also lists, to show how the
+# epoch counts depend on where "near zero" is put (verdicts use NEAR_ZERO only).
+LEVELS = (0.1, NEAR_ZERO, 0.01)
+
+
 def configuration_stats(losses: np.ndarray) -> dict:
     """losses [runs, epochs] of one configuration over seeds (and backends)."""
     return {"epochs_to_near_zero": _summary(epochs_to(row) for row in losses),
+            "epochs_to": {str(level): _summary(epochs_to(row, level) for row in losses)
+                          for level in LEVELS},
             "final_loss": _summary(losses[:, -1]),
             "max_rebound": _summary(max_rebound(row) for row in losses),
             "epochs": int(losses.shape[1])}

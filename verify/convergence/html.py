@@ -63,7 +63,7 @@ def render(doc: dict, images: dict) -> str:
         for s in doc["not_from_curves"]) + "</ul>")
     parts.append("<h2>All configurations</h2>")
     parts.append(_img(images, tables.OVERLAY, "all configurations, log-log"))
-    parts.append("<h2>Configurations</h2><p>Over seeds: median [min, max]; <i>reached</i> "
+    parts.append("<h2>Configurations</h2><p>Over seeds: median [min, max]; <i>reached near zero</i> "
                  "counts the seeds that got below the near-zero loss within the run.</p>")
     parts.append(_table(*tables.configuration_table(doc["configurations"])))
     for config_id in settings["optimizers"]:

@@ -59,23 +59,26 @@ def configuration_plot(config_id: str, description: str, losses: dict, keras_ver
 
 def overlay_plot(losses: dict, keras_version: str):
     """losses: backend -> configuration id -> [seeds, epochs]; medians over
-    seeds, log-log axes, one panel per backend."""
+    seeds, log-log axes, one panel per backend, one legend for all."""
     backends = list(losses)
-    fig, axes = plt.subplots(1, len(backends), figsize=(6 * len(backends), 4.6), squeeze=False,
-                             sharey=True)
+    fig, axes = plt.subplots(1, len(backends), figsize=(5.5 * len(backends) + 2.2, 4.6),
+                             squeeze=False, sharey=True)
     colors = plt.get_cmap("tab10")
+    styles = ("-", "--", "-.", ":")
     for ax, backend in zip(axes[0], backends):
         seeds = 0
         for i, (config_id, loss) in enumerate(losses[backend].items()):
             seeds = loss.shape[0]
             epochs = np.arange(1, loss.shape[1] + 1)
             ax.plot(epochs, np.median(loss, axis=0), color=colors(i % 10),
-                    linestyle="-" if i < 10 else "--", linewidth=1.1, label=config_id)
+                    linestyle=styles[i % len(styles)], linewidth=1.2, label=config_id)
         ax.axhline(NEAR_ZERO, color="0.4", linestyle=":", linewidth=0.8)
         ax.set(xscale="log", yscale="log", xlabel="Epoch (log scale)",
                ylabel="Loss, median over seeds (log scale)", title=f"{backend}, {seeds} seeds")
         ax.grid(True, which="major", linewidth=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"All configurations (Keras {keras_version})", fontsize=10)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.suptitle(f"All configurations (Keras {keras_version}); dotted line: near zero "
+                 f"({NEAR_ZERO})", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
     return fig

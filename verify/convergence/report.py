@@ -59,7 +59,7 @@ def markdown(doc: dict) -> str:
     lines += [f"- {s['section']}: \u201c{s['quote']}\u201d: {s['why']}"
               for s in doc["not_from_curves"]]
     lines += ["", "## Configurations", "",
-              "Over seeds: median [min, max]; `reached` counts the seeds that got below the "
+              "Over seeds: median [min, max]; `reached near zero` counts the seeds that got below the "
               "near-zero loss within the run.", ""]
     headers, body = configuration_table(doc["configurations"])
     lines += [tabulate(body, headers, tablefmt="github"), "", "## Plots", "",

@@ -57,17 +57,20 @@ def configuration_rows(curves: dict) -> list:
             rows.append({
                 "configuration": config_id, "backend": backend, "epochs": stats["epochs"],
                 "seeds": int(c["loss"].shape[0]),
-                "epochs_to_near_zero": reached, "final_loss": stats["final_loss"],
+                "epochs_to_near_zero": reached, "epochs_to": stats["epochs_to"],
+                "final_loss": stats["final_loss"],
                 "final_accuracy": claims_mod._summary(c["accuracy"][:, -1]),
                 "max_rebound": stats["max_rebound"]})
     return rows
 
 
 def configuration_table(rows) -> tuple:
-    headers = ["configuration", "backend", "epochs", f"epochs to loss < {claims_mod.NEAR_ZERO}",
-               "reached", "final loss", "final accuracy", "largest rebound"]
+    headers = ["configuration", "backend", "epochs",
+               *(f"epochs to loss < {level}" + (" (near zero)" if level == claims_mod.NEAR_ZERO
+                                                else "") for level in claims_mod.LEVELS),
+               "reached near zero", "final loss", "final accuracy", "largest rebound"]
     body = [[r["configuration"], r["backend"], r["epochs"],
-             span(r["epochs_to_near_zero"], "epochs"),
+             *(span(r["epochs_to"][str(level)], "epochs") for level in claims_mod.LEVELS),
              f"{r['epochs_to_near_zero']['finite']}/{r['seeds']}", span(r["final_loss"]),
              span(r["final_accuracy"]), span(r["max_rebound"])] for r in rows]
     return headers, body
