@@ -215,8 +215,12 @@ def list_command(console=None) -> int:
 # Subcommands other than the default verification: name -> "module:function".
 # Each function takes the remaining argv and returns an exit code; it raises
 # UsageError for bad input.
-SUBCOMMANDS = {"check": "verify.check:main", "matrix": "verify.matrix:main",
-               "convergence": "verify.convergence.cli:main"}
+SUBCOMMANDS = {
+    "explain": "verify.explain:main",
+    "check": "verify.check:main",
+    "matrix": "verify.matrix:main",
+    "convergence": "verify.convergence.cli:main",
+}
 
 
 def _subcommand(name, argv):
