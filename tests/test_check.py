@@ -1,0 +1,233 @@
+"""`verify-optimizers check`: cell classes, the baseline file, usage errors, and
+sensitivity against real edits of Keras's source (a copy of the installed
+package first on the workers' import path) with a small baseline made here
+from the unedited Keras."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+import check_edits
+from verify import check, cli
+from verify.cli import installed_backends, settings_of
+from conftest import make_selection
+
+OPTIMIZERS = ["adam", "adamw", "sgd_momentum"]
+SCENARIOS = ["gaussian", "tiny", "sparse"]
+SMALL = ["--family", "keras", "--optimizer", ",".join(OPTIMIZERS), "--scenario",
+         ",".join(SCENARIOS), "--steps", "12", "--size", "8", "--quiet"]
+
+
+# --- cell classes -------------------------------------------------------------
+def cell(verdict="match", step="", state="", magnitude=None, reason="", **where):
+    base = dict(family="keras", optimizer="adam", backend="torch", dtype="float32",
+                mode="eager", scenario="gaussian")
+    base.update(where)
+    return {**base, "verdict": verdict, "first_divergent_step": step, "divergent_state": state,
+            "magnitude": magnitude or check.magnitude(verdict, None), "reason": reason}
+
+
+def test_magnitude_is_the_decade_of_a_mismatch():
+    assert check.magnitude("mismatch", 1.0e-3) == check.magnitude("mismatch", 9.9e-3) == "1e-03"
+    assert check.magnitude("mismatch", 1.0e-2) == "1e-02"
+    assert check.magnitude("mismatch", 2.0) == "1e+00"
+    assert check.magnitude("mismatch", "inf") == check.magnitude("mismatch", None) == "inf"
+    assert [check.magnitude(v, 0.5) for v in ("exact", "match", "error")] == [
+        "exact", "rounding", "error"]
+
+
+def test_unchanged_cells_are_no_change():
+    cells = [cell(), cell("mismatch", 3, "velocity", "1e-05", scenario="tiny"),
+             cell("error", reason="worker failed", scenario="sparse")]
+    assert check.compare_cells(cells, [dict(c) for c in cells]) == []
+    other_error_text = [dict(c) for c in cells]
+    other_error_text[2]["reason"] = "another message"
+    assert check.compare_cells(cells, other_error_text) == []
+
+
+def test_exact_match_flip_is_reported_and_fails_only_when_strict():
+    changes = check.compare_cells([cell("exact")], [cell("match")])
+    assert [(c.what, c.fails) for c in changes] == [("rounding only (exact <-> match)", False)]
+    assert check.compare_cells([cell("exact")], [cell("match")], strict=True)[0].fails
+
+
+@pytest.mark.parametrize("after,what", [
+    (cell("match"), "verdict"),
+    (cell("error", reason="boom"), "verdict"),
+    (cell("mismatch", 2, "momentum", "1e-03"), "first divergent step, divergent state"),
+    (cell("mismatch", 1, "velocity", "1e-02"), "magnitude"),
+    (cell("mismatch", 1, "velocity", "1e-03", reason="Keras state not in the reference: x."),
+     "unmatched states"),
+])
+def test_every_math_class_change_fails(after, what):
+    before = cell("mismatch", 1, "velocity", "1e-03")
+    changes = check.compare_cells([before], [after])
+    assert [(c.what, c.fails) for c in changes] == [(what, True)]
+
+
+def test_a_new_deviation_and_a_fixed_one_both_fail():
+    fixed = check.compare_cells([cell("mismatch", 1, "velocity", "1e-03")], [cell("exact")])
+    new = check.compare_cells([cell("exact")], [cell("mismatch", 1, "velocity", "1e-03")])
+    assert fixed[0].fails and new[0].fails and fixed[0].what == new[0].what == "verdict"
+
+
+def test_a_missing_cell_fails():
+    changes = check.compare_cells([cell(), cell(scenario="tiny")], [cell()])
+    assert [(check.cell_id(c.cell), c.fails) for c in changes] == [
+        ("keras-adam-torch-float32-eager-tiny", True)]
+
+
+# --- the baseline file and usage errors (no run) -----------------------------
+@pytest.fixture
+def fake_baseline(tmp_path):
+    """A well-formed baseline written without running anything."""
+    sel = make_selection(installed_backends()[:1], ["keras"], configurations=["sgd"],
+                         dtypes=["float32"], modes=["eager"], names=["gaussian", "tiny"],
+                         steps=5, size=4)
+    settings = settings_of(sel, ["csv"])
+    cells = [cell(backend=sel.backends[0], optimizer="sgd", scenario=s)
+             for s in ("gaussian", "tiny")]
+    path = tmp_path / "baseline"
+    check.write_baseline(path, settings, {"keras": "x", "backends": {}}, cells)
+    return path
+
+
+def run_cli(argv, capsys):
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_written_baseline_reads_back(fake_baseline):
+    b = check.load_baseline(fake_baseline)
+    assert [c["scenario"] for c in b.cells] == ["gaussian", "tiny"]
+    assert (fake_baseline / "cells.csv").read_text().splitlines()[0] == ",".join(check.COLUMNS)
+
+
+def _edit_json(path, change):
+    meta = json.loads((path / "baseline.json").read_text())
+    change(meta)
+    (path / "baseline.json").write_text(json.dumps(meta))
+
+
+def _edit_cells(path, change):
+    lines = (path / "cells.csv").read_text().splitlines()
+    (path / "cells.csv").write_text("\n".join(change(lines)) + "\n")
+
+
+MALFORMED = {
+    "no baseline at": lambda p: shutil.rmtree(p),
+    "cells.csv is missing": lambda p: (p / "cells.csv").unlink(),
+    "baseline.json is not JSON": lambda p: (p / "baseline.json").write_text("{"),
+    "settings lack `steps`": lambda p: _edit_json(p, lambda m: m["settings"].pop("steps")),
+    "has format": lambda p: _edit_json(p, lambda m: m.update(format=99)),
+    "cells.csv header": lambda p: _edit_cells(p, lambda ls: ["a,b"] + ls[1:]),
+    "unknown verdict 'fine'": lambda p: _edit_cells(
+        p, lambda ls: ls[:1] + [ls[1].replace(",match,", ",fine,")] + ls[2:]),
+    "lacks 1 cell(s)": lambda p: _edit_cells(p, lambda ls: ls[:2]),
+    "duplicate cell": lambda p: _edit_cells(p, lambda ls: ls[:2] + ls[1:2]),
+    "a mismatch needs an integer first_divergent_step": lambda p: _edit_cells(
+        p, lambda ls: ls[:1] + [ls[1].replace(",match,,,rounding,", ",mismatch,,x,1e-03,")]
+        + ls[2:]),
+}
+
+
+@pytest.mark.parametrize("message", list(MALFORMED))
+def test_malformed_baseline_is_exit_2_with_what_is_wrong(fake_baseline, capsys, message):
+    MALFORMED[message](fake_baseline)
+    code, out, err = run_cli(["check", "--baseline", str(fake_baseline)], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+IRREPRODUCIBLE = {
+    "differs from the baseline's 5": ["--steps", "6"],
+    "optimizer 'adam' is not in the baseline": ["--optimizer", "adam"],
+    "--gradients is not supported": ["--gradients", "g.npy"],
+}
+
+
+@pytest.mark.parametrize("message", list(IRREPRODUCIBLE))
+def test_settings_outside_the_baseline_are_exit_2(fake_baseline, capsys, message):
+    code, out, err = run_cli(["check", "--baseline", str(fake_baseline)]
+                             + IRREPRODUCIBLE[message], capsys)
+    assert code == 2 and message in err, err
+
+
+@pytest.mark.parametrize("key,change", [
+    ("configuration 'sgd'", lambda s: s["configurations"]["sgd"]["config"].update(
+        learning_rate=0.1)),
+    ("tolerance", lambda s: s.update(tolerance=1.0)),
+    ("precision setting", lambda s: s["precision"].update(
+        {b: "other" for b in s["backends"]})),
+    ("its scenario 'nope'", lambda s: s["scenarios"].append("nope")),
+])
+def test_settings_this_checkout_cannot_reproduce_are_exit_2(fake_baseline, capsys, key, change):
+    _edit_json(fake_baseline, lambda m: change(m["settings"]))
+    if key.startswith("its scenario"):  # keep the cells consistent with the settings
+        _edit_cells(fake_baseline, lambda ls: ls + [ls[1].replace(",tiny,", ",nope,")
+                                                    .replace(",gaussian,", ",nope,")])
+    code, out, err = run_cli(["check", "--baseline", str(fake_baseline)], capsys)
+    assert code == 2 and "cannot reproduce the baseline" in err and key in err, err
+
+
+def test_a_baseline_backend_that_is_not_installed_is_named(fake_baseline, capsys, monkeypatch):
+    backend = json.loads((fake_baseline / "baseline.json").read_text())["settings"]["backends"][0]
+    monkeypatch.setattr(check, "installed_backends",
+                        lambda: [b for b in installed_backends() if b != backend])
+    code, out, err = run_cli(["check", "--baseline", str(fake_baseline)], capsys)
+    assert code == 2 and f"backend {backend} is not installed" in err, err
+
+
+# --- sensitivity: real edits of Keras ---------------------------------------
+@pytest.fixture(scope="module")
+def small_baseline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("check")
+    code = cli.main(["check", "--update-baseline", "--baseline", str(root / "baseline"),
+                     "--output", str(root / "run")] + SMALL)
+    assert code == 0
+    return root / "baseline"
+
+
+def changed(output):
+    df = pd.read_csv(output / "changes.csv", keep_default_na=False)
+    cells = [dict(zip(check.CELL, c.split("-"))) for c in df.cell]
+    return [(c["optimizer"], c["backend"], c["dtype"], c["mode"], c["scenario"], f)
+            for c, f in zip(cells, df.fails.astype(str) == "True")]
+
+
+@pytest.mark.parametrize("edit", check_edits.EDITS, ids=[e.name for e in check_edits.EDITS])
+def test_the_check_fails_on_exactly_the_cells_an_edit_of_keras_changes(
+        small_baseline, tmp_path, capsys, edit):
+    site = check_edits.edited_keras(edit, tmp_path)
+    output = tmp_path / "run"
+    code, out, err = run_cli(["check", "--baseline", str(small_baseline), "--keras-path",
+                              str(site), "--output", str(output), "--quiet"], capsys)
+    backends = set(check.load_baseline(small_baseline).settings["backends"])
+    expected = {(o, b) for o, b in edit.changes if b in backends}
+    got = changed(output) if (output / "changes.csv").exists() else []
+    failing = {(o, b, d, m, s) for o, b, d, m, s, f in got if f}
+    if expected:
+        assert code == 1, out + err
+        cells = {(o, b, d, m, s) for o, b in expected for d in ("float32", "float64")
+                 for m in ("eager", "compiled") for s in SCENARIOS}
+        must = {c for c in cells if c[2] in edit.always}
+        assert must <= failing, sorted(must - failing)         # sensitivity
+        outside = {c[:5] for c in got} - cells
+        assert not outside, sorted(outside)                    # specificity: nothing else moves
+        assert "changed their math class" in out and "Per-step detail of keras-" in out
+    else:
+        # the math is kept: no failure, but the edited copy was used (rounding moved)
+        assert code == 0 and not failing, out + err
+        assert got and "no math change" in out, out
+
+
+def test_the_pristine_copy_shows_no_change(small_baseline, tmp_path, capsys):
+    site = check_edits.edited_keras(check_edits.Edit("none", ()), tmp_path)
+    code, out, err = run_cli(["check", "--baseline", str(small_baseline), "--keras-path",
+                              str(site), "--output", str(tmp_path / "run"), "--quiet",
+                              "--optimizer", "adam", "--backend", installed_backends()[0]],
+                             capsys)
+    assert code == 0 and out.startswith("no change"), out + err
