@@ -500,7 +500,8 @@ def report(baseline, cells, now, environment, changes, output, strict) -> tuple:
     head = (f"Baseline {baseline.path}: {_versions(baseline.environment)}; now "
             f"{_versions(environment)}; {len(cells)} cells compared.")
     if not changes:
-        return f"no change: all {len(cells)} cells as in the baseline ({head})", 0
+        return (f"no change: all {len(cells)} cells as in the baseline {baseline.path} "
+                f"({_versions(baseline.environment)} -> {_versions(environment)})"), 0
     order = failing + [c for c in changes if not c.fails]
     lines = [head, "", changes_table(order), ""]
     if failing:

@@ -22,7 +22,6 @@ import io
 import itertools
 import json
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -260,10 +259,18 @@ def run_release(argv) -> int:
 
 def _run_child(python, output, argv) -> str | None:
     """Run one selection in a child process; None, or why it failed."""
+    request = {"python": str(python), "argv": argv}
+    stamp = Path(output) / "request.json"
+    try:  # a finished run of the same request (e.g. an interrupted matrix) is reused
+        if json.loads(stamp.read_text()) == request and (Path(output) / "summary.json").exists():
+            return None
+    except (OSError, ValueError):
+        pass
     code = "import sys; from verify.matrix import run_release; sys.exit(run_release(sys.argv[1:]))"
     done = subprocess.run([sys.executable, "-c", code, str(python), str(output)] + argv,
                           capture_output=True, text=True, cwd=str(Path(__file__).parent.parent))
     if done.returncode == 0:
+        stamp.write_text(json.dumps(request))
         return None
     return f"harness failed: {_last_line(done.stderr) or f'exit {done.returncode}'}"
 
@@ -325,7 +332,6 @@ def main(argv) -> int:
             continue
         sel.backends = usable
         out = work / "runs" / version
-        shutil.rmtree(out, ignore_errors=True)
         started = time.perf_counter()
         print(f"keras {version}: running on {', '.join(usable)}", file=sys.stderr, flush=True)
         cells, env, failed = run_columns(sel, python, out)
