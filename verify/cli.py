@@ -217,6 +217,7 @@ def list_command(console=None) -> int:
 # UsageError for bad input.
 SUBCOMMANDS = {
     "explain": "verify.explain:main",
+    "claims": "verify.claims:main",
     "check": "verify.check:main",
     "matrix": "verify.matrix:main",
     "convergence": "verify.convergence.cli:main",

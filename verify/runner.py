@@ -67,10 +67,13 @@ def _worker_groups(sel: Selection):
 
 
 class Runner:
-    def __init__(self, sel: Selection, sink, progress=None):
+    def __init__(self, sel: Selection, sink, progress=None, observer=None):
         self.sel = sel
         self.sink = sink          # receives finished rows and step tables
         self.progress = progress  # callable(steps_done) or None
+        # observer(run, first_step, states, header): sees Keras's raw states too
+        # (step 0 first), for checks that compare Keras with Keras
+        self.observer = observer
         names = sel.scenarios
         self.segments = compare.Segments(names, [sel.size] * len(names))
         self.all_gradients = np.concatenate([sel.gradients[n] for n in names], axis=1)
@@ -157,9 +160,13 @@ class Runner:
                     "numpy": header["numpy"], "python": header["python"]}
             elif kind == "run_start":
                 active[header["id"]] = self._start_run(header, arrays)
+                if self.observer:
+                    self.observer(self.runs[header["id"]], 0, _assemble(arrays, 1), header)
             elif kind == "chunk":
                 comparisons = active[header["id"]]
                 states = _assemble(arrays, len(arrays["iterations"]))
+                if self.observer:
+                    self.observer(self.runs[header["id"]], header["start"], states, header)
                 for c in comparisons.values():
                     if isinstance(c, compare.RunComparison) and not c.error:
                         _guarded(c, c.feed, header["start"], states, arrays["iterations"])
