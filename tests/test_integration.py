@@ -106,3 +106,21 @@ def test_every_article_and_textbook_mismatch_is_explained(verification):
     assert bad.explanation.str.contains("First departs at step").all()
     ok = df[df.verdict != "mismatch"]
     assert (ok.explanation == "").all()
+
+
+def _formula_differences():
+    """Every difference with a curated formula cause (not a precision effect)."""
+    from reference.explanations import _causes
+
+    return [tuple(key.split(".")) for key in _causes() if "@" not in key and "*" not in key]
+
+
+@pytest.mark.parametrize("family,optimizer", _formula_differences(),
+                         ids=[".".join(k) for k in _formula_differences()])
+def test_every_formula_difference_shows_in_a_shipped_scenario_in_float64(
+        verification, backends, family, optimizer):
+    # outside TensorFlow, whose float64 hyperparameter rounding is a separate effect
+    for backend in [b for b in backends if b != "tensorflow"] or backends:
+        got = rows(verification, family=family, optimizer=optimizer, backend=backend,
+                   dtype="float64")
+        assert (got.verdict == "mismatch").any(), (backend, got.verdict.tolist())
