@@ -2,7 +2,6 @@
 trajectories and on real Keras."""
 
 import numpy as np
-import pytest
 
 from verify import claims
 from verify.cli import installed_backends

@@ -9,8 +9,6 @@ mode, and a named check turns them into a verdict and its evidence.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import tomllib
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from tabulate import tabulate
 
 from verify import scenarios
 from verify.configurations import Configuration
+from verify.output import replacing_folder
 
 CLAIMS_FILE = Path(__file__).with_name("claims.toml")
 STEPS, SIZE, DTYPE = 100, 16, "float64"
@@ -194,34 +193,22 @@ def markdown(results, backends) -> str:
 
 
 def main(argv) -> int:
-    from verify.cli import UsageError, _choices, _Parser, installed_backends
+    from verify.cli import UsageError, _Parser, chosen_backends
 
     p = _Parser(prog="verify-optimizers claims",
                 description="Check the article's statements about the math on real Keras.")
     p.add_argument("--backend", action="append", default=[])
     p.add_argument("--output", default="reports/claims")
     args = p.parse_args(argv)
-    installed = installed_backends()
-    backends = _choices(args.backend, ("tensorflow", "jax", "torch"), "backend") or installed
-    missing = [b for b in backends if b not in installed]
-    if missing:
-        raise UsageError(f"backend not installed: {', '.join(missing)}")
+    backends = chosen_backends(args.backend)
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {output} exists and is not a folder")
     results, environment = run_claims(backends)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    try:
+    with replacing_folder(output) as tmp:
         (tmp / "claims.md").write_text(markdown(results, backends))
         (tmp / "claims.json").write_text(json.dumps(
             {"environment": environment, "claims": results}, indent=1, sort_keys=True) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(tabulate([(r["id"], r["verdict"]) for r in results], headers=["claim", "verdict"]))
     print(f"Report: {output}/claims.md")
     return 0

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import reference
 from verify import compare, scenarios
 from verify.configurations import CONFIGURATIONS
 from verify.report import Sink, pivot
+from verify.output import replacing_folder
 from verify.runner import Runner, Selection
 
 BACKENDS = ("tensorflow", "jax", "torch")
@@ -86,14 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def selection_from_args(args) -> tuple:
+def chosen_backends(values) -> list:
+    """--backend values, checked; default: every installed backend."""
     available = installed_backends()
-    backends = _choices(args.backend, BACKENDS, "backend") or available
+    backends = _choices(values, BACKENDS, "backend") or available
     missing = [b for b in backends if b not in available]
     if missing:
         raise UsageError(f"backend not installed: {', '.join(missing)}")
     if not backends:
         raise UsageError("no Keras backend is installed (tensorflow, jax or torch)")
+    return backends
+
+
+def selection_from_args(args) -> tuple:
+    backends = chosen_backends(args.backend)
     dtypes = _choices(args.dtype, DTYPES, "dtype") or list(DTYPES)
     families = _choices(args.family, reference.FAMILIES, "family") or list(reference.FAMILIES)
     optimizer_ids = _choices(args.optimizer, list(CONFIGURATIONS), "optimizer") or list(
@@ -155,9 +160,7 @@ def settings_of(sel: Selection, formats) -> dict:
 def run(sel: Selection, output: Path, formats, *, quiet=False, console=None):
     """Run the selection and write the reports to `output` atomically."""
     console = console or sys.stdout
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    try:
+    with replacing_folder(output) as tmp:
         settings = settings_of(sel, formats)
         order = {"family": sel.families, "optimizer": [c.id for c in sel.configurations],
                  "backend": sel.backends, "dtype": sel.dtypes, "mode": sel.modes,
@@ -185,12 +188,6 @@ def run(sel: Selection, output: Path, formats, *, quiet=False, console=None):
         keras_versions = sorted({b["keras"] for b in runner.environment["backends"].values()})
         environment["keras"] = ", ".join(keras_versions)
         df = sink.write(environment)
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(pivot(df), file=console)
     counts = df.groupby(["family", "verdict"]).size()
     print("\n" + ", ".join(f"{fam} {verdict}: {n}" for (fam, verdict), n in counts.items()),

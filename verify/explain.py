@@ -8,9 +8,7 @@ the piece(s) separating the paper's rule from them.
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 

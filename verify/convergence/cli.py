@@ -10,15 +10,15 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from tabulate import tabulate
 
-from verify.cli import BACKENDS, UsageError, _choices, _Parser, installed_backends
+from verify.cli import UsageError, _choices, _Parser, chosen_backends
 from verify.configurations import CONFIGURATIONS
+from verify.output import replacing_folder
 from verify.convergence.article import ARTICLE_EPOCHS
 
 EXTRA_MODULES = {"sklearn": "scikit-learn", "matplotlib": "matplotlib"}
@@ -48,13 +48,7 @@ def parse(argv):
     if missing:
         raise UsageError(f"the convergence experiment needs {' and '.join(missing)}: "
                          f"pip install 'verify-optimizers[convergence]'")
-    available = installed_backends()
-    backends = _choices(args.backend, BACKENDS, "backend") or available
-    absent = [b for b in backends if b not in available]
-    if absent:
-        raise UsageError(f"backend not installed: {', '.join(absent)}")
-    if not backends:
-        raise UsageError("no Keras backend is installed (tensorflow, jax or torch)")
+    backends = chosen_backends(args.backend)
     ids = _choices(args.optimizer, list(CONFIGURATIONS), "optimizer") or list(CONFIGURATIONS)
     if args.epochs is not None and args.epochs < 1:
         raise UsageError(f"--epochs must be at least 1 (got {args.epochs})")
@@ -90,9 +84,7 @@ def run(settings: dict, *, console=None) -> int:
 
     console = console or sys.stdout
     output = settings["output"]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    try:
+    with replacing_folder(output) as tmp:
         runs = [{"id": i, "keras_config": CONFIGURATIONS[i].keras_config(),
                  "epochs": settings["epochs"][i]} for i in settings["optimizers"]]
         seeds = list(range(settings["seeds"]))
@@ -124,12 +116,6 @@ def run(settings: dict, *, console=None) -> int:
                  "loss": "sparse_categorical_crossentropy", "batch_size": 32}
         environment["wall_seconds"] = round(time.perf_counter() - started, 1)
         rows = report.write(tmp, curves, saved, environment)
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(tabulate([(r["id"], f"{r['holding']}/{r['runs']}", r["verdict"]) for r in rows],
                    headers=["claim", "runs where it holds", "verdict"]), file=console)
     print(f"\nReport in {output}/: report.html, claims.md, claims.json, PNGs "
