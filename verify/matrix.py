@@ -22,6 +22,7 @@ import io
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -304,7 +305,12 @@ def run_columns(sel, python, out: Path) -> tuple:
     return cells, environment, failed
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds subprocess.run, which kills the running child
+
+
 def main(argv) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
     args = _parser().parse_args(list(argv))
     versions = check._names(args.keras)
     if not versions:
