@@ -90,8 +90,8 @@ class Arithmetic:
         self.u = float(info.eps) / 2
         # absolute error of an underflowing result (Higham 2002, eq. 2.8)
         self.smallest_normal = float(info.smallest_normal)
-        self.underflow = float(info.smallest_normal if precision.flushes_subnormals
-                               else info.smallest_subnormal / 2)
+        self.underflow = (float(info.smallest_normal) if precision.flushes_subnormals
+                          else float(info.smallest_subnormal) / 2)
         self.tie_width = tie_width
 
     # --- constants -------------------------------------------------------
@@ -170,7 +170,7 @@ class Tracked:
         if not self.ar.track:
             return Tracked(v, None, self.ar)
         av = np.abs(v)
-        e = e_parts() + av * self.ar.u
+        e = e_parts() + np.multiply(av, self.ar.u, dtype=np.float64)  # not in float32
         small = av < self.ar.smallest_normal
         if np.any(small):
             if exact_result is not None:

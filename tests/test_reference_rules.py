@@ -184,3 +184,15 @@ def test_products_of_exact_zeros_carry_no_underflow_error():
     z = ar.exact([0.0, 1e-30]) * ar.exact([5.0, 1e-30])
     assert z.e[0] == 0.0
     assert z.e[1] >= np.finfo(np.float32).smallest_normal  # 1e-60 flushed to 0
+
+
+@pytest.mark.parametrize("precision", ["torch", "tensorflow"])
+def test_subnormal_results_carry_the_underflow_error(precision):
+    # gradual underflow: half the smallest subnormal; flush to zero: the smallest normal
+    ar = Arithmetic("float32", PRECISIONS[precision])
+    m = ar.exact(np.array([-8.6e-39], dtype=np.float32))
+    r = m * ar.const(0.9)
+    info = np.finfo(np.float32)
+    floor = (float(info.smallest_normal) if precision == "tensorflow"
+             else float(info.smallest_subnormal) / 2)
+    assert r.e[0] >= float(floor) > 0
