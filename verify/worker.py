@@ -35,16 +35,18 @@ def _probe_float64(keras) -> bool:
 
 
 def _state_layout(optimizer, variables):
-    """Map every optimizer variable to (variable index or None, state name)."""
-    from keras import Variable
+    """Map every optimizer variable to (variable index or None, state name).
 
+    Variables are recognised by identity among `optimizer.variables` (the class
+    behind `keras.Variable` changed across Keras 3 releases)."""
+    own = {id(v) for v in optimizer.variables}
     skip = {id(optimizer.iterations)}
     lr = getattr(optimizer, "_learning_rate", None)
-    if isinstance(lr, Variable):
+    if id(lr) in own:
         skip.add(id(lr))
     prefixes = [v.path.replace("/", "_") + "_" for v in variables]
     attribute_names = {id(value): name.lstrip("_") for name, value in vars(optimizer).items()
-                       if isinstance(value, Variable)}
+                       if id(value) in own}
     layout = []
     for opt_var in optimizer.variables:
         if id(opt_var) in skip:
@@ -55,6 +57,9 @@ def _state_layout(optimizer, variables):
                 layout.append((i, name[len(prefix):], opt_var))
                 break
         else:
+            if tuple(opt_var.shape) != ():
+                raise ValueError(f"optimizer variable {name!r} names no weight: cannot tell "
+                                 "which weight this slot belongs to")
             layout.append((None, attribute_names.get(id(opt_var), name), opt_var))
     return layout
 
