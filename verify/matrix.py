@@ -18,6 +18,7 @@ releases is listed.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -258,9 +259,21 @@ def run_release(argv) -> int:
     return 0
 
 
+def harness_fingerprint() -> str:
+    """sha256 of the harness's own sources (verify/, reference/): a finished run is
+    reused only if the code that produced it is the code running now."""
+    root = Path(__file__).parent.parent
+    digest = hashlib.sha256()
+    for path in sorted(p for package in ("verify", "reference")
+                       for p in (root / package).rglob("*")
+                       if p.suffix in (".py", ".toml", ".npz") and p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def _run_child(python, output, argv) -> str | None:
     """Run one selection in a child process; None, or why it failed."""
-    request = {"python": str(python), "argv": argv}
+    request = {"python": str(python), "argv": argv, "harness": harness_fingerprint()}
     stamp = Path(output) / "request.json"
     try:  # a finished run of the same request (e.g. an interrupted matrix) is reused
         if json.loads(stamp.read_text()) == request and (Path(output) / "summary.json").exists():

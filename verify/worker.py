@@ -47,6 +47,15 @@ def _state_layout(optimizer, variables):
     prefixes = [v.path.replace("/", "_") + "_" for v in variables]
     attribute_names = {id(value): name.lstrip("_") for name, value in vars(optimizer).items()
                        if id(value) in own}
+    # Keras keeps each kind of slot in a list indexed like the weights
+    # (`_get_variable_index`); that list tells a slot's weight when its name does not.
+    def slot_list(value):
+        return (isinstance(value, (list, tuple)) and len(value) == len(variables)
+                and all(s is None or (id(s) in own and tuple(s.shape) == tuple(w.shape))
+                        for s, w in zip(value, variables)))
+
+    slot_index = {id(slot): i for value in vars(optimizer).values() if slot_list(value)
+                  for i, slot in enumerate(value) if slot is not None}
     layout = []
     for opt_var in optimizer.variables:
         if id(opt_var) in skip:
@@ -57,6 +66,9 @@ def _state_layout(optimizer, variables):
                 layout.append((i, name[len(prefix):], opt_var))
                 break
         else:
+            if id(opt_var) in slot_index and tuple(opt_var.shape) != ():
+                layout.append((slot_index[id(opt_var)], name, opt_var))
+                continue
             if tuple(opt_var.shape) != ():
                 raise ValueError(f"optimizer variable {name!r} names no weight: cannot tell "
                                  "which weight this slot belongs to")
