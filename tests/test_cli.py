@@ -1,10 +1,12 @@
 """The command line: bad input, exit codes, determinism, nothing half-written."""
 
 import gzip
+import io
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -180,3 +182,24 @@ def test_article_mismatch_alone_exits_0(tmp_path, backends, capsys):
                      "--output", str(tmp_path / "r")])
     out = capsys.readouterr().out
     assert code == 0 and "mismatch" in out
+
+
+def test_progress_in_a_log_is_a_line_per_tenth(tmp_path, backends):
+    args = [a for a in SMALL if a != "--quiet"]
+    r = verify_optimizers("--backend", backends[0], "--dtype", "float32", "--mode", "eager",
+                          *args, "--output", str(tmp_path / "out"), cwd=tmp_path)
+    assert r.returncode == 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("optimizer steps:")]
+    assert 1 <= len(lines) <= 10 and lines[-1].startswith("optimizer steps: 12/12 (100%)")
+
+
+def test_line_progress_prints_each_tenth_once():
+    stream = io.StringIO()
+    progress = cli.LineProgress(100, time.perf_counter(), stream)
+    for _ in range(20):
+        progress(3)
+    percents = [ln.split("(")[1].split(")")[0] for ln in stream.getvalue().splitlines()]
+    assert percents == [f"{p}%" for p in range(10, 70, 10)]
+    progress(40)  # a jump past several tenths prints the one it lands on
+    assert stream.getvalue().splitlines()[6].startswith("optimizer steps: 100/100 (100%)")
+    assert len(stream.getvalue().splitlines()) == 7

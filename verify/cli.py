@@ -157,6 +157,22 @@ def settings_of(sel: Selection, formats) -> dict:
     }
 
 
+class LineProgress:
+    """Progress as one line per tenth of the work, for logs that are not a terminal."""
+
+    def __init__(self, total: int, started: float, stream):
+        self.total, self.started, self.stream = max(total, 1), started, stream
+        self.done, self.printed = 0, 0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        tenth = min(10, self.done * 10 // self.total)
+        if tenth > self.printed:
+            self.printed = tenth
+            print(f"optimizer steps: {self.done}/{self.total} ({10 * tenth}%), "
+                  f"{time.perf_counter() - self.started:.0f} s", file=self.stream, flush=True)
+
+
 def run(sel: Selection, output: Path, formats, *, quiet=False, console=None):
     """Run the selection and write the reports to `output` atomically."""
     console = console or sys.stdout
@@ -171,6 +187,9 @@ def run(sel: Selection, output: Path, formats, *, quiet=False, console=None):
         started = time.perf_counter()
         if quiet:
             runner = Runner(sel, sink)
+            runner.run()
+        elif not sys.stderr.isatty():  # a CI log: a plain line at every tenth of the work
+            runner = Runner(sel, sink, progress=LineProgress(total, started, sys.stderr))
             runner.run()
         else:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,

@@ -1,8 +1,9 @@
 """Runs the backend workers and diffs their state streams as they arrive.
 
 One worker process per backend (per backend and x64 setting for JAX), all
-started at once; a reader thread per worker queues its messages and the main
-thread feeds them to the comparisons.  Only per-step statistics are kept.
+started at once; a reader thread per worker queues its messages, the main
+thread hands them to a pool of diff threads, each run's in order.  Only
+per-step statistics are kept.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +81,7 @@ class Runner:
         self.segments = compare.Segments(names, [sel.size] * len(names))
         self.all_gradients = np.concatenate([sel.gradients[n] for n in names], axis=1)
         self.environment = {"backends": {}}
+        self._lock = threading.Lock()  # the sink and progress, shared by the diff threads
 
     def run(self) -> None:
         sel = self.sel
@@ -123,7 +127,10 @@ class Runner:
                 "backend": backend, "runs": [s["id"] for s in specs]}
 
     def _pump(self, workers):
+        """Read every worker's messages in the main thread; diff them on a pool of
+        threads (numpy releases the GIL), each run's messages in arrival order."""
         q = queue.Queue(maxsize=2 * len(workers))  # backpressure: workers wait for the diff
+        diff = _OrderedPool(_diff_threads(), budget=2 * len(workers) + 2)
 
         def reader(w):
             try:
@@ -137,55 +144,65 @@ class Runner:
         for t in threads:
             t.start()
         open_workers = len(workers)
-        active = {}
+        active = {}  # run id -> its comparisons, touched only by that run's tasks
         done = set()
-        while open_workers:
-            w, msg = q.get()
-            if msg is None:
-                open_workers -= 1
-                w["proc"].wait()
-                w["log"].close()
-                reason = _last_line(w["log_path"]) or f"worker exited with {w['proc'].returncode}"
-                for run_id in w["runs"]:
-                    if run_id not in done:
-                        self._finish_error(run_id, f"{w['backend']} worker failed: {reason}",
-                                           active.pop(run_id, None))
-                        done.add(run_id)
-                continue
-            header, arrays = msg
-            kind = header["type"]
-            if kind == "hello":
-                self.environment["backends"][header["backend"]] = {
-                    "keras": header["keras"], "version": header.get("backend_version"),
-                    "numpy": header["numpy"], "python": header["python"]}
-            elif kind == "run_start":
-                active[header["id"]] = self._start_run(header, arrays)
-                if self.observer:
-                    self.observer(self.runs[header["id"]], 0, _assemble(arrays, 1), header)
-            elif kind == "chunk":
-                comparisons = active[header["id"]]
-                states = _assemble(arrays, len(arrays["iterations"]))
-                if self.observer:
-                    self.observer(self.runs[header["id"]], header["start"], states, header)
-                for c in comparisons.values():
-                    if isinstance(c, compare.RunComparison) and not c.error:
-                        _guarded(c, c.feed, header["start"], states, arrays["iterations"])
-                run = self.runs[header["id"]]
-                run.steps_done = getattr(run, "steps_done", 0) + len(arrays["iterations"])
-                if self.progress:
-                    self.progress(len(arrays["iterations"]))
-            elif kind == "run_end":
-                self._finish(header["id"], active.pop(header["id"]))
-                done.add(header["id"])
-            elif kind in ("run_error", "torn"):
+        try:
+            while open_workers:
+                w, msg = q.get()
+                diff.raise_failure()
+                if msg is None:
+                    open_workers -= 1
+                    w["proc"].wait()
+                    w["log"].close()
+                    reason = (_last_line(w["log_path"])
+                              or f"worker exited with {w['proc'].returncode}")
+                    for run_id in w["runs"]:
+                        if run_id not in done:
+                            diff.submit(run_id, self._finish_error, run_id,
+                                        f"{w['backend']} worker failed: {reason}", active)
+                            done.add(run_id)
+                    continue
+                header, arrays = msg
+                kind = header["type"]
                 run_id = header.get("id")
-                if run_id is not None:
-                    self._finish_error(run_id, header["reason"], active.pop(run_id, None))
+                if kind == "hello":
+                    self.environment["backends"][header["backend"]] = {
+                        "keras": header["keras"], "version": header.get("backend_version"),
+                        "numpy": header["numpy"], "python": header["python"]}
+                elif kind == "run_start":
+                    if self.observer:
+                        self.observer(self.runs[run_id], 0, _assemble(arrays, 1), header)
+                    diff.submit(run_id, self._start_run, header, arrays, active)
+                elif kind == "chunk":
+                    states = _assemble(arrays, len(arrays["iterations"]))
+                    if self.observer:
+                        self.observer(self.runs[run_id], header["start"], states, header)
+                    diff.submit(run_id, self._feed, run_id, header["start"], states,
+                                arrays["iterations"], active)
+                elif kind == "run_end":
+                    diff.submit(run_id, self._finish, run_id, active)
                     done.add(run_id)
+                elif kind in ("run_error", "torn") and run_id is not None:
+                    diff.submit(run_id, self._finish_error, run_id, header["reason"], active)
+                    done.add(run_id)
+        except BaseException:
+            diff.abandon()
+            raise
+        diff.close()
         for t in threads:
             t.join()
 
-    def _start_run(self, header, arrays):
+    def _feed(self, run_id, start, states, iterations, active):
+        for c in active[run_id].values():
+            if isinstance(c, compare.RunComparison) and not c.error:
+                _guarded(c, c.feed, start, states, iterations)
+        run = self.runs[run_id]
+        run.steps_done = getattr(run, "steps_done", 0) + len(iterations)
+        if self.progress:
+            with self._lock:
+                self.progress(len(iterations))
+
+    def _start_run(self, header, arrays, active):
         run = self.runs[header["id"]]
         states = _assemble(arrays, 1)
         keras_states = [n for n in states if n != "variable"]
@@ -206,24 +223,89 @@ class Runner:
             else:
                 c = reason
             comparisons[family] = c
-        return comparisons
+        active[header["id"]] = comparisons
 
-    def _finish(self, run_id, comparisons):
+    def _finish(self, run_id, active):
         run = self.runs[run_id]
-        for family, c in comparisons.items():
-            for s, scenario in enumerate(self.sel.scenarios):
-                if isinstance(c, str):
-                    self.sink.row(family, run, scenario, error=c)
-                else:
-                    self.sink.row(family, run, scenario, comparison=c, index=s)
+        comparisons = active.pop(run_id)
+        with self._lock:
+            for family, c in comparisons.items():
+                for s, scenario in enumerate(self.sel.scenarios):
+                    if isinstance(c, str):
+                        self.sink.row(family, run, scenario, error=c)
+                    else:
+                        self.sink.row(family, run, scenario, comparison=c, index=s)
 
-    def _finish_error(self, run_id, reason, comparisons):
+    def _finish_error(self, run_id, reason, active):
         run = self.runs[run_id]
-        for family in self.sel.families:
-            for scenario in self.sel.scenarios:
-                self.sink.row(family, run, scenario, error=reason)
-        if self.progress:
-            self.progress(self.sel.steps - getattr(run, "steps_done", 0))
+        active.pop(run_id, None)
+        with self._lock:
+            for family in self.sel.families:
+                for scenario in self.sel.scenarios:
+                    self.sink.row(family, run, scenario, error=reason)
+            if self.progress:
+                self.progress(self.sel.steps - getattr(run, "steps_done", 0))
+
+
+def _diff_threads() -> int:
+    """Threads for the diff: the cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+class _OrderedPool:
+    """A thread pool that runs the tasks of one key in submission order, one at a
+    time, and tasks of different keys in parallel.  At most `budget` tasks wait
+    or run at once: `submit` blocks beyond that (backpressure up to the workers).
+    The first exception of a task is raised again by `raise_failure`/`close`."""
+
+    def __init__(self, threads: int, budget: int):
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="diff")
+        self.slots = threading.Semaphore(budget)
+        self.lock = threading.Lock()
+        self.pending = {}
+        self.busy = set()
+        self.failures = []
+        self.abandoned = False
+
+    def submit(self, key, fn, *args):
+        self.slots.acquire()
+        with self.lock:
+            self.pending.setdefault(key, deque()).append((fn, args))
+            if key in self.busy:
+                return
+            self.busy.add(key)
+        self.pool.submit(self._drain, key)
+
+    def _drain(self, key):
+        while True:
+            with self.lock:
+                if not self.pending[key]:
+                    self.busy.discard(key)
+                    return
+                fn, args = self.pending[key].popleft()
+            try:
+                if not (self.failures or self.abandoned):
+                    fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - raised again in the main thread
+                self.failures.append(exc)
+            finally:
+                self.slots.release()
+
+    def raise_failure(self):
+        if self.failures:
+            raise self.failures[0]
+
+    def abandon(self):
+        """Skip every task not yet started, wait for the running ones."""
+        self.abandoned = True
+        self.pool.shutdown(wait=True)
+
+    def close(self):
+        self.pool.shutdown(wait=True)
+        self.raise_failure()
 
 
 def _guarded(comparison, method, *args):
