@@ -128,9 +128,11 @@ class Runner:
 
     def _pump(self, workers):
         """Read every worker's messages in the main thread; diff them on a pool of
-        threads (numpy releases the GIL), each run's messages in arrival order."""
+        threads (numpy releases the GIL), one comparison (run and family) at a time
+        in arrival order, different comparisons in parallel."""
         q = queue.Queue(maxsize=2 * len(workers))  # backpressure: workers wait for the diff
-        diff = _OrderedPool(_diff_threads(), budget=2 * len(workers) + 2)
+        families = self.sel.families
+        diff = _OrderedPool(_diff_threads(), budget=(2 * len(workers) + 2) * len(families))
 
         def reader(w):
             try:
@@ -140,11 +142,20 @@ class Runner:
                 q.put((w, ({"type": "torn", "reason": str(exc)}, {})))
             q.put((w, None))
 
+        def each_family(run_id, method, *args):
+            for family in families:
+                diff.submit((run_id, family), method, run_id, family, *args)
+
+        def failed(run_id, reason):
+            each_family(run_id, self._finish_error, reason, active)
+            run = self.runs[run_id]
+            self._advance(self.sel.steps - getattr(run, "steps_done", 0))
+
         threads = [threading.Thread(target=reader, args=(w,), daemon=True) for w in workers]
         for t in threads:
             t.start()
         open_workers = len(workers)
-        active = {}  # run id -> its comparisons, touched only by that run's tasks
+        active = {}  # (run id, family) -> comparison, touched only by its own tasks
         done = set()
         try:
             while open_workers:
@@ -158,8 +169,7 @@ class Runner:
                               or f"worker exited with {w['proc'].returncode}")
                     for run_id in w["runs"]:
                         if run_id not in done:
-                            diff.submit(run_id, self._finish_error, run_id,
-                                        f"{w['backend']} worker failed: {reason}", active)
+                            failed(run_id, f"{w['backend']} worker failed: {reason}")
                             done.add(run_id)
                     continue
                 header, arrays = msg
@@ -170,20 +180,26 @@ class Runner:
                         "keras": header["keras"], "version": header.get("backend_version"),
                         "numpy": header["numpy"], "python": header["python"]}
                 elif kind == "run_start":
+                    states = _assemble(arrays, 1)
                     if self.observer:
-                        self.observer(self.runs[run_id], 0, _assemble(arrays, 1), header)
-                    diff.submit(run_id, self._start_run, header, arrays, active)
+                        self.observer(self.runs[run_id], 0, states, header)
+                    self._check_dtypes(self.runs[run_id], header["computed_dtypes"])
+                    each_family(run_id, self._start, states, int(arrays["iterations"][0]),
+                                active)
                 elif kind == "chunk":
                     states = _assemble(arrays, len(arrays["iterations"]))
                     if self.observer:
                         self.observer(self.runs[run_id], header["start"], states, header)
-                    diff.submit(run_id, self._feed, run_id, header["start"], states,
+                    each_family(run_id, self._feed, header["start"], states,
                                 arrays["iterations"], active)
+                    run = self.runs[run_id]
+                    run.steps_done = getattr(run, "steps_done", 0) + len(arrays["iterations"])
+                    self._advance(len(arrays["iterations"]))
                 elif kind == "run_end":
-                    diff.submit(run_id, self._finish, run_id, active)
+                    each_family(run_id, self._finish, active)
                     done.add(run_id)
                 elif kind in ("run_error", "torn") and run_id is not None:
-                    diff.submit(run_id, self._finish_error, run_id, header["reason"], active)
+                    failed(run_id, header["reason"])
                     done.add(run_id)
         except BaseException:
             diff.abandon()
@@ -192,59 +208,49 @@ class Runner:
         for t in threads:
             t.join()
 
-    def _feed(self, run_id, start, states, iterations, active):
-        for c in active[run_id].values():
-            if isinstance(c, compare.RunComparison) and not c.error:
-                _guarded(c, c.feed, start, states, iterations)
-        run = self.runs[run_id]
-        run.steps_done = getattr(run, "steps_done", 0) + len(iterations)
+    def _advance(self, steps):
         if self.progress:
             with self._lock:
-                self.progress(len(iterations))
+                self.progress(steps)
 
-    def _start_run(self, header, arrays, active):
-        run = self.runs[header["id"]]
-        states = _assemble(arrays, 1)
-        keras_states = [n for n in states if n != "variable"]
-        comparisons = {}
-        computed = header["computed_dtypes"]
+    @staticmethod
+    def _check_dtypes(run, computed):
         run.problem = None
         if computed != [run.dtype]:
             run.problem = (f"Keras computed in {', '.join(computed)} although {run.dtype} "
                            "was requested")
-        precision = reference.PRECISIONS[run.backend]
-        for family in self.sel.families:
-            c, reason = compare.build(family, reference.get_rule, run.configuration,
-                                      run.dtype, precision, self.segments,
-                                      self.all_gradients, keras_states)
-            if c is not None:
-                c.error = run.problem
-                _guarded(c, c.start, states, int(arrays["iterations"][0]))
-            else:
-                c = reason
-            comparisons[family] = c
-        active[header["id"]] = comparisons
 
-    def _finish(self, run_id, active):
+    def _start(self, run_id, family, states, iteration, active):
         run = self.runs[run_id]
-        comparisons = active.pop(run_id)
-        with self._lock:
-            for family, c in comparisons.items():
-                for s, scenario in enumerate(self.sel.scenarios):
-                    if isinstance(c, str):
-                        self.sink.row(family, run, scenario, error=c)
-                    else:
-                        self.sink.row(family, run, scenario, comparison=c, index=s)
+        keras_states = [n for n in states if n != "variable"]
+        c, reason = compare.build(family, reference.get_rule, run.configuration, run.dtype,
+                                  reference.PRECISIONS[run.backend], self.segments,
+                                  self.all_gradients, keras_states)
+        if c is not None:
+            c.error = run.problem
+            _guarded(c, c.start, states, iteration)
+        active[run_id, family] = c if c is not None else reason
 
-    def _finish_error(self, run_id, reason, active):
-        run = self.runs[run_id]
-        active.pop(run_id, None)
+    def _feed(self, run_id, family, start, states, iterations, active):
+        c = active[run_id, family]
+        if isinstance(c, compare.RunComparison) and not c.error:
+            _guarded(c, c.feed, start, states, iterations)
+
+    def _finish(self, run_id, family, active):
+        run, c = self.runs[run_id], active.pop((run_id, family))
         with self._lock:
-            for family in self.sel.families:
-                for scenario in self.sel.scenarios:
-                    self.sink.row(family, run, scenario, error=reason)
-            if self.progress:
-                self.progress(self.sel.steps - getattr(run, "steps_done", 0))
+            for s, scenario in enumerate(self.sel.scenarios):
+                if isinstance(c, str):
+                    self.sink.row(family, run, scenario, error=c)
+                else:
+                    self.sink.row(family, run, scenario, comparison=c, index=s)
+
+    def _finish_error(self, run_id, family, reason, active):
+        run = self.runs[run_id]
+        active.pop((run_id, family), None)
+        with self._lock:
+            for scenario in self.sel.scenarios:
+                self.sink.row(family, run, scenario, error=reason)
 
 
 def _diff_threads() -> int:
