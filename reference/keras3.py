@@ -16,7 +16,8 @@ w = w - w * wd * lr to the weights before the optimizer's own step
 from __future__ import annotations
 
 from reference.arithmetic import maximum, sign, sqrt, square
-from reference.pieces import adam_step_size, decoupled_weight_decay, ema_interpolate
+from reference.pieces import (adam_step_size, apply_with_momentum, decoupled_weight_decay,
+                              ema_interpolate)
 from reference.rule import StateSpec, register, slots
 
 FAMILY = "keras"
@@ -97,12 +98,10 @@ def rmsprop(ar, hp, s, g, t, lr):
     else:
         denominator = v + e
     increment = lr * g / sqrt(denominator)
-    if hp["momentum"] > 0:
-        m = ar.const(hp["momentum"]) * s["momentum"] + increment
-        out["momentum"] = m
-        out["variable"] = s["variable"] - m
-    else:
-        out["variable"] = s["variable"] - increment
+    with_momentum = hp["momentum"] > 0
+    out.update(apply_with_momentum(s["variable"], increment,
+                                   s["momentum"] if with_momentum else None,
+                                   ar.const(hp["momentum"]) if with_momentum else None))
     return out
 
 

@@ -31,6 +31,16 @@ def eps_inside_sqrt(v: Tracked, eps) -> Tracked:
     return sqrt(v + eps)
 
 
+def apply_with_momentum(w: Tracked, increment: Tracked, m: Tracked | None,
+                        momentum) -> dict:
+    """With momentum: m = momentum * m + increment, w = w - m; otherwise
+    w = w - increment (Keras's RMSprop; Graves 2013 eq. 40 with m = -Delta)."""
+    if m is None:
+        return {"variable": w - increment}
+    m = momentum * m + increment
+    return {"momentum": m, "variable": w - m}
+
+
 def adam_step_size(lr, beta_1, beta_2, local_step) -> Tracked:
     """alpha = lr * sqrt(1 - beta_2^t) / (1 - beta_1^t).
 

@@ -13,6 +13,7 @@ import itertools
 from dataclasses import dataclass
 
 from reference.arithmetic import sign, sqrt, square
+from reference.pieces import apply_with_momentum, eps_inside_sqrt, eps_outside_sqrt
 from reference.rule import REGISTRY, Rule, StateSpec, slots
 
 
@@ -158,15 +159,14 @@ def _rmsprop_step(c):
             avg = rho * s["average_gradient"] + (1 - rho) * g
             out["average_gradient"] = avg
             base = v - square(avg)
-        den = {"inside": lambda: sqrt(base + e), "outside": lambda: sqrt(base) + e,
+        den = {"inside": lambda: eps_inside_sqrt(base, e),
+               "outside": lambda: eps_outside_sqrt(base, e),
                "none": lambda: sqrt(base)}[c["epsilon"]]()
         inc = lr * g / den
-        if hp["momentum"] > 0:
-            m = ar.const(hp["momentum"]) * s["momentum"] + inc
-            out["momentum"] = m
-            out["variable"] = s["variable"] - m
-        else:
-            out["variable"] = s["variable"] - inc
+        with_momentum = hp["momentum"] > 0
+        out.update(apply_with_momentum(s["variable"], inc,
+                                       s["momentum"] if with_momentum else None,
+                                       ar.const(hp["momentum"]) if with_momentum else None))
         return out
     return step
 
