@@ -53,7 +53,7 @@ def checked(tmp_path_factory):
     args, baseline, sel, output, formats, cells = PLAN
     if not any(a == "--output" or a.startswith("--output=") for a in _argv()):
         output = tmp_path_factory.mktemp("check")
-    now, _ = check.execute(sel, output, formats)
+    now, _, _ = check.execute(sel, output, formats)
     return {tuple(c[k] for k in check.CELL): c for c in now}, output
 
 

@@ -161,7 +161,7 @@ def test_gradient_file_runs_as_scenario_file(tmp_path, gradient_files, backends)
     doc = json.loads((out / "summary.json").read_text())
     assert {row["scenario"] for row in doc["rows"]} == {"file"}
     assert doc["settings"]["steps"] == 4 and doc["settings"]["size"] == 3
-    assert sorted(p.name for p in out.iterdir()) == ["summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".verify-optimizers", "summary.json"]
 
 
 def test_keras_family_mismatch_exits_1(monkeypatch, tmp_path, backends, capsys):

@@ -16,6 +16,7 @@ from verify.cli import installed_backends, main as cli_main
 from verify.configurations import CONFIGURATIONS, Configuration
 from verify.convergence import claims, cli, runner
 from verify.convergence.worker import THREAD_ENV
+from verify.output import write_marker
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = installed_backends()
@@ -240,8 +241,8 @@ def test_short_run_writes_plots_claims_and_html(short_run):
     proc, out, backend = short_run
     assert proc.returncode == 0, proc.stderr[-2000:]
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["adam.png", "claims.json", "claims.md", "curves.npz", "overlay.png",
-                     "report.html", "sgd.png"]
+    assert names == [".verify-optimizers", "adam.png", "claims.json", "claims.md",
+                     "curves.npz", "overlay.png", "report.html", "sgd.png"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
     doc = json.loads((out / "claims.json").read_text())
     assert len(doc["claims"]) == len(claims.CLAIMS)
@@ -291,8 +292,8 @@ def test_moons_recording_is_regenerated(tmp_path):
 BAD_INPUT = [
     (["--optimizer", "adamax"], "unknown optimizer"),
     (["--backend", "theano"], "unknown backend"),
-    (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--epochs", "0"], "--epochs must be from 1 to"),
+    (["--seeds", "0"], "--seeds must be from 1 to"),
     (["--seeds", "ten"], "invalid int value"),
     (["--learning-rate", "1"], "unrecognized arguments"),
 ]
@@ -326,6 +327,7 @@ def test_failing_worker_leaves_previous_report_untouched(tmp_path, monkeypatch):
     out = tmp_path / "report"
     out.mkdir()
     (out / "claims.md").write_text("previous")
+    write_marker(out, "convergence")  # an earlier report of the harness
     monkeypatch.setitem(cli.CONFIGURATIONS, "broken", Configuration("broken", "NoSuchOpt", {}))
     settings = {"backends": BACKENDS[:1], "optimizers": ["broken"], "epochs": {"broken": 1},
                 "seeds": 1, "output": out, "quiet": True}
@@ -333,3 +335,13 @@ def test_failing_worker_leaves_previous_report_untouched(tmp_path, monkeypatch):
         cli.run(settings)
     assert [p.name for p in tmp_path.iterdir()] == ["report"]
     assert (out / "claims.md").read_text() == "previous"
+
+
+@needs_extra
+def test_a_folder_of_the_user_is_refused(tmp_path, capsys):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "claims.md").write_text("mine")
+    assert cli_main(["convergence", "--output", str(out)]) == 2
+    assert "did not write" in capsys.readouterr().err
+    assert (out / "claims.md").read_text() == "mine"

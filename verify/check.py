@@ -34,10 +34,7 @@ import io
 import itertools
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +43,10 @@ from tabulate import tabulate
 
 import reference
 from verify import compare, scenarios
-from verify.cli import UsageError, build_parser, installed_backends, run, selection_from_args
+from verify.cli import (UsageError, build_parser, installed_backends, one_line, run,
+                        selection_from_args)
 from verify.configurations import CONFIGURATIONS
+from verify.output import OutputRefused, check_folder, replacing_folder
 
 FORMAT = 1
 DEFAULT_BASELINE = "reports/baseline"
@@ -222,6 +221,15 @@ def load_baseline(path) -> Baseline:
     for k in NUMBERS:
         if not isinstance(settings[k], int) or isinstance(settings[k], bool) or settings[k] < 0:
             raise _bad(path, f"settings `{k}` must be a non-negative integer")
+    for k, kind, what in (("configurations", dict, "an object"), ("precision", dict, "an object"),
+                          ("comparison", str, "a string"), ("tolerance", (int, float), "a number")):
+        if not isinstance(settings[k], kind) or isinstance(settings[k], bool):
+            raise _bad(path, f"settings `{k}` must be {what}")
+    if not all(isinstance(v, str) for v in settings["precision"].values()):
+        raise _bad(path, "settings `precision` must map backends to strings")
+    backends = environment.get("backends", {})
+    if not isinstance(backends, dict) or not all(isinstance(v, dict) for v in backends.values()):
+        raise _bad(path, "environment `backends` must map backends to objects")
     cells = _read_cells(path, cells_path)
     expected = [dict(zip(CELL, combo)) for combo in
                 itertools.product(*(settings[LISTS[k]] for k in CELL))]
@@ -284,10 +292,7 @@ def _valid_decade(m) -> bool:
 
 def write_baseline(path, settings, environment, cells) -> None:
     """Write cells.csv, baseline.json and README.md; replace `path` whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
+    with replacing_folder(Path(path), "baseline") as tmp:
         with open(tmp / "cells.csv", "w", newline="") as f:
             w = csv.writer(f, lineterminator="\n")
             w.writerow(COLUMNS)
@@ -296,16 +301,6 @@ def write_baseline(path, settings, environment, cells) -> None:
         meta = {"format": FORMAT, "settings": settings, "environment": environment}
         (tmp / "baseline.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(_baseline_readme(settings, environment, cells))
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}-old-", dir=path.parent))
-            path.rename(old / path.name)
-        tmp.rename(path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _baseline_readme(settings, environment, cells) -> str:
@@ -407,6 +402,11 @@ def _reproducible(settings, sel) -> None:
                              f"is {settings['precision'].get(b)!r}, here {here!r}")
 
 
+def _inputs(args) -> list:
+    """What the output folder may not overlap."""
+    return [("--baseline", args.baseline)] + [("--keras-path", p) for p in args.keras_path]
+
+
 def plan(argv_or_args):
     """`check` flags against a baseline: (args, baseline, selection, output, formats,
     baseline cells to compare)."""
@@ -417,6 +417,7 @@ def plan(argv_or_args):
                          "supported")
     if args.update_baseline:
         raise UsageError("plan() is for checks, not --update-baseline")
+    args.inputs = _inputs(args)
     baseline = load_baseline(args.baseline)
     s = baseline.settings
     for key, known, what in (("families", reference.FAMILIES, "family"),
@@ -440,11 +441,22 @@ def plan(argv_or_args):
     return args, baseline, sel, output, sorted(set(formats) | {"csv", "json"}), cells
 
 
-def execute(sel, output, formats, quiet=True):
-    """Run the selection, reports to `output`; (cells, environment)."""
-    run(sel, output, formats, quiet=quiet, console=io.StringIO())
-    doc = json.loads((output / "summary.json").read_text())
-    return [cell_class(r) for r in doc["rows"]], doc["environment"]
+def execute(sel, output, formats, quiet=True, finish=None):
+    """Run the selection, reports to `output`; (cells, environment).
+    `finish(folder, cells, environment)` may add files before the report appears."""
+    got = {}
+
+    def collect(folder):
+        doc = json.loads((folder / "summary.json").read_text())
+        got["cells"] = [cell_class(r) for r in doc["rows"]]
+        got["environment"] = doc["environment"]
+        got["settings"] = doc["settings"]
+        if finish is not None:
+            finish(folder, got["cells"], got["environment"])
+
+    run(sel, output, formats, quiet=quiet, console=io.StringIO(), finish=collect,
+        command="check")
+    return got["cells"], got["environment"], got["settings"]
 
 
 # --- output -------------------------------------------------------------------
@@ -455,8 +467,9 @@ def changes_table(changes, tablefmt="github") -> str:
                     tablefmt=tablefmt, disable_numparse=True)
 
 
-def step_detail(output, change, rows=6) -> str:
-    """Per-step errors of the run around where the changed cell diverges."""
+def step_detail(output, change, rows=6, shown=None) -> str:
+    """Per-step errors of the run (in `output`, named `shown` in the text) around
+    where the changed cell diverges."""
     c = change.cell
     if change.after is None:
         return "The cell is not in the run."
@@ -469,6 +482,7 @@ def step_detail(output, change, rows=6) -> str:
             table = pd.read_csv(f)
     except OSError as exc:
         return f"No per-step table: {exc}"
+    shown_path = Path(shown or output) / path.relative_to(output)
     steps = [x["first_divergent_step"] for x in (change.after, change.before)
              if x and x["verdict"] == "mismatch"]
     scaled = [col for col in table.columns if col.endswith("_scaled")]
@@ -483,7 +497,7 @@ def step_detail(output, change, rows=6) -> str:
     body = [[f"{v:.3g}" if isinstance(v, float) else v for v in r]
             for r in part.itertuples(index=False)]
     return (f"Per-step detail of {cell_id(c)} (largest relative and scaled error per state; "
-            f"scaled > {compare.TOLERANCE:g} is a mismatch), from {path}:\n\n"
+            f"scaled > {compare.TOLERANCE:g} is a mismatch), from {shown_path}:\n\n"
             + tabulate(body, headers=list(part.columns), tablefmt="github",
                        disable_numparse=True))
 
@@ -494,8 +508,14 @@ def _versions(environment) -> str:
         f"{b} {v.get('version')}" for b, v in sorted(backends.items())) + ")"
 
 
-def report(baseline, cells, now, environment, changes, output, strict) -> tuple:
-    """(text for the console and check.md, exit code)."""
+def unverified(change) -> bool:
+    """A failing change that says nothing about the math: the cell could not run now."""
+    return change.after is None or change.after["verdict"] == "error"
+
+
+def report(baseline, cells, environment, changes, folder, strict, shown=None) -> tuple:
+    """(text for the console and check.md, exit code): 1 when a cell's math
+    changed, 2 when the only failing cells are cells that could not run."""
     failing = [c for c in changes if c.fails]
     head = (f"Baseline {baseline.path}: {_versions(baseline.environment)}; now "
             f"{_versions(environment)}; {len(cells)} cells compared.")
@@ -504,51 +524,65 @@ def report(baseline, cells, now, environment, changes, output, strict) -> tuple:
                 f"({_versions(baseline.environment)} -> {_versions(environment)})"), 0
     order = failing + [c for c in changes if not c.fails]
     lines = [head, "", changes_table(order), ""]
+    verified = [c for c in failing if not unverified(c)]
     if failing:
-        lines += [f"{len(failing)} cell(s) changed their math class"
-                  + (" or rounding (--strict)" if strict else "") + ".", "",
-                  step_detail(output, failing[0])]
+        lines += [f"{len(verified)} cell(s) changed their math class"
+                  + (" or rounding (--strict)" if strict else "") + "; "
+                  f"{len(failing) - len(verified)} cell(s) could not be verified (they did "
+                  "not run).", "", step_detail(folder, (verified or failing)[0], shown=shown)]
     else:
         lines += [f"no math change: {len(changes)} cell(s) changed between exact and match "
                   "only (rounding; --strict makes that a failure)."]
-    return "\n".join(lines), 1 if failing else 0
+    return "\n".join(lines), 1 if verified else (2 if failing else 0)
 
 
-def _write_check_files(output, text, changes) -> None:
-    output = Path(output)
+def _check_files(text, changes) -> dict:
     rows = [{"cell": cell_id(c.cell), **{f"baseline_{k}": (c.before or {}).get(k, "")
                                          for k in CLASS},
              **{f"now_{k}": (c.after or {}).get(k, "") for k in CLASS},
              "changed": c.what, "fails": c.fails} for c in changes]
-    for name, content in (("check.md", "# verify-optimizers check\n\n" + text + "\n"),
-                          ("changes.csv", pd.DataFrame(
-                              rows, columns=["cell"] + [f"baseline_{k}" for k in CLASS]
-                              + [f"now_{k}" for k in CLASS] + ["changed", "fails"]
-                          ).to_csv(index=False))):
-        tmp = output / f".{name}.tmp"
-        tmp.write_text(content)
-        os.replace(tmp, output / name)
+    return {"check.md": "# verify-optimizers check\n\n" + text + "\n",
+            "changes.csv": pd.DataFrame(
+                rows, columns=["cell"] + [f"baseline_{k}" for k in CLASS]
+                + [f"now_{k}" for k in CLASS] + ["changed", "fails"]).to_csv(index=False)}
 
 
 # --- the subcommand -----------------------------------------------------------
 def check(args, console=None) -> int:
     console = console or sys.stdout
     args, baseline, sel, output, formats, cells = plan(args)
-    now, environment = execute(sel, output, formats, quiet=args.quiet)
-    changes = compare_cells(cells, now, strict=args.strict)
-    text, code = report(baseline, cells, now, environment, changes, output, args.strict)
-    _write_check_files(output, text, changes)
-    print(text, file=console)
-    if changes:
+    result = {}
+
+    def finish(folder, now, environment):
+        changes = compare_cells(cells, now, strict=args.strict)
+        text, code = report(baseline, cells, environment, changes, folder, args.strict,
+                            shown=output)
+        for name, content in _check_files(text, changes).items():
+            (folder / name).write_text(content)
+        result.update(text=text, code=code, changes=changes)
+
+    execute(sel, output, formats, quiet=args.quiet, finish=finish)
+    print(result["text"], file=console)
+    if result["changes"]:
         print(f"\nReport: {output}/check.md, changes.csv; the run's tables in {output}/",
               file=console)
-    return code
+    if result["code"] == 2:
+        failing = [c for c in result["changes"] if c.fails]
+        print(one_line(f"verify-optimizers check: error: {len(failing)} cell(s) could not be "
+                       f"verified, e.g. {cell_id(failing[0].cell)}: "
+                       f"{describe(failing[0].after)}"), file=sys.stderr)
+    return result["code"]
 
 
 def update(args, console=None) -> int:
     console = console or sys.stdout
     if args.gradients:
         raise UsageError("a baseline records seeded scenarios; --gradients is not supported")
+    try:
+        check_folder(args.baseline, what="--baseline")
+    except OutputRefused as exc:
+        raise UsageError(str(exc)) from None
+    args.inputs = _inputs(args)
     previous = None
     try:
         previous = load_baseline(args.baseline)
@@ -561,16 +595,15 @@ def update(args, console=None) -> int:
     sel, output, formats = selection_from_args(args)
     sel.python_path = [str(Path(p).resolve()) for p in args.keras_path]
     formats = sorted(set(formats) | {"csv", "json"})
-    now, environment = execute(sel, output, formats, quiet=args.quiet)
-    doc = json.loads((output / "summary.json").read_text())
-    if previous is not None and all(previous.settings[k] == doc["settings"][k] for k in NUMBERS):
+    now, environment, settings = execute(sel, output, formats, quiet=args.quiet)
+    if previous is not None and all(previous.settings[k] == settings[k] for k in NUMBERS):
         keys = {tuple(c[k] for k in CELL) for c in now}
         old = [c for c in previous.cells if tuple(c[k] for k in CELL) in keys]
         changes = compare_cells(old, now, strict=True)
         if changes:
             print(f"Changes from the previous baseline ({_versions(previous.environment)}):\n\n"
                   + changes_table(changes) + "\n", file=console)
-    write_baseline(args.baseline, doc["settings"], environment, now)
+    write_baseline(args.baseline, settings, environment, now)
     print(f"baseline written: {args.baseline}/cells.csv ({len(now)} cells), baseline.json; "
           f"{_versions(environment)}, {environment.get('wall_seconds')} s", file=console)
     return 0
@@ -578,10 +611,4 @@ def update(args, console=None) -> int:
 
 def main(argv) -> int:
     args = _parser().parse_args(list(argv))
-    try:
-        return update(args) if args.update_baseline else check(args)
-    except KeyboardInterrupt:
-        print("verify-optimizers check: interrupted", file=sys.stderr)
-        return 130
-    except OSError as exc:
-        raise UsageError(str(exc)) from None
+    return update(args) if args.update_baseline else check(args)

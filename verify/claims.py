@@ -193,7 +193,7 @@ def markdown(results, backends) -> str:
 
 
 def main(argv) -> int:
-    from verify.cli import UsageError, _Parser, chosen_backends
+    from verify.cli import _Parser, chosen_backends, claim_output
 
     p = _Parser(prog="verify-optimizers claims",
                 description="Check the article's statements about the math on real Keras.")
@@ -201,11 +201,9 @@ def main(argv) -> int:
     p.add_argument("--output", default="reports/claims")
     args = p.parse_args(argv)
     backends = chosen_backends(args.backend)
-    output = Path(args.output)
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"--output {output} exists and is not a folder")
+    output = claim_output(args.output, [])
     results, environment = run_claims(backends)
-    with replacing_folder(output) as tmp:
+    with replacing_folder(output, "claims") as tmp:
         (tmp / "claims.md").write_text(markdown(results, backends))
         (tmp / "claims.json").write_text(json.dumps(
             {"environment": environment, "claims": results}, indent=1, sort_keys=True) + "\n")

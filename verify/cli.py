@@ -1,17 +1,23 @@
 """`verify-optimizers`: feed identical gradients to reference rules and to real
 Keras optimizers, diff the states step by step, and write the reports.
 
-Exit codes: 0 every `keras`-family comparison is exact or match; 1 some
-`keras`-family comparison is a mismatch or could not run; 2 usage or
-environment error (one line on stderr, nothing written).
+Exit codes: 0 every `keras`-family comparison is exact or match; 1 a verified
+change in Keras's math (a `keras`-family mismatch); 2 bad input or a harness
+failure (one line on stderr; an internal error's traceback goes to a log file
+the line names, or to stderr with --debug); 130/143 interrupted by SIGINT or
+SIGTERM.  Only 0 and 1 come with a report.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import signal
 import sys
+import tempfile
 import time
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +27,7 @@ import reference
 from verify import compare, scenarios
 from verify.configurations import CONFIGURATIONS
 from verify.report import Sink, pivot
-from verify.output import replacing_folder
+from verify.output import OutputRefused, check_folder, replacing_folder
 from verify.runner import Runner, Selection
 
 BACKENDS = ("tensorflow", "jax", "torch")
@@ -33,6 +39,32 @@ MAX_GRADIENT_BYTES = 2 * 1024 ** 3  # the scenario arrays the run holds and hand
 
 class UsageError(Exception):
     """Bad input: reported as one line, exit code 2."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM: unwinds every cleanup on the way out (exit 128 + signal)."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    # a second signal must not cut short the cleanup this one starts
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+@contextmanager
+def interruptible():
+    """SIGINT and SIGTERM raise Interrupted in the main thread while the block runs."""
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="reports/latest", help="report folder (default %(default)s)")
     p.add_argument("--format", action="append", default=[], help="md, csv, json (default all)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true",
+                   help="print the traceback of an internal error (default: to a log file)")
     return p
 
 
@@ -97,7 +131,7 @@ def chosen_backends(values) -> list:
     return backends
 
 
-def selection_from_args(args) -> tuple:
+def selection_from_args(args, replace_output=True) -> tuple:
     backends = chosen_backends(args.backend)
     dtypes = _choices(args.dtype, DTYPES, "dtype") or list(DTYPES)
     families = _choices(args.family, reference.FAMILIES, "family") or list(reference.FAMILIES)
@@ -110,7 +144,8 @@ def selection_from_args(args) -> tuple:
             raise UsageError("--gradients replaces the scenarios; do not combine it with "
                              "--scenario")
         try:
-            g = scenarios.load_gradient_file(args.gradients)
+            g = scenarios.load_gradient_file(args.gradients, max_bytes=MAX_GRADIENT_BYTES)
+            scenarios.check_representable(g, dtypes, args.gradients)
         except scenarios.GradientFileError as exc:
             raise UsageError(str(exc)) from None
         for flag, value, actual in (("--steps", args.steps, g.shape[0]),
@@ -126,17 +161,10 @@ def selection_from_args(args) -> tuple:
             scenarios.SCENARIOS)
         steps = 1000 if args.steps is None else args.steps
         size = 1024 if args.size is None else args.size
-        if steps < 1 or size < 1:
-            raise UsageError(f"--steps and --size must be at least 1 (got {steps}, {size})")
-        if steps * size * len(names) * 8 > MAX_GRADIENT_BYTES:
-            raise UsageError(f"--steps {steps} x --size {size} x {len(names)} scenarios needs "
-                             f"more than {MAX_GRADIENT_BYTES // 1024 ** 3} GiB of gradients")
         gradients = None
-    if not 0 <= args.seed < 2 ** 63:
-        raise UsageError(f"--seed must be a non-negative integer (got {args.seed})")
-    output = Path(args.output)
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"--output {output} exists and is not a folder")
+    check_run_size(steps, size, len(names), args.seed)
+    output = claim_output(args.output, [("the gradient file", args.gradients)]
+                          + list(getattr(args, "inputs", [])), replace=replace_output)
     if gradients is None:
         gradients = {n: scenarios.gradients(n, steps, size, args.seed) for n in names}
     sel = Selection(backends=backends, dtypes=dtypes, families=families,
@@ -144,6 +172,27 @@ def selection_from_args(args) -> tuple:
                     scenarios=names, modes=modes, steps=steps, size=size, seed=args.seed,
                     gradients=gradients, initial=scenarios.initial_weights(size, args.seed))
     return sel, output, formats
+
+
+def check_run_size(steps: int, size: int, scenario_count: int, seed: int) -> None:
+    """UsageError for sizes and seeds a run cannot have."""
+    if steps < 1 or size < 1:
+        raise UsageError(f"--steps and --size must be at least 1 (got {steps}, {size})")
+    if steps * size * scenario_count * 8 > MAX_GRADIENT_BYTES:
+        raise UsageError(f"--steps {steps} x --size {size} x {scenario_count} scenarios needs "
+                         f"more than {MAX_GRADIENT_BYTES // 1024 ** 3} GiB of gradients")
+    if not 0 <= seed < 2 ** 63:
+        raise UsageError(f"--seed must be a non-negative integer (got {seed})")
+
+
+def claim_output(output, inputs, replace=True) -> Path:
+    """--output, checked before any work: UsageError unless the harness may write it."""
+    try:
+        return check_folder(Path(output), inputs=inputs, replace=replace)
+    except OutputRefused as exc:
+        raise UsageError(str(exc)) from None
+    except (OSError, ValueError) as exc:  # e.g. a NUL byte or a folder we may not read
+        raise UsageError(f"--output {output!r} cannot be used: {exc}") from None
 
 
 def settings_of(sel: Selection, formats) -> dict:
@@ -173,10 +222,12 @@ class LineProgress:
                   f"{time.perf_counter() - self.started:.0f} s", file=self.stream, flush=True)
 
 
-def run(sel: Selection, output: Path, formats, *, quiet=False, console=None):
-    """Run the selection and write the reports to `output` atomically."""
+def run(sel: Selection, output: Path, formats, *, quiet=False, console=None, finish=None,
+        command="run"):
+    """Run the selection and write the reports to `output` atomically;
+    `finish(folder)` may add files to the report before it appears."""
     console = console or sys.stdout
-    with replacing_folder(output) as tmp:
+    with replacing_folder(output, command) as tmp:
         settings = settings_of(sel, formats)
         order = {"family": sel.families, "optimizer": [c.id for c in sel.configurations],
                  "backend": sel.backends, "dtype": sel.dtypes, "mode": sel.modes,
@@ -203,10 +254,14 @@ def run(sel: Selection, output: Path, formats, *, quiet=False, console=None):
                 runner.run()
         environment = {"python": sys.version.split()[0], "numpy": np.__version__,
                        "backends": runner.environment["backends"],
+                       "pinned": runner.environment["pinned"],
+                       "user_settings_not_used": runner.environment["user_settings_not_used"],
                        "wall_seconds": round(time.perf_counter() - started, 1)}
         keras_versions = sorted({b["keras"] for b in runner.environment["backends"].values()})
         environment["keras"] = ", ".join(keras_versions)
         df = sink.write(environment)
+        if finish is not None:
+            finish(tmp)
     print(pivot(df), file=console)
     counts = df.groupby(["family", "verdict"]).size()
     print("\n" + ", ".join(f"{fam} {verdict}: {n}" for (fam, verdict), n in counts.items()),
@@ -214,7 +269,17 @@ def run(sel: Selection, output: Path, formats, *, quiet=False, console=None):
     written = {"md": "summary.md, steps.md", "csv": "summary.csv, steps/", "json": "summary.json"}
     print(f"Full tables in {output}/: " + "; ".join(written[f] for f in formats), file=console)
     keras_rows = df[df.family == "keras"]
-    return 1 if keras_rows.verdict.isin(["mismatch", "error"]).any() else 0
+    if (keras_rows.verdict == "mismatch").any():
+        return 1
+    errors = keras_rows[keras_rows.verdict == "error"]
+    if len(errors):
+        first = errors.iloc[0]
+        print(one_line(f"verify-optimizers: error: {len(errors)} keras-family comparison(s) "
+                       f"could not run, e.g. {first['optimizer']} {first['backend']} "
+                       f"{first['dtype']} {first['mode']}: {first['reason']} (report in "
+                       f"{output})"), file=sys.stderr)
+        return 2
+    return 0
 
 
 def list_command(console=None) -> int:
@@ -247,27 +312,61 @@ def _subcommand(name, argv):
     return getattr(importlib.import_module(module), function)(argv)
 
 
+def _dispatch(argv) -> int:
+    if argv[:1] == ["list"]:
+        if len(argv) > 1:
+            raise UsageError(f"`list` takes no arguments (got {' '.join(argv[1:])})")
+        return list_command()
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        return _subcommand(argv[0], argv[1:])
+    args = build_parser().parse_args(argv)
+    sel, output, formats = selection_from_args(args)
+    return run(sel, output, formats, quiet=args.quiet)
+
+
+def one_line(text) -> str:
+    """A message as one printable line: control characters (a user's path may hold
+    a newline or a carriage return) are shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def _crash_log(text: str) -> Path:
+    fd, path = tempfile.mkstemp(prefix="verify-optimizers-crash-", suffix=".log")
+    with open(fd, "w") as f:
+        f.write(text)
+    return Path(path)
+
+
 def main(argv=None) -> int:
+    """Every outcome is an exit code: 0, 1 (a verified change), 2 (one line),
+    130/143 (interrupted); never a traceback unless --debug asks for it."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    name = "verify-optimizers" + (f" {argv[0]}" if argv[:1] and argv[0] in SUBCOMMANDS else "")
     try:
-        if argv[:1] == ["list"]:
-            if len(argv) > 1:
-                raise UsageError(f"`list` takes no arguments (got {' '.join(argv[1:])})")
-            return list_command()
-        if argv[:1] and argv[0] in SUBCOMMANDS:
-            return _subcommand(argv[0], argv[1:])
-        args = build_parser().parse_args(argv)
-        sel, output, formats = selection_from_args(args)
-    except UsageError as exc:
-        print(f"verify-optimizers: error: {exc}", file=sys.stderr)
+        with interruptible():
+            return _dispatch(argv)
+    except (UsageError, OutputRefused) as exc:
+        print(one_line(f"verify-optimizers: error: {exc}"), file=sys.stderr)
         return 2
-    try:
-        return run(sel, output, formats, quiet=args.quiet)
-    except KeyboardInterrupt:
-        print("verify-optimizers: interrupted; nothing written", file=sys.stderr)
-        return 130
+    except Interrupted as exc:
+        print(f"{name}: stopped by {signal.Signals(exc.signum).name}; nothing written, an "
+              "earlier report is left as it was", file=sys.stderr)
+        return 128 + exc.signum
     except OSError as exc:
-        print(f"verify-optimizers: error: {exc}", file=sys.stderr)
+        print(one_line(f"{name}: error: {exc}"), file=sys.stderr)
+        return 2
+    except Exception as exc:  # a harness failure: never exit 1, never a bare traceback
+        text = traceback.format_exc()
+        first = (str(exc).splitlines() or [""])[0]
+        if debug:
+            print(text, file=sys.stderr, end="")
+            where = "traceback above"
+        else:
+            where = f"traceback in {_crash_log(text)}"
+        print(one_line(f"{name}: internal error: {type(exc).__name__}: {first} ({where})"),
+              file=sys.stderr)
         return 2
 
 

@@ -9,6 +9,7 @@ the piece(s) separating the paper's rule from them.
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -90,7 +91,8 @@ def run_variants(configurations, backend, names, steps, size, seed):
 
 
 def main(argv) -> int:
-    from verify.cli import UsageError, _choices, installed_backends
+    from verify.cli import UsageError, _choices, check_run_size, installed_backends, one_line
+    from verify.output import OutputRefused, check_file, replace_file
 
     args = build_parser().parse_args(argv)
     ids = _choices(args.optimizer, list(CONFIGURATIONS), "optimizer") or list(CONFIGURATIONS)
@@ -102,11 +104,13 @@ def main(argv) -> int:
     if backend not in installed:
         raise UsageError(f"backend not installed: {backend}")
     names = _choices(args.scenario, scenarios.SCENARIOS, "scenario") or list(scenarios.SCENARIOS)
-    if args.steps < 1 or args.size < 1:
-        raise UsageError(f"--steps and --size must be at least 1 (got {args.steps}, {args.size})")
+    check_run_size(args.steps, args.size, len(names), args.seed)
     output = Path(args.output) if args.output else None
-    if output is not None and output.is_dir():
-        raise UsageError(f"--output {output} is a folder; give a file name")
+    if output is not None:
+        try:
+            check_file(output)
+        except OutputRefused as exc:
+            raise UsageError(str(exc)) from None
 
     configurations = [CONFIGURATIONS[i] for i in ids]
     variants, df = run_variants(configurations, backend, names, args.steps, args.size,
@@ -143,10 +147,13 @@ def main(argv) -> int:
         "match.", "", tabulate(summary, headers=headers, tablefmt="github"), ""] + lines)
     print(tabulate(summary, headers=headers))
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.with_name(f".{output.name}.tmp")
-        tmp.write_text(text)
-        tmp.rename(output)
+        replace_file(output, text)
         print(f"Report: {output}")
+    errors = df[df.verdict == "error"]
+    if len(errors):
+        first = errors.iloc[0]
+        print(one_line(f"verify-optimizers explain: error: {len(errors)} comparison(s) could "
+                       f"not run, e.g. {first['optimizer']}: {first['reason']}"), file=sys.stderr)
+        return 2
     # 1 when the point stated from Keras's source does not reproduce Keras
     return 0 if all(keras_point_ok) else 1

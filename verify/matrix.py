@@ -23,7 +23,6 @@ import io
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -34,7 +33,9 @@ import pandas as pd
 from tabulate import tabulate
 
 from verify import check, compare
-from verify.cli import UsageError, build_parser, run, selection_from_args, settings_of
+from verify.cli import (UsageError, build_parser, interruptible, run, selection_from_args,
+                        settings_of)
+from verify.output import MARKER, OutputRefused, add_files, check_folder, write_marker
 
 DEFAULT_OUTPUT = "reports/matrix"
 DEFAULT_WORK = str(Path.home() / ".cache" / "verify-optimizers" / "matrix")
@@ -143,9 +144,6 @@ def consecutive_changes(columns: dict, versions: list) -> list:
 
 def write_report(output: Path, settings: dict, versions: list, releases: dict, columns: dict,
                  cells: list) -> None:
-    output.mkdir(parents=True, exist_ok=True)
-    tmp = output / ".matrix-tmp"
-    tmp.mkdir(exist_ok=True)
     keyed = [tuple(c[f] for f in check.CELL) for c in cells]
     table = []
     for k in keyed:
@@ -159,14 +157,12 @@ def write_report(output: Path, settings: dict, versions: list, releases: dict, c
                 row[v] = UNSUPPORTED if c is None else cell_text(c)
         table.append(row)
     df = pd.DataFrame(table, columns=list(check.CELL) + versions)
-    df.to_csv(tmp / "matrix.csv", index=False)
     changes = consecutive_changes(columns, versions)
-    (tmp / "releases.json").write_text(json.dumps(
-        {"settings": settings, "releases": releases}, indent=1, sort_keys=True) + "\n")
-    (tmp / "matrix.md").write_text(_markdown(settings, versions, releases, df, changes))
-    for name in ("matrix.csv", "releases.json", "matrix.md"):
-        os.replace(tmp / name, output / name)
-    tmp.rmdir()
+    add_files(output, {
+        "matrix.csv": df.to_csv(index=False),
+        "releases.json": json.dumps({"settings": settings, "releases": releases}, indent=1,
+                                    sort_keys=True) + "\n",
+        "matrix.md": _markdown(settings, versions, releases, df, changes)}, "matrix")
 
 
 def _markdown(settings, versions, releases, df, changes) -> str:
@@ -253,9 +249,11 @@ def run_release(argv) -> int:
     A separate process per run, so that a harness failure on an unexpected
     release (its worker streams end with it) cannot take the matrix down."""
     python, output, rest = argv[0], Path(argv[1]), argv[2:]
-    sel, _, _ = selection_from_args(build_parser().parse_args(rest + ["--output", str(output)]))
-    sel.python = python
-    run(sel, output, ["json", "csv"], quiet=True, console=io.StringIO())
+    with interruptible():
+        sel, _, _ = selection_from_args(build_parser().parse_args(rest + ["--output",
+                                                                         str(output)]))
+        sel.python = python
+        run(sel, output, ["json", "csv"], quiet=True, console=io.StringIO())
     return 0
 
 
@@ -281,10 +279,21 @@ def _run_child(python, output, argv) -> str | None:
     except (OSError, ValueError):
         pass
     code = "import sys; from verify.matrix import run_release; sys.exit(run_release(sys.argv[1:]))"
-    done = subprocess.run([sys.executable, "-c", code, str(python), str(output)] + argv,
-                          capture_output=True, text=True, cwd=str(Path(__file__).parent.parent))
+    child = subprocess.Popen([sys.executable, "-c", code, str(python), str(output)] + argv,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=str(Path(__file__).parent.parent))
+    try:
+        _, stderr = child.communicate()
+    except BaseException:  # interrupted: the child stops its workers and cleans up
+        child.terminate()
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+        raise
+    done = subprocess.CompletedProcess(child.args, child.returncode, "", stderr)
     if done.returncode == 0:
-        stamp.write_text(json.dumps(request))
+        add_files(Path(output), {"request.json": json.dumps(request)}, "matrix run")
         return None
     return f"harness failed: {_last_line(done.stderr) or f'exit {done.returncode}'}"
 
@@ -318,19 +327,21 @@ def run_columns(sel, python, out: Path) -> tuple:
     return cells, environment, failed
 
 
-def _terminate(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds subprocess.run, which kills the running child
-
-
 def main(argv) -> int:
-    signal.signal(signal.SIGTERM, _terminate)
     args = _parser().parse_args(list(argv))
     versions = check._names(args.keras)
     if not versions:
         raise UsageError("--keras needs at least one release")
-    sel, output, formats = selection_from_args(args)
+    args.inputs = [("--work", args.work)]
+    sel, output, formats = selection_from_args(args, replace_output=False)
     work = Path(args.work).resolve()
+    try:
+        check_folder(work, what="--work", replace=False)
+    except OutputRefused as exc:
+        raise UsageError(str(exc)) from None
     (work / "runs").mkdir(parents=True, exist_ok=True)
+    if not (work / MARKER).exists():
+        write_marker(work, "matrix --work")
     all_backends = list(sel.backends)
     settings = dict(settings_of(sel, ["json"]))
     releases, columns = {}, {}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import subprocess
 import sys
 import tempfile
 import threading
@@ -23,10 +22,9 @@ from pathlib import Path
 import numpy as np
 
 import reference
-from verify import compare
+from verify import compare, workers
 from verify.protocol import read_message
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 CHUNK = 50
 
 
@@ -80,7 +78,8 @@ class Runner:
         names = sel.scenarios
         self.segments = compare.Segments(names, [sel.size] * len(names))
         self.all_gradients = np.concatenate([sel.gradients[n] for n in names], axis=1)
-        self.environment = {"backends": {}}
+        self.environment = {"backends": {}, "pinned": workers.pinned_description(),
+                            "user_settings_not_used": workers.overridden_user_settings()}
         self._lock = threading.Lock()  # the sink and progress, shared by the diff threads
 
     def run(self) -> None:
@@ -93,7 +92,7 @@ class Runner:
                 path = tmp / f"{name}.npy"
                 np.save(path, sel.gradients[name])
                 inputs["scenarios"][name] = str(path)
-            workers, run_id = [], 0
+            started, run_id = [], 0
             self.runs = {}
             for backend, x64, dtypes in _worker_groups(sel):
                 specs = []
@@ -108,31 +107,31 @@ class Runner:
                             run_id += 1
                 job = {"backend": backend, "x64": x64, "steps": sel.steps, "chunk": CHUNK,
                        "inputs": inputs, "runs": specs, "python_path": sel.python_path}
-                job_path = tmp / f"job-{len(workers)}.json"
+                job_path = tmp / f"job-{len(started)}.json"
                 job_path.write_text(json.dumps(job))
-                workers.append(self._start_worker(backend, job_path, tmp, len(workers), specs))
-            self._pump(workers)
+                started.append(self._start_worker(backend, x64, job_path, tmp, len(started),
+                                                  specs))
+            try:
+                self._pump(started)
+            finally:  # an interrupt or a failure: no worker outlives the run
+                for w in started:
+                    workers.stop(w["proc"])
+                    w["log"].close()
 
-    def _start_worker(self, backend, job_path, tmp, index, specs):
-        env = dict(os.environ)
-        env["KERAS_BACKEND"] = backend
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        log = open(tmp / f"worker-{index}.log", "wb")
-        proc = subprocess.Popen([self.sel.python, "-m", "verify.worker", str(job_path)],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-                                env=env, cwd=str(REPO_ROOT))
-        return {"proc": proc, "log": log, "log_path": tmp / f"worker-{index}.log",
-                "backend": backend, "runs": [s["id"] for s in specs]}
+    def _start_worker(self, backend, x64, job_path, tmp, index, specs):
+        env = workers.pinned_environment(backend, tmp / f"keras-home-{index}", x64=x64)
+        log_path = tmp / f"worker-{index}.log"
+        proc, log = workers.start("verify.worker", job_path, log_path, env, self.sel.python)
+        return {"proc": proc, "log": log, "log_path": log_path, "backend": backend,
+                "runs": [s["id"] for s in specs]}
 
-    def _pump(self, workers):
+    def _pump(self, started):
         """Read every worker's messages in the main thread; diff them on a pool of
         threads (numpy releases the GIL), one comparison (run and family) at a time
         in arrival order, different comparisons in parallel."""
-        q = queue.Queue(maxsize=2 * len(workers))  # backpressure: workers wait for the diff
+        q = queue.Queue(maxsize=2 * len(started))  # backpressure: workers wait for the diff
         families = self.sel.families
-        diff = _OrderedPool(_diff_threads(), budget=(2 * len(workers) + 2) * len(families))
+        diff = _OrderedPool(_diff_threads(), budget=(2 * len(started) + 2) * len(families))
 
         def reader(w):
             try:
@@ -151,10 +150,10 @@ class Runner:
             run = self.runs[run_id]
             self._advance(self.sel.steps - getattr(run, "steps_done", 0))
 
-        threads = [threading.Thread(target=reader, args=(w,), daemon=True) for w in workers]
+        threads = [threading.Thread(target=reader, args=(w,), daemon=True) for w in started]
         for t in threads:
             t.start()
-        open_workers = len(workers)
+        open_workers = len(started)
         active = {}  # (run id, family) -> comparison, touched only by its own tasks
         done = set()
         try:
@@ -165,8 +164,7 @@ class Runner:
                     open_workers -= 1
                     w["proc"].wait()
                     w["log"].close()
-                    reason = (_last_line(w["log_path"])
-                              or f"worker exited with {w['proc'].returncode}")
+                    reason = workers.death_reason(w["proc"].returncode, w["log_path"])
                     for run_id in w["runs"]:
                         if run_id not in done:
                             failed(run_id, f"{w['backend']} worker failed: {reason}")
@@ -178,7 +176,8 @@ class Runner:
                 if kind == "hello":
                     self.environment["backends"][header["backend"]] = {
                         "keras": header["keras"], "version": header.get("backend_version"),
-                        "numpy": header["numpy"], "python": header["python"]}
+                        "numpy": header["numpy"], "python": header["python"],
+                        "keras_config": header.get("keras_config")}
                 elif kind == "run_start":
                     states = _assemble(arrays, 1)
                     if self.observer:
@@ -340,12 +339,3 @@ def _assemble(arrays, k):
         else:
             out[name] = parts[0]
     return out
-
-
-def _last_line(path) -> str:
-    try:
-        lines = [ln.strip() for ln in Path(path).read_text(errors="replace").splitlines()
-                 if ln.strip()]
-    except OSError:
-        return ""
-    return lines[-1] if lines else ""

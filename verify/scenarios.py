@@ -7,6 +7,7 @@ reference and the Keras side.
 
 from __future__ import annotations
 
+import os
 import zlib
 from pathlib import Path
 
@@ -67,19 +68,62 @@ class GradientFileError(ValueError):
     pass
 
 
-def load_gradient_file(path) -> np.ndarray:
-    """A user's own sequence: a .npy array of finite floats, shape [steps, size]."""
+def _header(path):
+    """(shape, dtype, data offset) from a .npy header, before any data is read."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        return shape, dtype, f.tell()
+
+
+def load_gradient_file(path, max_bytes: int) -> np.ndarray:
+    """A user's own sequence: a .npy array of finite real numbers, shape [steps, size].
+
+    The header is checked first: a shape that the file's length cannot hold,
+    or that needs more than `max_bytes` as float64, is refused before any
+    memory is taken; pickled objects are never loaded."""
+    try:
+        shape, dtype, offset = _header(path)
+    except (OSError, ValueError, EOFError) as exc:
+        raise GradientFileError(f"cannot read gradient file {path}: {exc}") from None
+    if len(shape) != 2 or min(shape, default=0) < 1:
+        raise GradientFileError(
+            f"gradient file {path} must hold an array of shape [steps, size], got shape {shape}")
+    if dtype.kind not in "fiu" or dtype.hasobject:
+        raise GradientFileError(f"gradient file {path} holds {dtype}, not real numbers")
+    count = int(np.prod(shape, dtype=object))
+    if count * 8 > max_bytes:
+        raise GradientFileError(f"gradient file {path} claims shape {shape}: more than "
+                                f"{max_bytes // 1024 ** 3} GiB as float64")
+    actual = os.path.getsize(path) - offset
+    if actual != count * dtype.itemsize:
+        raise GradientFileError(f"gradient file {path} claims shape {shape} of {dtype} "
+                                f"({count * dtype.itemsize} bytes) but holds {actual} bytes")
     try:
         g = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise GradientFileError(f"cannot read gradient file {path}: {exc}") from None
-    if not isinstance(g, np.ndarray) or g.ndim != 2 or min(g.shape) < 1:
-        raise GradientFileError(
-            f"gradient file {path} must hold an array of shape [steps, size], "
-            f"got shape {getattr(g, 'shape', None)}")
-    if not np.issubdtype(g.dtype, np.floating) and not np.issubdtype(g.dtype, np.integer):
-        raise GradientFileError(f"gradient file {path} holds {g.dtype}, not numbers")
     g = g.astype(np.float64)
-    if not np.all(np.isfinite(g)):
-        raise GradientFileError(f"gradient file {path} contains NaN or infinite values")
+    bad = ~np.isfinite(g)
+    if bad.any():
+        step, i = np.argwhere(bad)[0]
+        raise GradientFileError(f"gradient file {path} has {float(g[step, i])} at step {step + 1}, "
+                                f"element {i}: gradients must be finite numbers")
     return g
+
+
+def check_representable(g: np.ndarray, dtypes, path) -> None:
+    """Refuse values that rounding to a working dtype would turn into infinity."""
+    for dtype in dtypes:
+        limit = float(np.finfo(dtype).max)
+        with np.errstate(over="ignore"):
+            rounded = np.isinf(g.astype(dtype))
+        if rounded.any():
+            step, i = np.argwhere(rounded)[0]
+            raise GradientFileError(
+                f"gradient file {path} has {float(g[step, i])!r} at step {step + 1}, element {i}: "
+                f"it overflows {dtype} (largest finite {limit:.7g}); leave {dtype} out with "
+                "--dtype or scale the gradients")

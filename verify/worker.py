@@ -190,10 +190,13 @@ def main(job_path: str) -> int:
         sys.path.insert(0, path)
     import keras
 
+    from verify.workers import check_pinned
+
     hello = {"type": "hello", "backend": keras.backend.backend(),
              "keras": keras.__version__, "numpy": np.__version__,
              "python": sys.version.split()[0],
-             "float64_computes_float64": _probe_float64(keras)}
+             "float64_computes_float64": _probe_float64(keras),
+             "keras_config": check_pinned(keras)}
     try:
         module = __import__({"tensorflow": "tensorflow", "jax": "jax",
                              "torch": "torch"}[job["backend"]])
@@ -213,7 +216,8 @@ def main(job_path: str) -> int:
                                    "process (JAX without x64)")
             Run(keras, spec, job, gradients, initial).execute(out, job["steps"], job["chunk"])
         except Exception as exc:  # reported as an `error` verdict for this run
-            traceback.print_exc()
+            for line in traceback.format_exc().splitlines():  # not taken for a fatal error
+                print(f"run {spec['id']}: {line}", file=sys.stderr)
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
             write_message(out, {"type": "run_error", "id": spec["id"], "reason": reason})
     write_message(out, {"type": "bye"})

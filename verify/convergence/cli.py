@@ -11,15 +11,16 @@ import importlib.util
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from tabulate import tabulate
 
-from verify.cli import UsageError, _choices, _Parser, chosen_backends
+from verify.cli import UsageError, _choices, _Parser, chosen_backends, claim_output, one_line
 from verify.configurations import CONFIGURATIONS
 from verify.output import replacing_folder
 from verify.convergence.article import ARTICLE_EPOCHS
+
+MAX_EPOCHS, MAX_SEEDS = 100_000, 1000  # beyond these a run would not end or not fit
 
 EXTRA_MODULES = {"sklearn": "scikit-learn", "matplotlib": "matplotlib"}
 
@@ -50,13 +51,11 @@ def parse(argv):
                          f"pip install 'verify-optimizers[convergence]'")
     backends = chosen_backends(args.backend)
     ids = _choices(args.optimizer, list(CONFIGURATIONS), "optimizer") or list(CONFIGURATIONS)
-    if args.epochs is not None and args.epochs < 1:
-        raise UsageError(f"--epochs must be at least 1 (got {args.epochs})")
-    if args.seeds < 1:
-        raise UsageError(f"--seeds must be at least 1 (got {args.seeds})")
-    output = Path(args.output)
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"--output {output} exists and is not a folder")
+    if args.epochs is not None and not 1 <= args.epochs <= MAX_EPOCHS:
+        raise UsageError(f"--epochs must be from 1 to {MAX_EPOCHS} (got {args.epochs})")
+    if not 1 <= args.seeds <= MAX_SEEDS:
+        raise UsageError(f"--seeds must be from 1 to {MAX_SEEDS} (got {args.seeds})")
+    output = claim_output(args.output, [])
     epochs = {i: args.epochs or ARTICLE_EPOCHS.get(i, 100) for i in ids}
     return {"backends": backends, "optimizers": ids, "epochs": epochs, "seeds": args.seeds,
             "output": output, "quiet": args.quiet}
@@ -84,7 +83,7 @@ def run(settings: dict, *, console=None) -> int:
 
     console = console or sys.stdout
     output = settings["output"]
-    with replacing_folder(output) as tmp:
+    with replacing_folder(output, "convergence") as tmp:
         runs = [{"id": i, "keras_config": CONFIGURATIONS[i].keras_config(),
                  "epochs": settings["epochs"][i]} for i in settings["optimizers"]]
         seeds = list(range(settings["seeds"]))
@@ -129,12 +128,7 @@ def main(argv) -> int:
 
     try:
         return run(settings)
-    except KeyboardInterrupt:
-        print("verify-optimizers convergence: interrupted; nothing written", file=sys.stderr)
-        return 130
     except WorkerError as exc:
-        print(f"verify-optimizers convergence: {exc}; nothing written", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"verify-optimizers convergence: error: {exc}", file=sys.stderr)
+        print(one_line(f"verify-optimizers convergence: error: {exc}; nothing written"),
+              file=sys.stderr)
         return 2

@@ -3,35 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
 import queue
-import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 
+from verify import workers
 from verify.convergence.worker import THREAD_ENV
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 
 class WorkerError(RuntimeError):
     pass
 
 
 def _start(backend, job_path, log_path, python):
-    env = dict(os.environ)
-    env.update(THREAD_ENV)
-    env["KERAS_BACKEND"] = backend
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    log = open(log_path, "wb")
-    proc = subprocess.Popen([python, "-m", "verify.convergence.worker", str(job_path)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-                            env=env, cwd=str(REPO_ROOT))
-    return proc, log
+    env = workers.pinned_environment(backend, log_path.with_name(f"keras-home-{backend}"),
+                                     extra=THREAD_ENV)
+    return workers.start("verify.convergence.worker", job_path, log_path, env, python)
 
 
 def run(backends, runs, seeds, work: Path, *, progress=None, python=sys.executable):
@@ -39,7 +28,7 @@ def run(backends, runs, seeds, work: Path, *, progress=None, python=sys.executab
     for every worker event.  Returns (curves, environment): curves is backend ->
     id -> {"loss", "accuracy"} arrays [seeds, epochs]."""
     work.mkdir(parents=True, exist_ok=True)
-    workers = []
+    started = []
     events = queue.Queue()
     try:
         for backend in backends:
@@ -47,7 +36,7 @@ def run(backends, runs, seeds, work: Path, *, progress=None, python=sys.executab
             job_path = work / f"job-{backend}.json"
             job_path.write_text(json.dumps(job))
             proc, log = _start(backend, job_path, work / f"worker-{backend}.log", python)
-            workers.append((backend, proc, log))
+            started.append((backend, proc, log))
 
         def reader(backend, proc):
             for line in proc.stdout:
@@ -57,10 +46,10 @@ def run(backends, runs, seeds, work: Path, *, progress=None, python=sys.executab
                     continue
             events.put((backend, None))
 
-        for backend, proc, _ in workers:
+        for backend, proc, _ in started:
             threading.Thread(target=reader, args=(backend, proc), daemon=True).start()
         environment, seconds, errors = {}, {}, {}
-        open_workers = len(workers)
+        open_workers = len(started)
         while open_workers:
             backend, event = events.get()
             if event is None:
@@ -69,25 +58,24 @@ def run(backends, runs, seeds, work: Path, *, progress=None, python=sys.executab
             event["backend"] = backend
             if event["event"] == "hello":
                 environment[backend] = {k: event[k] for k in
-                                        ("keras", "version", "numpy", "python")}
+                                        ("keras", "version", "numpy", "python", "keras_config")}
             elif event["event"] == "done":
                 seconds.setdefault(backend, {})[event["id"]] = event["seconds"]
             elif event["event"] == "error":
                 errors[backend] = event["reason"]
             if progress:
                 progress(event)
-        for backend, proc, log in workers:
+        for backend, proc, log in started:
             proc.wait()
             log.close()
             if proc.returncode and backend not in errors:
-                errors[backend] = f"worker exited with code {proc.returncode}"
+                errors[backend] = workers.death_reason(proc.returncode,
+                                                       work / f"worker-{backend}.log")
         if errors:
             raise WorkerError("; ".join(f"{b} worker failed: {r}" for b, r in errors.items()))
     finally:
-        for _, proc, log in workers:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        for _, proc, log in started:
+            workers.stop(proc)
             log.close()
     curves = {b: {} for b in backends}
     for b in backends:

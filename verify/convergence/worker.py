@@ -53,8 +53,9 @@ def main(job_path: str) -> int:
         import keras
 
         from verify.convergence import model
+        from verify.workers import check_pinned
 
-        _say(event="hello", **_versions(keras))
+        _say(event="hello", **_versions(keras), keras_config=check_pinned(keras))
         output = Path(job["output"])
         for run in job["runs"]:
             started = time.perf_counter()
