@@ -1,14 +1,24 @@
 """Reference update rules, in pure numpy (this package never imports keras).
 
-Families: `article` (shared/article.md as written), `textbook` (each
-optimizer as its paper states it) and `keras` (what Keras 3 computes).  `get_rule(family, class_name)` returns a `reference.rule.Rule`.
+Each optimizer is a space of named pieces (reference/optimizers/); the
+families `article` (shared/article.md as written), `textbook` (each optimizer
+as its paper states it) and `keras` (what Keras 3 computes) are named points
+of it.  `get_rule(family, class_name)` returns a `reference.rule.Rule`;
+`SPACES[class_name]` is the variant space `explain` searches.
 """
 
-from reference import article, keras3, textbook  # noqa: F401  (registers the rules)
 from reference.arithmetic import PRECISIONS, Arithmetic, Precision, Tracked
+from reference.optimizer import name_of, register_variants
+from reference.optimizers import OPTIMIZERS
 from reference.rule import REGISTRY, Rule, StateSpec, Unsupported
 
 FAMILIES = ("article", "textbook", "keras")
+
+for _optimizer in OPTIMIZERS.values():
+    for _family in _optimizer.points:
+        REGISTRY[(_family, _optimizer.class_name)] = _optimizer.rule(_family)
+
+SPACES = {name: optimizer.space() for name, optimizer in OPTIMIZERS.items()}
 
 
 def get_rule(family: str, class_name: str) -> Rule:
@@ -18,5 +28,6 @@ def get_rule(family: str, class_name: str) -> Rule:
         raise Unsupported(f"no {family} rule for {class_name}") from None
 
 
-__all__ = ["FAMILIES", "PRECISIONS", "Arithmetic", "Precision", "Rule", "StateSpec",
-           "Tracked", "Unsupported", "get_rule"]
+__all__ = ["FAMILIES", "OPTIMIZERS", "PRECISIONS", "SPACES", "Arithmetic", "Precision",
+           "Rule", "StateSpec", "Tracked", "Unsupported", "get_rule", "name_of",
+           "register_variants"]

@@ -14,6 +14,13 @@ z = fl(x op y) with u the unit roundoff (eps / 2):
     x ** t   e_z = |t z / x| e_x + u|z| (1 + |t ln x|)   (pow through exp/log)
 
 plus, for every operation, the absolute error of underflow (eq. 2.8).
+Over whole axes (section 3.1; section 3.5 for matrix products), with
+gamma_n = n u / (1 - n u):
+
+    sum of n    e_z = sum e_i + gamma_{n-1} sum |x_i|
+    max of n    e_z = max e_i                          (max is 1-Lipschitz)
+    A @ B       e_z = gamma_n |A| |B| + |A| e_B + e_A |B| + e_A e_B   (inner dimension n)
+    |x|, transpose, reshape: exact (e_z = e_x)
 
 The bound is what a faithful implementation of the same formula may differ
 by, whatever order it evaluates it in up to a small factor; the comparison
@@ -146,6 +153,14 @@ def _either(a, b):
     return a | b
 
 
+def _rearranged(a, v, how, arg):
+    """A bound or tie mask rearranged like its value v; a scalar (the same
+    for every element) and None stay as they are."""
+    if a is None or np.ndim(a) == 0:
+        return a
+    return how(np.broadcast_to(a, np.shape(v)), arg)
+
+
 class Tracked:
     """A value in the working dtype, its absolute error bound (or None when
     bounds are not kept) and its tie mask (None, or True where the value
@@ -159,6 +174,41 @@ class Tracked:
         self.e = e
         self.ar = ar
         self.tie = tie
+
+    # --- exact rearrangements: the same values, bounds and ties ------------
+    def reshape(self, shape) -> "Tracked":
+        return Tracked(np.reshape(self.v, shape), _rearranged(self.e, self.v, np.reshape, shape),
+                       self.ar, _rearranged(self.tie, self.v, np.reshape, shape))
+
+    def transpose(self, axes=None) -> "Tracked":
+        return Tracked(np.transpose(self.v, axes),
+                       _rearranged(self.e, self.v, np.transpose, axes), self.ar,
+                       _rearranged(self.tie, self.v, np.transpose, axes))
+
+    def take_columns(self, start: int, stop: int) -> "Tracked":
+        """x[:, start:stop]."""
+        def cut(a, _):
+            return a[:, start:stop]
+        return Tracked(self.v[:, start:stop], _rearranged(self.e, self.v, cut, None), self.ar,
+                       _rearranged(self.tie, self.v, cut, None))
+
+    @staticmethod
+    def concatenate(parts, axis=0) -> "Tracked":
+        ar = parts[0].ar
+        v = np.concatenate([p.v for p in parts], axis=axis)
+        es = [p.e for p in parts]
+        if any(e is None for e in es):
+            e = None
+        elif all(np.ndim(e) == 0 for e in es) and len({float(e) for e in es}) == 1:
+            e = es[0]
+        else:
+            e = np.concatenate([np.broadcast_to(p.e, np.shape(p.v)) for p in parts], axis=axis)
+        tie = None
+        if any(p.tie is not None for p in parts):
+            tie = np.concatenate([np.zeros(np.shape(p.v), bool) if p.tie is None
+                                  else np.broadcast_to(p.tie, np.shape(p.v)) for p in parts],
+                                 axis=axis)
+        return Tracked(v, e, ar, tie)
 
     def exact_zero(self):
         return (self.v == 0) & (self.e == 0)
@@ -221,6 +271,13 @@ class Tracked:
     def __rtruediv__(self, other):
         return _lift(self.ar, other) / self
 
+    def __abs__(self):
+        """|x| is exact and 1-Lipschitz: the bound passes through unchanged."""
+        return Tracked(np.abs(self.v), self.e, self.ar, self.tie)
+
+    def __matmul__(self, other):
+        return matmul(self, other)
+
     def __neg__(self):
         return Tracked(-self.v, self.e, self.ar, self.tie)
 
@@ -278,3 +335,102 @@ def maximum(x: Tracked, y: Tracked) -> Tracked:
     if not x.ar.track:
         return Tracked(z, None, x.ar)
     return Tracked(z, np.maximum(x.e, y.e), x.ar, _either(x.tie, y.tie))
+
+
+def gamma(n, u: float):
+    """gamma_n = n u / (1 - n u) (Higham 2002, section 3.1, lemma 3.1)."""
+    n = np.asarray(n, dtype=np.float64)
+    return n * u / (1 - n * u)
+
+
+def _axes(ndim: int, axis) -> tuple:
+    if axis is None:
+        return tuple(range(ndim))
+    return tuple(a % ndim for a in np.atleast_1d(axis))
+
+
+def _any_tie(x: Tracked, axis, keepdims):
+    if x.tie is None:
+        return None
+    return np.any(np.broadcast_to(x.tie, np.shape(x.v)), axis=axis, keepdims=keepdims)
+
+
+def sum_over(x: Tracked, axis=None, keepdims: bool = False) -> Tracked:
+    """The sum over `axis` (numpy's convention; None: every axis).
+
+    Summing n terms in any order (numpy's pairwise sum, a backend's reduction
+    tree) passes each term through at most n - 1 additions, so the computed
+    sum is within gamma_{n-1} sum |x_i| of the exact sum of the computed terms
+    (Higham 2002, section 4.2, recursive summation; the bound holds for every
+    order), plus the terms' own bounds.  With subnormals flushed to zero, each
+    addition may also lose up to the smallest normal number.
+    """
+    axes = _axes(np.ndim(x.v), axis)
+    z = np.sum(x.v, axis=axes, keepdims=keepdims)
+    if not x.ar.track:
+        return Tracked(z, None, x.ar)
+    n = int(np.prod([np.shape(x.v)[a] for a in axes]))
+    magnitude = np.sum(np.abs(x.v.astype(np.float64)), axis=axes, keepdims=keepdims)
+    propagated = np.sum(np.broadcast_to(x.e, np.shape(x.v)), axis=axes, keepdims=keepdims)
+    e = propagated + gamma(max(n - 1, 0), x.ar.u) * magnitude
+    if x.ar.precision.flushes_subnormals:
+        e = e + np.where(magnitude > 0, max(n - 1, 0) * x.ar.underflow, 0.0)
+    return Tracked(z, e, x.ar, _any_tie(x, axes, keepdims))
+
+
+def mean_over(x: Tracked, axis=None, keepdims: bool = False) -> Tracked:
+    """The mean over `axis`: the sum divided by the count (the count rounded to
+    the dtype, as a backend converts it), with the division's rounding."""
+    axes = _axes(np.ndim(x.v), axis)
+    n = int(np.prod([np.shape(x.v)[a] for a in axes]))
+    return sum_over(x, axes, keepdims) / x.ar.const(float(n))
+
+
+def max_over(x: Tracked, axis=None, keepdims: bool = False) -> Tracked:
+    """The maximum over `axis`: exact, and 1-Lipschitz in the largest
+    difference, so within the largest of the elements' bounds."""
+    axes = _axes(np.ndim(x.v), axis)
+    z = np.max(x.v, axis=axes, keepdims=keepdims)
+    if not x.ar.track:
+        return Tracked(z, None, x.ar)
+    e = np.max(np.broadcast_to(x.e, np.shape(x.v)), axis=axes, keepdims=keepdims)
+    return Tracked(z, e, x.ar, _any_tie(x, axes, keepdims))
+
+
+def norm(x: Tracked, axis=None, keepdims: bool = False) -> Tracked:
+    """The 2-norm over `axis`: sqrt of the sum of squares, each operation with
+    its bound."""
+    return sqrt(sum_over(square(x), axis, keepdims))
+
+
+def matmul(a: Tracked, b: Tracked) -> Tracked:
+    """a @ b over the last two axes (numpy's batching for the leading ones).
+
+    Each element is an inner product of length n (the inner dimension): in any
+    order of summation it is within gamma_n |a| |b| of the exact product of the
+    computed factors (Higham 2002, section 3.1 for inner products, section 3.5
+    for matrix products); the factors' bounds add |a| e_b + e_a |b| + e_a e_b.
+    With subnormals flushed, each of the n products and n - 1 additions may
+    also lose up to the smallest normal number.
+    """
+    z = np.matmul(a.v, b.v)
+    if not a.ar.track:
+        return Tracked(z, None, a.ar)
+    n = np.shape(a.v)[-1]
+    abs_a, abs_b = np.abs(a.v.astype(np.float64)), np.abs(b.v.astype(np.float64))
+    e_a = np.broadcast_to(a.e, np.shape(a.v)).astype(np.float64)
+    e_b = np.broadcast_to(b.e, np.shape(b.v)).astype(np.float64)
+    magnitude = np.matmul(abs_a, abs_b)
+    e = (gamma(n, a.ar.u) * magnitude + np.matmul(abs_a, e_b) + np.matmul(e_a, abs_b)
+         + np.matmul(e_a, e_b))
+    if a.ar.precision.flushes_subnormals:
+        e = e + np.where(magnitude > 0, (2 * n - 1) * a.ar.underflow, 0.0)
+    else:
+        # gradual underflow: each product may lose half the smallest subnormal
+        e = e + np.where(magnitude > 0, n * a.ar.underflow, 0.0)
+    tie = None
+    if a.tie is not None or b.tie is not None:
+        ta = np.broadcast_to(False if a.tie is None else a.tie, np.shape(a.v)).astype(float)
+        tb = np.broadcast_to(False if b.tie is None else b.tie, np.shape(b.v)).astype(float)
+        tie = (np.matmul(ta, np.ones_like(abs_b)) + np.matmul(np.ones_like(abs_a), tb)) > 0
+    return Tracked(z, e, a.ar, tie)

@@ -1,14 +1,26 @@
 """Small named pieces that update rules are built from (the optax style).
 
 A textbook rule and Keras's rule often differ by exactly one of these; keeping
-them named makes that difference visible and swappable.
+them named makes that difference visible and swappable.  The optimizer modules
+(reference/optimizers/) choose among them by the option names of their pieces.
 """
 
 from __future__ import annotations
 
-import numpy as np
-
 from reference.arithmetic import Arithmetic, Tracked, sqrt
+
+
+def hyperparameter(ar: Arithmetic, value: float, how: str) -> Tracked:
+    """A Python-float hyperparameter entering the arithmetic: "ops.cast" where
+    Keras's source casts it (the precision setting may round it to float32
+    first), "python" where it is combined with a tensor as it is."""
+    return ar.cast(value) if how == "ops.cast" else ar.const(value)
+
+
+def one_minus(ar: Arithmetic, value: float, beta: Tracked, how: str) -> Tracked:
+    """1 - beta: "python" computes it as a Python float (Keras's `1 - self.beta_1`),
+    "tensor" in the working dtype from beta."""
+    return ar.const(1 - value) if how == "python" else 1 - beta
 
 
 def ema_interpolate(avg: Tracked, x: Tracked, one_minus_beta) -> Tracked:
@@ -21,6 +33,13 @@ def ema_weighted(avg: Tracked, x: Tracked, beta, one_minus_beta) -> Tracked:
     return beta * avg + one_minus_beta * x
 
 
+def ema(form: str, avg: Tracked, x: Tracked, beta, one_minus_beta) -> Tracked:
+    """The moving average in the named form ("interpolate" or "weighted")."""
+    if form == "interpolate":
+        return ema_interpolate(avg, x, one_minus_beta)
+    return ema_weighted(avg, x, beta, one_minus_beta)
+
+
 def eps_outside_sqrt(v: Tracked, eps) -> Tracked:
     """sqrt(v) + e."""
     return sqrt(v) + eps
@@ -29,6 +48,15 @@ def eps_outside_sqrt(v: Tracked, eps) -> Tracked:
 def eps_inside_sqrt(v: Tracked, eps) -> Tracked:
     """sqrt(v + e)."""
     return sqrt(v + eps)
+
+
+def root(placement: str, v: Tracked, eps) -> Tracked:
+    """The denominator sqrt(v) with epsilon "inside", "outside" or "none"."""
+    if placement == "inside":
+        return eps_inside_sqrt(v, eps)
+    if placement == "outside":
+        return eps_outside_sqrt(v, eps)
+    return sqrt(v)
 
 
 def apply_with_momentum(w: Tracked, increment: Tracked, m: Tracked | None,
@@ -48,19 +76,3 @@ def adam_step_size(lr, beta_1, beta_2, local_step) -> Tracked:
     corrections into the step size, which makes e act as an "epsilon hat".
     """
     return lr * sqrt(1 - beta_2 ** local_step) / (1 - beta_1 ** local_step)
-
-
-def decoupled_weight_decay(ar: Arithmetic, w: Tracked, weight_decay: float,
-                           lr: Tracked) -> Tracked:
-    """w = w - w * wd * lr, applied before the optimizer's own step.
-
-    With the `decay_factor_float32` precision setting the factor (1 - wd*lr)
-    is formed in float32 and then multiplies the weights (torch backend).
-    """
-    if ar.precision.decay_factor_float32:
-        # torch: 1 - wd * lr on a float32 scalar tensor, every step rounded to
-        # float32 and known exactly, so it carries no error bound of its own.
-        f32 = Arithmetic("float32", ar.precision, track=False)
-        factor = 1 - f32.const(weight_decay) * f32.learning_rate(float(lr.v))
-        return w * ar.exact(np.asarray(factor.v))
-    return w - w * ar.cast(weight_decay) * lr

@@ -5,8 +5,16 @@ A rule is one optimizer step over named state, written in numpy through
 names are Keras's: "variable" for the weights, the slot names Keras gives its
 per-variable optimizer variables ("momentum", "velocity", "accumulator",
 "average_gradient"), and the attribute name of any optimizer-wide variable
-("u_product").  Inputs have a leading batch axis so that one call can evaluate
-many steps at once (lockstep) or one step (free-run).
+("u_product").
+
+The interface: `rule(ar, hp, state, grads, iteration)` where
+  state[name]  is a list with one Tracked per variable, each [k, *shape] (a
+               leading batch axis of k steps), for a per-variable state, and
+               one Tracked [k] for an optimizer-wide state;
+  grads        is the list of the variables' gradients, each [k, *shape];
+  iteration    is Keras's `iterations` before the step, a Tracked [k].
+It returns the states after the step in the same form.  One call evaluates k
+independent steps at once (lockstep) or one step (free-run).
 """
 
 from __future__ import annotations
@@ -17,7 +25,8 @@ from typing import Callable
 from reference.arithmetic import Arithmetic, Tracked
 
 # Base-optimizer arguments a rule accepts only at their neutral values, until
-# a piece models them (clipping, EMA, loss scaling, accumulation).
+# a stage of the base pipeline models them (clipping, EMA, loss scaling,
+# accumulation; see reference/base.py).
 NEUTRAL_BASE_ARGUMENTS = {
     "name": None,
     "clipnorm": None,
@@ -48,7 +57,7 @@ class StateSpec:
         return float((ar.cast if self.initial_via_cast else ar.const)(self.initial).v)
 
 
-StepFn = Callable[[Arithmetic, dict, dict, Tracked, Tracked], dict]
+StepFn = Callable[[Arithmetic, dict, dict, list, Tracked], dict]
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,8 @@ class Rule:
     source: str
     choices: str = ""
     doc: str = field(default="", compare=False)
+    # hyperparameters -> why the source does not state this configuration, or None
+    unstated: Callable[[dict], str | None] | None = field(default=None, compare=False)
 
     def hyperparameters(self, config: dict) -> dict:
         """The full hyperparameter set: the rule's defaults under `config`."""
@@ -77,30 +88,20 @@ class Rule:
             else:
                 raise Unsupported(
                     f"{self.family}/{self.class_name} has no hyperparameter {key!r}")
+        if self.unstated is not None and (reason := self.unstated(hp)):
+            raise Unsupported(reason)
         return hp
 
     def state_specs(self, config: dict) -> list:
         return self.states(self.hyperparameters(config))
 
-    def __call__(self, ar: Arithmetic, hp: dict, state: dict, grad: Tracked,
+    def __call__(self, ar: Arithmetic, hp: dict, state: dict, grads: list,
                  iteration: Tracked) -> dict:
-        """One step from `state` (Tracked values) at Keras's `iterations`."""
-        return self.step(ar, hp, state, grad, iteration)
+        """One step from `state` at Keras's `iterations` (see the module docstring)."""
+        return self.step(ar, hp, state, grads, iteration)
 
 
 REGISTRY: dict = {}
-
-
-def register(family: str, class_name: str, *, defaults: dict, states, source: str,
-             choices: str = ""):
-    def wrap(fn: StepFn) -> StepFn:
-        key = (family, class_name)
-        if key in REGISTRY:
-            raise ValueError(f"duplicate rule {key}")
-        REGISTRY[key] = Rule(family, class_name, dict(defaults), states, fn,
-                             source, choices, (fn.__doc__ or "").strip())
-        return fn
-    return wrap
 
 
 def slots(*names, initial=0.0):

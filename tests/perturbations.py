@@ -7,21 +7,12 @@ mismatch against real Keras in float64 on every backend.
 from dataclasses import replace
 
 import reference
-from reference import pieces
-from reference.arithmetic import Arithmetic, square
+from reference.arithmetic import Arithmetic
 from reference.rule import REGISTRY
 
 KERAS_ADAM = reference.get_rule("keras", "Adam")
-
-
-def _eps_inside_sqrt_adam(ar, hp, s, g, t):
-    """The Keras Adam step with epsilon moved inside the square root."""
-    lr = ar.learning_rate(hp["learning_rate"])
-    alpha = pieces.adam_step_size(lr, ar.cast(hp["beta_1"]), ar.cast(hp["beta_2"]), t + 1)
-    m = pieces.ema_interpolate(s["momentum"], g, ar.const(1 - hp["beta_1"]))
-    v = pieces.ema_interpolate(s["velocity"], square(g), ar.const(1 - hp["beta_2"]))
-    w = s["variable"] - (m * alpha) / pieces.eps_inside_sqrt(v, ar.const(hp["epsilon"]))
-    return {"variable": w, "momentum": m, "velocity": v}
+# the Keras Adam step with epsilon moved inside the square root
+_EPS_INSIDE_SQRT_ADAM = reference.SPACES["Adam"].rule({"epsilon_placement": "inside"}).step
 
 
 def _shifted(rule, key, delta):
@@ -64,7 +55,7 @@ PERTURBED = {
 }
 
 if ("eps-inside-sqrt", "Adam") not in REGISTRY:
-    _register("eps-inside-sqrt", "Adam", _eps_inside_sqrt_adam)
+    _register("eps-inside-sqrt", "Adam", _EPS_INSIDE_SQRT_ADAM)
     for family, (key, classes) in SHIFTS.items():
         for name in classes:
             _register(family, name, _shifted(reference.get_rule("keras", name), key, 1e-4))

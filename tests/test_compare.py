@@ -15,6 +15,18 @@ from verify.configurations import Configuration
 N, S = 8, 2  # elements per scenario, scenarios
 
 
+def one_step(rule, ar, hp, state, g, t):
+    """One step of S variables of N elements from flat [N * S] arrays (a global
+    state: [1]), through the rule's per-variable interface; flat results."""
+    specs = {sp.name: sp for sp in rule.states(hp)}
+    split = lambda a: [ar.exact(p[None]) for p in np.split(np.asarray(a), S)]
+    tracked = {k: split(v) if k == "variable" or specs[k].per_variable else ar.exact(v)
+               for k, v in state.items()}
+    out = rule(ar, hp, tracked, split(g), ar.step_count([float(t)]))
+    return {k: np.concatenate([np.ravel(p.v) for p in v]) if isinstance(v, list)
+            else np.ravel(v.v) for k, v in out.items()}
+
+
 def stream(class_name, config, steps, dtype="float64", precision="jax", seed=0,
            initial=None, grads=None, alter=None):
     """States after each step (index 0 = before any step) from the keras rule;
@@ -25,19 +37,17 @@ def stream(class_name, config, steps, dtype="float64", precision="jax", seed=0,
     ar = Arithmetic(dtype, PRECISIONS[precision], track=False)
     rng = np.random.default_rng(seed)
     g = rng.standard_normal((steps, N * S)) if grads is None else grads
-    state = {"variable": ar.exact(rng.standard_normal(N * S))}
+    state = {"variable": rng.standard_normal(N * S).astype(dtype)}
     for spec in rule.states(hp):
         shape = (N * S,) if spec.per_variable else (1,)
         value = spec.initial if initial is None else initial.get(spec.name, spec.initial)
-        state[spec.name] = ar.exact(np.full(shape, value))
-    history = [{k: np.asarray(v.v).copy() for k, v in state.items()}]
+        state[spec.name] = np.full(shape, value, dtype=dtype)
+    history = [{k: v.copy() for k, v in state.items()}]
     for t in range(steps):
-        state = rule(ar, hp, state, ar.exact(g[t]), ar.step_count(float(t)))
-        state = {k: np.asarray(v.v).reshape(-1).copy() for k, v in state.items()}
+        state = one_step(rule, ar, hp, state, g[t].astype(dtype), t)
         if alter:
             alter(t + 1, state)
-        state = {k: ar.exact(v) for k, v in state.items()}
-        history.append({k: np.asarray(v.v).copy() for k, v in state.items()})
+        history.append({k: v.copy() for k, v in state.items()})
     return g, history
 
 

@@ -5,9 +5,8 @@ piece that separates the paper from Keras."""
 import numpy as np
 import pytest
 
-from reference import PRECISIONS, Arithmetic
+from reference import PRECISIONS, SPACES, Arithmetic, name_of, register_variants
 from reference.rule import REGISTRY
-from reference.variants import SPACES, name_of, register_variants
 from verify import compare
 from verify.cli import installed_backends
 from verify.explain import analyse, main, run_variants
@@ -18,25 +17,28 @@ N, STEPS = 6, 8
 
 def variant_stream(class_name, config, choices, grads):
     """States after each step of one variant, as Keras would report them."""
-    space = SPACES[class_name]
-    hp = {**space.defaults, **config}
+    rule = SPACES[class_name].rule(choices)
+    hp = rule.hyperparameters(config)
     ar = Arithmetic("float64", PRECISIONS["jax"], track=False)
-    step = space.step(choices)
+    specs = rule.states(hp)
     state = {"variable": np.linspace(-1, 1, N)}
-    for spec in space.states(hp, choices):
+    for spec in specs:
         state[spec.name] = np.full(N if spec.per_variable else 1, spec.initial)
     history = [dict(state)]
+    per_variable = {"variable"} | {sp.name for sp in specs if sp.per_variable}
     for t in range(STEPS):
-        out = step(ar, hp, {k: ar.exact(v) for k, v in state.items()}, ar.exact(grads[t]),
-                   ar.step_count(float(t)))
-        state = {k: np.asarray(v.v).reshape(-1).copy() for k, v in out.items()}
+        tracked = {k: [ar.exact(v[None])] if k in per_variable else ar.exact(v)
+                   for k, v in state.items()}
+        out = rule(ar, hp, tracked, [ar.exact(grads[t][None])], ar.step_count([float(t)]))
+        state = {k: np.ravel((v[0] if isinstance(v, list) else v).v).copy()
+                 for k, v in out.items()}
         history.append(state)
     return history
 
 
 def verdicts_against(class_name, config, history, grads):
     out = {}
-    for family, choices in register_variants(class_name):
+    for family, choices in register_variants(SPACES[class_name]):
         rule = REGISTRY[(family, class_name)]
         names = [n for n in history[0] if n != "variable"]
         c = compare.RunComparison(family, rule, config, "float64", PRECISIONS["jax"],

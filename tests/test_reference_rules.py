@@ -13,14 +13,17 @@ W, G = 1.0, 2.0
 
 
 def first_step(family, class_name, config, state=None):
+    """One step of one scalar-shaped variable ([1, 1]: one step, one element)."""
     ar = Arithmetic("float64", PRECISIONS["exact"])
     rule = reference.get_rule(family, class_name)
     hp = rule.hyperparameters(config)
-    s = {"variable": ar.exact([W])}
+    s = {"variable": [ar.exact([[W]])]}
     for spec in rule.states(hp):
-        s[spec.name] = ar.exact([spec.initial])
-    out = rule(ar, hp, s, ar.exact([G]), ar.step_count([0.0]))
-    return {k: float(v.v[0]) for k, v in out.items()}, out
+        s[spec.name] = [ar.exact([[spec.initial]])] if spec.per_variable else ar.exact(
+            [spec.initial])
+    out = rule(ar, hp, s, [ar.exact([[G]])], ar.step_count([0.0]))
+    out = {k: v[0] if isinstance(v, list) else v for k, v in out.items()}
+    return {k: float(np.ravel(v.v)[0]) for k, v in out.items()}, out
 
 
 def nadam_expected(u_t_1_beta, u_product0):
@@ -130,21 +133,20 @@ def test_running_bound_covers_the_actual_rounding_error(dtype):
     ar = Arithmetic(dtype, PRECISIONS["exact"])
     rule = reference.get_rule("keras", "Adam")
     hp = rule.hyperparameters({"learning_rate": 0.01})
-    s = {"variable": ar.exact(rng.standard_normal(n)),
-         "momentum": ar.exact(0.1 * rng.standard_normal(n)),
-         "velocity": ar.exact(rng.random(n))}
-    g = ar.exact(rng.standard_normal(n))
-    out = rule(ar, hp, s, g, ar.step_count(np.full(n, 4.0)))
+    s = {"variable": [ar.exact(rng.standard_normal((1, n)))],
+         "momentum": [ar.exact(0.1 * rng.standard_normal((1, n)))],
+         "velocity": [ar.exact(rng.random((1, n)))]}
+    g = ar.exact(rng.standard_normal((1, n)))
+    out = rule(ar, hp, s, [g], ar.step_count([4.0]))
     # the same formula with every input exactly as the working dtype holds it
     hi = Arithmetic(np.longdouble, PRECISIONS["exact"], track=False)
-    s_hi = {k: hi.exact(v.v.astype(np.longdouble)) for k, v in s.items()}
-    ref = rule(hi, hp, s_hi, hi.exact(g.v.astype(np.longdouble)),
-               hi.step_count(np.full(n, 4.0)))
+    s_hi = {k: [hi.exact(v[0].v.astype(np.longdouble))] for k, v in s.items()}
+    ref = rule(hi, hp, s_hi, [hi.exact(g.v.astype(np.longdouble))], hi.step_count([4.0]))
     if np.finfo(np.longdouble).eps >= np.finfo(np.float64).eps and dtype == "float64":
         pytest.skip("no extended precision on this platform to check float64 bounds")
     for name in out:
-        err = np.abs(out[name].v.astype(np.longdouble) - ref[name].v)
-        assert np.all(err <= out[name].e * 1.0001), name
+        err = np.abs(out[name][0].v.astype(np.longdouble) - ref[name][0].v)
+        assert np.all(err <= out[name][0].e * 1.0001), name
 
 
 def test_sign_at_a_tie_may_go_either_way_but_not_elsewhere():

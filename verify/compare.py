@@ -20,9 +20,11 @@ Two comparisons share one stream of Keras states:
   free-run  the reference runs on its own from the same start; the distance of
             its weights from Keras's is reported as drift, not judged.
 
-All scenarios of a run are one concatenated vector per state ("segments"), so
-the rule is evaluated once per chunk for all of them; statistics are reduced
-per segment and kept per step, never the trajectories themselves.
+Each scenario of a run is one variable of the optimizer.  The rule receives
+one array per variable ([k, *shape], reference/rule.py); the comparison keeps
+each state as the variables laid end to end, flattened ("segments"), so that
+errors are computed once per chunk for all of them and reduced per segment
+(per scenario).  Only per-step statistics are kept, never the trajectories.
 """
 
 from __future__ import annotations
@@ -86,11 +88,12 @@ class Divergence:
 
 
 class Segments:
-    """Scenario vectors laid end to end: names, offsets, sizes."""
+    """The variables (one per scenario) laid end to end: names, shapes, offsets."""
 
-    def __init__(self, names, sizes):
+    def __init__(self, names, shapes):
         self.names = list(names)
-        self.sizes = np.asarray(sizes)
+        self.shapes = [tuple(s) if np.ndim(s) else (int(s),) for s in shapes]
+        self.sizes = np.asarray([int(np.prod(s)) for s in self.shapes], dtype=int)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(int)
 
     def reduce_max(self, values: np.ndarray) -> np.ndarray:
@@ -104,6 +107,23 @@ class Segments:
             return 0
         o = self.offsets[s]
         return o + int(np.argmax(values_row[o:o + self.sizes[s]]))
+
+    def split(self, flat: np.ndarray) -> list:
+        """[k, N] -> one [k, *shape] view per variable."""
+        k = flat.shape[0]
+        return [flat[:, o:o + n].reshape((k,) + shape)
+                for o, n, shape in zip(self.offsets, self.sizes, self.shapes)]
+
+
+def _flat(parts, k, field):
+    """Per-variable arrays (a Tracked field: values, bounds or ties) laid end to
+    end as [k, N]; None when no part has one (ties)."""
+    arrays = [getattr(p, field) for p in parts]
+    if all(a is None for a in arrays):
+        return None
+    flat = [np.broadcast_to(np.zeros((), bool) if a is None else a, np.shape(p.v)).reshape(k, -1)
+            for a, p in zip(arrays, parts)]
+    return flat[0] if len(flat) == 1 else np.concatenate(flat, axis=1)
 
 
 class RunComparison:
@@ -127,7 +147,7 @@ class RunComparison:
                                if n != "variable" and n not in self.keras_states]
         self.dtype = np.dtype(dtype)
         self.segments = segments
-        self.gradients = gradients  # [steps, N] float64, all scenarios laid end to end
+        self.gradients = gradients  # [steps, N] float64, the variables laid end to end
         self.ar = Arithmetic(dtype, precision, tie_width=2 * TOLERANCE)
         self.free_ar = Arithmetic(dtype, precision, track=False)
         S = len(segments.names)
@@ -152,7 +172,7 @@ class RunComparison:
         self.prev = {n: v[-1] for n, v in initial.items()}
         self.prev_iteration = int(iteration)
         self.last_ref = {n: v[-1] for n, v in ref.items()}
-        self.free = {n: self.free_ar.exact(ref[n][-1]) for n in self.ref_states}
+        self.free = {n: np.asarray(ref[n][-1], dtype=self.dtype) for n in self.ref_states}
 
     def feed(self, start: int, states: dict, iterations: np.ndarray) -> None:
         """States after steps start .. start+k-1 (1-based), [k, N] or [k, 1]."""
@@ -166,6 +186,20 @@ class RunComparison:
         self.prev_iteration = int(iterations[-1])
         self.last_ref = {n: v[-1] for n, v in ref.items()}
 
+    def _inputs(self, ar, flat: dict, g: np.ndarray, k: int):
+        """Flat states and gradients -> the rule's per-variable Tracked inputs."""
+        state = {}
+        for name, value in flat.items():
+            if name == "variable" or self.specs[name].per_variable:
+                state[name] = [ar.exact(v) for v in self.segments.split(value)]
+            else:
+                state[name] = ar.exact(value.reshape(k))
+        return state, [ar.exact(v) for v in self.segments.split(g)]
+
+    def _outputs(self, out: dict) -> dict:
+        """The rule's states -> {name: list of Tracked parts, in the variables' order}."""
+        return {n: out[n] if isinstance(out[n], list) else [out[n]] for n in self.ref_states}
+
     def _lockstep(self, states, g, t_before):
         """The rule applied to Keras's previous states, k steps at once."""
         k = len(t_before)
@@ -175,15 +209,13 @@ class RunComparison:
                 seq = np.concatenate([self.prev[name][None], states[name][:-1]])
             else:  # a state only the reference has continues its own chain
                 seq = np.repeat(self.last_ref[name][None], k, axis=0)
-            before[name] = self.ar.exact(seq)
-        t = self.ar.step_count(t_before.reshape(k, 1))
-        out = self.rule(self.ar, self.hp, before, self.ar.exact(g), t)
-        ref = {n: np.asarray(out[n].v).reshape(k, -1) for n in self.ref_states}
-        bounds = {n: np.broadcast_to(out[n].e, np.shape(out[n].v)).reshape(k, -1)
-                  for n in self.ref_states}
-        self.ties = {n: None if out[n].tie is None
-                     else np.broadcast_to(out[n].tie, np.shape(out[n].v)).reshape(k, -1)
-                     for n in self.ref_states}
+            before[name] = seq
+        state, grads = self._inputs(self.ar, before, g, k)
+        out = self.rule(self.ar, self.hp, state, grads, self.ar.step_count(t_before))
+        parts = self._outputs(out)
+        ref = {n: _flat(parts[n], k, "v") for n in self.ref_states}
+        bounds = {n: _flat(parts[n], k, "e") for n in self.ref_states}
+        self.ties = {n: _flat(parts[n], k, "tie") for n in self.ref_states}
         return ref, bounds
 
     def _free_run(self, states, g, t_before):
@@ -191,20 +223,19 @@ class RunComparison:
         drift = np.zeros((k, len(self.segments.names)))
         tiny = np.finfo(np.float64).tiny
         for j in range(k):
-            state = {n: self.free_ar.exact(np.asarray(self.free[n].v)) for n in self.ref_states}
-            t = self.free_ar.step_count(np.asarray([[t_before[j]]]))
-            self.free = self.rule(self.free_ar, self.hp, state, self.free_ar.exact(g[j][None]),
-                                  t)
-            w_ref = np.asarray(self.free["variable"].v, dtype=np.float64).reshape(1, -1)
+            state, grads = self._inputs(self.free_ar, {n: v[None] for n, v in self.free.items()},
+                                        g[j][None], 1)
+            out = self.rule(self.free_ar, self.hp, state, grads,
+                            self.free_ar.step_count(np.asarray([t_before[j]])))
+            parts = self._outputs(out)
+            self.free = {n: _flat(parts[n], 1, "v")[0] for n in self.ref_states}
+            w_ref = self.free["variable"].astype(np.float64).reshape(1, -1)
             w_keras = states["variable"][j].astype(np.float64).reshape(1, -1)
             with np.errstate(invalid="ignore", over="ignore"):
                 gap = self.segments.reduce_max(np.abs(w_keras - w_ref))[0]
                 scale = np.maximum(self.segments.reduce_max(np.abs(w_ref))[0], tiny)
                 d = gap / scale
             drift[j] = np.where(np.isnan(d), np.inf, d)
-            self.free = {n: self.free[n] for n in self.ref_states}
-            for n in self.ref_states:
-                self.free[n].v = np.asarray(self.free[n].v).reshape(-1)
         return drift
 
     def _judge(self, steps, keras, ref, bounds, drift):

@@ -1,0 +1,200 @@
+"""An optimizer as a space of named pieces; the families are points of it.
+
+Each module in reference/optimizers/ defines one `Optimizer` per Keras class:
+its defaults, the state it keeps, and the update of one variable, written top
+to bottom, whose pieces are chosen by name (`c["piece"]`).  A `Point` is one
+choice of every piece plus where it comes from; the families `keras`,
+`textbook` and `article` are named points, and `explain` varies the pieces an
+optimizer lists in `explained`, keeping the others at Keras's choice.
+
+A step of a point (`Optimizer.rule`):
+  1. the learning rate, from Keras's float32 variable (`ar.learning_rate`);
+  2. for the `keras` point, the base optimizer's stages before the update
+     (reference/base.py), over all variables;
+  3. `prepare`, once per step, over all variables: the optimizer-wide states
+     (Nadam's u_product; Keras's `_backend_update_step`);
+  4. `update`, once per variable (Keras's `update_step`), which sees the
+     optimizer-wide states and the iteration shaped to broadcast against its
+     variable ([k] -> [k, 1, ..., 1]);
+  5. the base optimizer's stages after the update.
+When the update and every stage used are elementwise, the variables are
+evaluated as one flat [k, N] array (the same numbers, one numpy call per
+operation instead of one per variable).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from reference import base
+from reference.arithmetic import Tracked
+from reference.rule import REGISTRY, Rule
+
+
+@dataclass(frozen=True)
+class Point:
+    choices: object          # {piece: option}, or hyperparameters -> that dict
+    source: str
+    doc: str                 # the formula as this point states it (shown in reports)
+    notes: str = ""          # the choices its source leaves open (the reports' "Choices")
+    keras_base: bool = False  # runs Keras's base-optimizer pipeline (reference/base.py)
+    # hyperparameters -> why the source does not state this configuration, or None
+    unstated: Callable[[dict], str | None] | None = None
+
+    def resolve(self, hp: dict) -> dict:
+        return self.choices(hp) if callable(self.choices) else self.choices
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    class_name: str
+    defaults: dict
+    pieces: dict              # piece -> its options, Keras's first
+    states: Callable          # (hp, choices) -> [StateSpec]
+    update: Callable          # (ar, hp, c, s, g, t, lr) -> {state: Tracked}, one variable
+    points: dict              # family -> Point
+    explained: tuple = ()     # the pieces `explain` varies
+    # (ar, hp, c, state, grads, t) -> {optimizer-wide state: Tracked [k]}, once
+    # per step, seeing every variable and gradient
+    prepare: Callable | None = None
+    elementwise: bool = True  # update treats every element on its own
+
+    def rule(self, family: str) -> Rule:
+        point = self.points[family]
+        defaults = {**base.DEFAULTS, **self.defaults} if point.keras_base else dict(self.defaults)
+        return Rule(family, self.class_name, defaults,
+                    lambda hp: self.states(hp, point.resolve(hp)), self._step(point),
+                    point.source, point.notes, point.doc, point.unstated)
+
+    def _step(self, point: Point):
+        def step(ar, hp, state, grads, t):
+            c = point.resolve(hp)
+            lr = ar.learning_rate(hp["learning_rate"])
+            before = base.stages(c, "before") if point.keras_base else ()
+            after = base.stages(c, "after") if point.keras_base else ()
+            if len(grads) > 1 and self.elementwise and all(
+                    s.elementwise for s in before + after):
+                return _fused(lambda st, gs: self._apply(ar, hp, c, st, gs, t, lr, before, after),
+                              state, grads)
+            return self._apply(ar, hp, c, state, grads, t, lr, before, after)
+        return step
+
+    def _apply(self, ar, hp, c, state, grads, t, lr, before, after):
+        variables, grads = list(state["variable"]), list(grads)
+        for stage in before:
+            variables, grads = stage.apply(ar, hp, c, variables, grads, lr)
+        shared = self.prepare(ar, hp, c, state, grads, t) if self.prepare else {}
+        per_variable = [n for n, v in state.items() if isinstance(v, list) and n != "variable"]
+        results = []
+        for i, (w, g) in enumerate(zip(variables, grads)):
+            s = {n: state[n][i] for n in per_variable}
+            s["variable"] = w
+            s.update({n: broadcastable(x, w) for n, x in shared.items()})
+            results.append(self.update(ar, hp, c, s, g, broadcastable(t, w), lr))
+        names = list(results[0]) if results else ["variable"]
+        out = {n: [r[n] for r in results] for n in names}
+        for stage in after:
+            out["variable"], grads = stage.apply(ar, hp, c, out["variable"], grads, lr)
+        out.update(shared)
+        return out
+
+    # --- the variant space, for `explain` ------------------------------------
+    def space(self) -> "Space":
+        return Space(self)
+
+
+def broadcastable(x: Tracked, w: Tracked) -> Tracked:
+    """A [k] value (iteration, optimizer-wide state) shaped [k, 1, ..., 1] to
+    broadcast against the variable w [k, *shape]."""
+    return x.reshape((-1,) + (1,) * (np.ndim(w.v) - 1))
+
+
+def _fused(apply, state, grads):
+    """Evaluate every variable as one flat [k, N] variable, then split again."""
+    k = np.shape(grads[0].v)[0]
+    shapes = [np.shape(g.v)[1:] for g in grads]
+    flat = {n: [Tracked.concatenate([x.reshape((k, -1)) for x in v], axis=1)]
+            if isinstance(v, list) else v for n, v in state.items()}
+    out = apply(flat, [Tracked.concatenate([g.reshape((k, -1)) for g in grads], axis=1)])
+    sizes = [int(np.prod(s)) for s in shapes]
+    return {n: _split(v[0], k, shapes, sizes) if isinstance(v, list) else v
+            for n, v in out.items()}
+
+
+def _split(x: Tracked, k, shapes, sizes) -> list:
+    parts, offset = [], 0
+    for shape, n in zip(shapes, sizes):
+        parts.append(x.take_columns(offset, offset + n).reshape((k,) + tuple(shape)))
+        offset += n
+    return parts
+
+
+def name_of(choices: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in choices.items())
+
+
+@dataclass(frozen=True)
+class Space:
+    """The pieces `explain` varies, each point a rule comparable with Keras."""
+
+    optimizer: Optimizer
+
+    @property
+    def class_name(self) -> str:
+        return self.optimizer.class_name
+
+    @property
+    def defaults(self) -> dict:
+        return self.optimizer.defaults
+
+    @property
+    def pieces(self) -> dict:
+        return {p: self.optimizer.pieces[p] for p in self.optimizer.explained}
+
+    def _project(self, family: str, config: dict) -> dict:
+        hp = {**self.optimizer.defaults, **config}
+        c = self.optimizer.points[family].resolve(hp)
+        return {p: c[p] for p in self.optimizer.explained}
+
+    @property
+    def keras(self) -> dict:
+        """Keras's choices (the point stated from Keras's source)."""
+        return self._project("keras", {})
+
+    def paper(self, config: dict) -> dict:
+        """The paper's point for a configuration (it may depend on it)."""
+        return self._project("textbook", config)
+
+    def points(self):
+        names = list(self.pieces)
+        for values in itertools.product(*(self.pieces[n] for n in names)):
+            yield dict(zip(names, values))
+
+    def rule(self, choices: dict) -> Rule:
+        """Keras's point with the explained pieces set to `choices`."""
+        opt = self.optimizer
+        keras = opt.points["keras"]
+        point = Point(lambda hp: {**keras.resolve(hp), **choices},
+                      source=f"variant of {opt.class_name}: {name_of(choices)}", doc="",
+                      keras_base=True)
+        return Optimizer(opt.class_name, opt.defaults, opt.pieces, opt.states, opt.update,
+                         {"variant": point}, opt.explained, opt.prepare,
+                         opt.elementwise).rule("variant")
+
+
+def register_variants(space: Space) -> list:
+    """Register every point of a space as a family "variant:<name>"; return
+    [(family, choices)] in the space's order."""
+    out = []
+    for choices in space.points():
+        family = "variant:" + name_of(choices)
+        if (family, space.class_name) not in REGISTRY:
+            rule = space.rule(choices)
+            REGISTRY[(family, space.class_name)] = Rule(
+                family, rule.class_name, rule.defaults, rule.states, rule.step, rule.source)
+        out.append((family, choices))
+    return out

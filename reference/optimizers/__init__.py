@@ -1,0 +1,14 @@
+"""One module per optimizer family of formulas; one `Optimizer` per Keras class.
+
+Adding an optimizer: a module here (defaults, states, pieces, update, points)
+and its entry in OPTIMIZERS.
+"""
+
+from reference.optimizers.adagrad import ADAGRAD
+from reference.optimizers.adam import ADAM, ADAMW
+from reference.optimizers.lion import LION
+from reference.optimizers.nadam import NADAM
+from reference.optimizers.rmsprop import RMSPROP
+from reference.optimizers.sgd import SGD
+
+OPTIMIZERS = {o.class_name: o for o in (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, NADAM, LION)}
