@@ -1,6 +1,6 @@
 """`verify-optimizers explain [OPTIMIZER ...]`: which variant does Keras implement?
 
-Every combination of an optimizer's named pieces (reference/variants.py) is
+Every combination of an optimizer's named pieces (reference/optimizers/) is
 compared with real Keras in float64, on one backend, in lockstep over the
 chosen scenarios.  The report lists the combinations that reproduce Keras and
 the piece(s) separating the paper's rule from them.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from reference.variants import SPACES, name_of, register_variants
+from reference import SPACES, name_of, register_variants
 from verify import compare, scenarios
 from verify.configurations import CONFIGURATIONS
 
@@ -70,7 +70,7 @@ def run_variants(configurations, backend, names, steps, size, seed):
     from verify.report import Sink
     from verify.runner import Runner, Selection
 
-    variants = {c.id: register_variants(c.class_name) for c in configurations}
+    variants = {c.id: register_variants(SPACES[c.class_name]) for c in configurations}
     families = list(dict.fromkeys(f for v in variants.values() for f, _ in v))
     sel = Selection(backends=[backend], dtypes=["float64"], families=families,
                     configurations=configurations, scenarios=names, modes=["eager"],

@@ -75,9 +75,11 @@ class Runner:
         # observer(run, first_step, states, header): sees Keras's raw states too
         # (step 0 first), for checks that compare Keras with Keras
         self.observer = observer
+        # one variable per scenario; the comparison lays them end to end, flattened
         names = sel.scenarios
-        self.segments = compare.Segments(names, [sel.size] * len(names))
-        self.all_gradients = np.concatenate([sel.gradients[n] for n in names], axis=1)
+        self.segments = compare.Segments(names, [(sel.size,)] * len(names))
+        self.all_gradients = np.concatenate(
+            [sel.gradients[n].reshape(len(sel.gradients[n]), -1) for n in names], axis=1)
         self.environment = {"backends": {}, "pinned": workers.pinned_description(),
                             "user_settings_not_used": workers.overridden_user_settings()}
         self._lock = threading.Lock()  # the sink and progress, shared by the diff threads
