@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import resource
 import signal
 import sys
 import tempfile
@@ -222,6 +223,17 @@ class LineProgress:
                   f"{time.perf_counter() - self.started:.0f} s", file=self.stream, flush=True)
 
 
+def timing_of(runner, harness_cpu: float) -> dict:
+    """Where a run's time went (seconds, for the environment block and `bench`)."""
+    t = runner.timing
+    return {"harness_cpu": round(harness_cpu, 2),
+            "harness_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                         / 1024, 1),
+            "receive_cpu": round(t["receive_cpu"], 2), "diff_cpu": round(t["diff_cpu"], 2),
+            **{k: round(v, 2) for k, v in t.items() if k.startswith("workers_")},
+            "workers": t["workers"]}
+
+
 def run(sel: Selection, output: Path, formats, *, quiet=False, console=None, finish=None,
         command="run"):
     """Run the selection and write the reports to `output` atomically;
@@ -235,7 +247,7 @@ def run(sel: Selection, output: Path, formats, *, quiet=False, console=None, fin
         sink = Sink(tmp, formats, settings, order)
         total = len(sel.backends) * len(sel.dtypes) * len(sel.modes) * len(
             sel.configurations) * sel.steps
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         if quiet:
             runner = Runner(sel, sink)
             runner.run()
@@ -257,6 +269,7 @@ def run(sel: Selection, output: Path, formats, *, quiet=False, console=None, fin
                        "pinned": runner.environment["pinned"],
                        "user_settings_not_used": runner.environment["user_settings_not_used"],
                        "wall_seconds": round(time.perf_counter() - started, 1)}
+        environment["timing"] = timing_of(runner, time.process_time() - cpu)
         keras_versions = sorted({b["keras"] for b in runner.environment["backends"].values()})
         environment["keras"] = ", ".join(keras_versions)
         df = sink.write(environment)
@@ -301,6 +314,7 @@ SUBCOMMANDS = {
     "claims": "verify.claims:main",
     "check": "verify.check:main",
     "matrix": "verify.matrix:main",
+    "bench": "verify.bench:main",
     "convergence": "verify.convergence.cli:main",
 }
 

@@ -14,6 +14,7 @@ import queue
 import sys
 import tempfile
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -68,8 +69,9 @@ def _worker_groups(sel: Selection):
 
 
 class Runner:
-    def __init__(self, sel: Selection, sink, progress=None, observer=None):
+    def __init__(self, sel: Selection, sink, progress=None, observer=None, floor=False):
         self.sel = sel
+        self.floor = floor  # the Keras work alone: no states sent, nothing compared
         self.sink = sink          # receives finished rows and step tables
         self.progress = progress  # callable(steps_done) or None
         # observer(run, first_step, states, header): sees Keras's raw states too
@@ -83,6 +85,8 @@ class Runner:
         self.environment = {"backends": {}, "pinned": workers.pinned_description(),
                             "user_settings_not_used": workers.overridden_user_settings()}
         self._lock = threading.Lock()  # the sink and progress, shared by the diff threads
+        # where the time goes (seconds): per worker process, and in this process
+        self.timing = {"workers": [], "receive_cpu": 0.0, "diff_cpu": 0.0}
 
     def run(self) -> None:
         sel = self.sel
@@ -108,7 +112,8 @@ class Runner:
                                           "mode": mode, "scenarios": sel.scenarios})
                             run_id += 1
                 job = {"backend": backend, "x64": x64, "steps": sel.steps, "chunk": CHUNK,
-                       "inputs": inputs, "runs": specs, "python_path": sel.python_path}
+                       "inputs": inputs, "runs": specs, "python_path": sel.python_path,
+                       "floor": self.floor}
                 job_path = tmp / f"job-{len(started)}.json"
                 job_path.write_text(json.dumps(job))
                 started.append(self._start_worker(backend, x64, job_path, tmp, len(started),
@@ -137,7 +142,13 @@ class Runner:
 
         def reader(w):
             try:
-                while (msg := read_message(w["proc"].stdout)) is not None:
+                while True:
+                    cpu = time.thread_time()
+                    msg = read_message(w["proc"].stdout)
+                    with self._lock:
+                        self.timing["receive_cpu"] += time.thread_time() - cpu
+                    if msg is None:
+                        break
                     q.put((w, msg))
             except Exception as exc:  # a torn stream is reported as the worker's failure
                 q.put((w, ({"type": "torn", "reason": str(exc)}, {})))
@@ -148,6 +159,9 @@ class Runner:
                 diff.submit((run_id, family), method, run_id, family, *args)
 
         def failed(run_id, reason):
+            if self.floor:
+                self.timing.setdefault("failures", []).append(reason)
+                return
             each_family(run_id, self._finish_error, reason, active)
             run = self.runs[run_id]
             self._advance(self.sel.steps - getattr(run, "steps_done", 0))
@@ -175,7 +189,9 @@ class Runner:
                 header, arrays = msg
                 kind = header["type"]
                 run_id = header.get("id")
-                if kind == "hello":
+                if kind == "bye":
+                    self._worker_timing(w, header)
+                elif kind == "hello":
                     self.environment["backends"][header["backend"]] = {
                         "keras": header["keras"], "version": header.get("backend_version"),
                         "numpy": header["numpy"], "python": header["python"],
@@ -197,7 +213,13 @@ class Runner:
                     run.steps_done = getattr(run, "steps_done", 0) + len(arrays["iterations"])
                     self._advance(len(arrays["iterations"]))
                 elif kind == "run_end":
-                    each_family(run_id, self._finish, active)
+                    for part, seconds in header["seconds"].items():
+                        key = f"workers_{part}"
+                        self.timing[key] = self.timing.get(key, 0.0) + seconds
+                    if self.floor:
+                        self._advance(self.sel.steps)
+                    else:
+                        each_family(run_id, self._finish, active)
                     done.add(run_id)
                 elif kind in ("run_error", "torn") and run_id is not None:
                     failed(run_id, header["reason"])
@@ -206,8 +228,15 @@ class Runner:
             diff.abandon()
             raise
         diff.close()
+        self.timing["diff_cpu"] = diff.cpu
         for t in threads:
             t.join()
+
+    def _worker_timing(self, w, bye):
+        self.timing["workers"].append({
+            "backend": w["backend"], "startup": bye.get("startup_seconds"),
+            "build": bye.get("build_seconds"), "cpu": bye.get("cpu_seconds"),
+            "peak_rss_mb": bye.get("peak_rss_mb")})
 
     def _advance(self, steps):
         if self.progress:
@@ -276,6 +305,7 @@ class _OrderedPool:
         self.busy = set()
         self.failures = []
         self.abandoned = False
+        self.cpu = 0.0  # CPU seconds of the tasks
 
     def submit(self, key, fn, *args):
         self.slots.acquire()
@@ -293,12 +323,15 @@ class _OrderedPool:
                     self.busy.discard(key)
                     return
                 fn, args = self.pending[key].popleft()
+            cpu = time.thread_time()
             try:
                 if not (self.failures or self.abandoned):
                     fn(*args)
             except BaseException as exc:  # noqa: BLE001 - raised again in the main thread
                 self.failures.append(exc)
             finally:
+                with self.lock:
+                    self.cpu += time.thread_time() - cpu
                 self.slots.release()
 
     def raise_failure(self):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 import traceback
@@ -153,20 +154,37 @@ class Run:
             "keras_config": _json_safe(self.optimizer.get_config()),
         }, {**{n: v[None] for n, v in zip(names, values)},
             "iterations": np.array([iteration])})
-        start = time.perf_counter()
+        clock = time.process_time  # CPU of every thread of this process
+        spent = {"step": 0.0, "read": 0.0, "send": 0.0}
         for t0 in range(0, steps, chunk):
             k = min(chunk, steps - t0)
             buffers = [np.empty((k,) + v.shape, v.dtype) for v in values]
             iterations = np.empty(k, np.int64)
             for j in range(k):
+                t = clock()
                 self.step_fn(self._grads(t0 + j))
+                t_step = clock()
                 values, iterations[j] = self.read()
                 for b, v in zip(buffers, values):
                     b[j] = v
+                t_read = clock()
+                spent["step"] += t_step - t
+                spent["read"] += t_read - t_step
+            t = clock()
             write_message(out, {"type": "chunk", "id": spec["id"], "start": t0 + 1},
                           {**dict(zip(names, buffers)), "iterations": iterations})
-        write_message(out, {"type": "run_end", "id": spec["id"],
-                            "seconds": time.perf_counter() - start})
+            spent["send"] += clock() - t
+        write_message(out, {"type": "run_end", "id": spec["id"], "seconds": spent})
+
+    def floor(self, out, steps):
+        """The same Keras work with nothing observed: every step, then one read at
+        the end (which also waits for asynchronous backends)."""
+        start = time.process_time()
+        for t in range(steps):
+            self.step_fn(self._grads(t))
+        self.read()
+        write_message(out, {"type": "run_end", "id": self.spec["id"],
+                            "seconds": {"step": time.process_time() - start}})
 
 
 def _tf_uses_xla(keras) -> bool:
@@ -204,23 +222,33 @@ def main(job_path: str) -> int:
     except Exception:  # pragma: no cover - version only informs the report
         hello["backend_version"] = "unknown"
     write_message(out, hello)
+    startup = time.process_time()  # CPU from the start of the process: imports, probes
 
     inputs = job["inputs"]
     initial = np.load(inputs["initial"])
     gradients = {name: np.load(path, mmap_mode="r")
                  for name, path in inputs["scenarios"].items()}
+    build = 0.0
     for spec in job["runs"]:
         try:
             if spec["dtype"] == "float64" and not hello["float64_computes_float64"]:
                 raise RuntimeError(f"{job['backend']} computes float64 in float32 in this "
                                    "process (JAX without x64)")
-            Run(keras, spec, job, gradients, initial).execute(out, job["steps"], job["chunk"])
+            started = time.process_time()
+            run = Run(keras, spec, job, gradients, initial)
+            build += time.process_time() - started
+            if job.get("floor"):
+                run.floor(out, job["steps"])
+            else:
+                run.execute(out, job["steps"], job["chunk"])
         except Exception as exc:  # reported as an `error` verdict for this run
             for line in traceback.format_exc().splitlines():  # not taken for a fatal error
                 print(f"run {spec['id']}: {line}", file=sys.stderr)
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
             write_message(out, {"type": "run_error", "id": spec["id"], "reason": reason})
-    write_message(out, {"type": "bye"})
+    write_message(out, {"type": "bye", "build_seconds": build, "startup_seconds": startup,
+                        "cpu_seconds": time.process_time(),
+                        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
     out.close()
     return 0
 
