@@ -185,31 +185,6 @@ class Tracked:
                        _rearranged(self.e, self.v, np.transpose, axes), self.ar,
                        _rearranged(self.tie, self.v, np.transpose, axes))
 
-    def take_columns(self, start: int, stop: int) -> "Tracked":
-        """x[:, start:stop]."""
-        def cut(a, _):
-            return a[:, start:stop]
-        return Tracked(self.v[:, start:stop], _rearranged(self.e, self.v, cut, None), self.ar,
-                       _rearranged(self.tie, self.v, cut, None))
-
-    @staticmethod
-    def concatenate(parts, axis=0) -> "Tracked":
-        ar = parts[0].ar
-        v = np.concatenate([p.v for p in parts], axis=axis)
-        es = [p.e for p in parts]
-        if any(e is None for e in es):
-            e = None
-        elif all(np.ndim(e) == 0 for e in es) and len({float(e) for e in es}) == 1:
-            e = es[0]
-        else:
-            e = np.concatenate([np.broadcast_to(p.e, np.shape(p.v)) for p in parts], axis=axis)
-        tie = None
-        if any(p.tie is not None for p in parts):
-            tie = np.concatenate([np.zeros(np.shape(p.v), bool) if p.tie is None
-                                  else np.broadcast_to(p.tie, np.shape(p.v)) for p in parts],
-                                 axis=axis)
-        return Tracked(v, e, ar, tie)
-
     def exact_zero(self):
         return (self.v == 0) & (self.e == 0)
 

@@ -17,9 +17,10 @@ A step of a point (`Optimizer.rule`):
      optimizer-wide states and the iteration shaped to broadcast against its
      variable ([k] -> [k, 1, ..., 1]);
   5. the base optimizer's stages after the update.
-When the update and every stage used are elementwise, the variables are
-evaluated as one flat [k, N] array (the same numbers, one numpy call per
-operation instead of one per variable).
+A rule says whether it is elementwise for given hyperparameters (the update
+and every stage used treat each element on its own); the comparison then
+evaluates all variables as one flat [k, N] variable, the same numbers with one
+numpy call per operation instead of one per variable (verify/compare.py).
 """
 
 from __future__ import annotations
@@ -68,7 +69,15 @@ class Optimizer:
         defaults = {**base.DEFAULTS, **self.defaults} if point.keras_base else dict(self.defaults)
         return Rule(family, self.class_name, defaults,
                     lambda hp: self.states(hp, point.resolve(hp)), self._step(point),
-                    point.source, point.notes, point.doc, point.unstated)
+                    point.source, point.notes, point.doc, point.unstated,
+                    lambda hp: self.elementwise and all(
+                        s.elementwise for s in self._stages(point, point.resolve(hp))))
+
+    @staticmethod
+    def _stages(point: Point, c: dict) -> tuple:
+        if not point.keras_base:
+            return ()
+        return base.stages(c, "before") + base.stages(c, "after")
 
     def _step(self, point: Point):
         def step(ar, hp, state, grads, t):
@@ -76,10 +85,6 @@ class Optimizer:
             lr = ar.learning_rate(hp["learning_rate"])
             before = base.stages(c, "before") if point.keras_base else ()
             after = base.stages(c, "after") if point.keras_base else ()
-            if len(grads) > 1 and self.elementwise and all(
-                    s.elementwise for s in before + after):
-                return _fused(lambda st, gs: self._apply(ar, hp, c, st, gs, t, lr, before, after),
-                              state, grads)
             return self._apply(ar, hp, c, state, grads, t, lr, before, after)
         return step
 
@@ -111,26 +116,6 @@ def broadcastable(x: Tracked, w: Tracked) -> Tracked:
     """A [k] value (iteration, optimizer-wide state) shaped [k, 1, ..., 1] to
     broadcast against the variable w [k, *shape]."""
     return x.reshape((-1,) + (1,) * (np.ndim(w.v) - 1))
-
-
-def _fused(apply, state, grads):
-    """Evaluate every variable as one flat [k, N] variable, then split again."""
-    k = np.shape(grads[0].v)[0]
-    shapes = [np.shape(g.v)[1:] for g in grads]
-    flat = {n: [Tracked.concatenate([x.reshape((k, -1)) for x in v], axis=1)]
-            if isinstance(v, list) else v for n, v in state.items()}
-    out = apply(flat, [Tracked.concatenate([g.reshape((k, -1)) for g in grads], axis=1)])
-    sizes = [int(np.prod(s)) for s in shapes]
-    return {n: _split(v[0], k, shapes, sizes) if isinstance(v, list) else v
-            for n, v in out.items()}
-
-
-def _split(x: Tracked, k, shapes, sizes) -> list:
-    parts, offset = [], 0
-    for shape, n in zip(shapes, sizes):
-        parts.append(x.take_columns(offset, offset + n).reshape((k,) + tuple(shape)))
-        offset += n
-    return parts
 
 
 def name_of(choices: dict) -> str:
@@ -195,6 +180,7 @@ def register_variants(space: Space) -> list:
         if (family, space.class_name) not in REGISTRY:
             rule = space.rule(choices)
             REGISTRY[(family, space.class_name)] = Rule(
-                family, rule.class_name, rule.defaults, rule.states, rule.step, rule.source)
+                family, rule.class_name, rule.defaults, rule.states, rule.step, rule.source,
+                elementwise=rule.elementwise)
         out.append((family, choices))
     return out

@@ -14,7 +14,8 @@ The interface: `rule(ar, hp, state, grads, iteration)` where
   grads        is the list of the variables' gradients, each [k, *shape];
   iteration    is Keras's `iterations` before the step, a Tracked [k].
 It returns the states after the step in the same form.  One call evaluates k
-independent steps at once (lockstep) or one step (free-run).
+independent steps at once (lockstep) or one step (free-run).  A rule whose
+`elementwise(hp)` is true may be handed all variables as one flat variable.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ class Rule:
     doc: str = field(default="", compare=False)
     # hyperparameters -> why the source does not state this configuration, or None
     unstated: Callable[[dict], str | None] | None = field(default=None, compare=False)
+    # hyperparameters -> True when every element is updated on its own, so that
+    # all variables may be evaluated as one flat [k, N] variable
+    elementwise: Callable[[dict], bool] = field(default=lambda hp: False, compare=False)
 
     def hyperparameters(self, config: dict) -> dict:
         """The full hyperparameter set: the rule's defaults under `config`."""

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from reference import PRECISIONS, Arithmetic
-from reference.arithmetic import (Tracked, gamma, matmul, max_over, mean_over, norm, sqrt,
+from reference.arithmetic import (gamma, matmul, max_over, mean_over, norm, sqrt,
                                   sum_over)
 
 F32 = Arithmetic("float32", PRECISIONS["exact"])
@@ -206,18 +206,6 @@ def test_abs_transpose_reshape_are_exact_and_keep_bounds_and_ties_aligned():
     r = x.reshape((12,))
     assert r.e[5] == 5 and r.tie[5]
     assert np.array_equal(abs(x).e, x.e)
-
-
-def test_concatenate_and_columns_roundtrip():
-    a, b = F32.exact(np.ones((2, 3), np.float32)), F32.exact(np.zeros((2, 2), np.float32))
-    b.e = np.full((2, 2), 0.5)
-    b.tie = np.array([[True, False], [False, False]])
-    c = Tracked.concatenate([a, b], axis=1)
-    assert c.v.shape == (2, 5) and c.e.shape == (2, 5) and c.tie[0, 3] and not c.tie[0, 0]
-    back = c.take_columns(3, 5)
-    assert np.array_equal(back.e, b.e) and np.array_equal(back.tie, b.tie)
-    same = Tracked.concatenate([a, a], axis=1)
-    assert np.ndim(same.e) == 0 and same.tie is None  # exact inputs stay one scalar bound
 
 
 def test_sqrt_of_a_norm_of_exact_zeros_is_exact():

@@ -176,3 +176,29 @@ def test_unsupported_configuration_becomes_an_error_reason():
                                        PRECISIONS["jax"], compare.Segments(["a"], [1]),
                                        np.zeros((1, 1)), [])
     assert comparison is None and "clipnorm" in reason
+
+
+def test_per_variable_evaluation_gives_the_flat_evaluation_bit_for_bit():
+    """An elementwise rule is evaluated as one flat variable; the same rule
+    evaluated variable by variable gives the same tables, bit for bit."""
+    from dataclasses import replace
+
+    config = {"learning_rate": 0.01}
+    g, h = stream("Nadam", config, steps=9)
+    h[5]["velocity"][N + 1] *= 1 + 1e-9
+    rule = reference.get_rule("keras", "Nadam")
+    tables = []
+    for r in (rule, replace(rule, elementwise=lambda hp: False)):
+        c = compare.RunComparison("keras", r, config, "float64", PRECISIONS["jax"],
+                                  compare.Segments([f"s{i}" for i in range(S)], [N] * S), g,
+                                  [n for n in h[0] if n != "variable"])
+        assert len(c.layout.names) == (S if r is not rule else 1)
+        batch = lambda hs: {n: np.stack([x[n] for x in hs]) for n in h[0]}
+        c.start(batch(h[:1]), 0)
+        c.feed(1, batch(h[1:]), np.arange(1, len(h)))
+        tables.append((c.tables, [c.verdict(s) for s in range(S)]))
+    (a, va), (b, vb) = tables
+    assert va == vb == ["exact", "mismatch"]
+    for ta, tb in zip(a, b):
+        assert ta.keys() == tb.keys()
+        assert all(np.array_equal(ta[k], tb[k], equal_nan=True) for k in ta)

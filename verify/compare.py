@@ -21,10 +21,11 @@ Two comparisons share one stream of Keras states:
             its weights from Keras's is reported as drift, not judged.
 
 Each scenario of a run is one variable of the optimizer.  The rule receives
-one array per variable ([k, *shape], reference/rule.py); the comparison keeps
-each state as the variables laid end to end, flattened ("segments"), so that
-errors are computed once per chunk for all of them and reduced per segment
-(per scenario).  Only per-step statistics are kept, never the trajectories.
+one array per variable ([k, *shape], reference/rule.py), or all of them as one
+flat variable when it is elementwise; the comparison keeps each state as the
+variables laid end to end, flattened ("segments"), so that errors are computed
+once per chunk for all of them and reduced per segment (per scenario).  Only
+per-step statistics are kept, never the trajectories.
 """
 
 from __future__ import annotations
@@ -147,6 +148,10 @@ class RunComparison:
                                if n != "variable" and n not in self.keras_states]
         self.dtype = np.dtype(dtype)
         self.segments = segments
+        # the variables as the rule sees them: each with its shape, or, for an
+        # elementwise rule, all of them as one flat variable (the same numbers)
+        self.layout = (Segments(["all"], [int(segments.sizes.sum())])
+                       if rule.elementwise(self.hp) else segments)
         self.gradients = gradients  # [steps, N] float64, the variables laid end to end
         self.ar = Arithmetic(dtype, precision, tie_width=2 * TOLERANCE)
         self.free_ar = Arithmetic(dtype, precision, track=False)
@@ -191,10 +196,10 @@ class RunComparison:
         state = {}
         for name, value in flat.items():
             if name == "variable" or self.specs[name].per_variable:
-                state[name] = [ar.exact(v) for v in self.segments.split(value)]
+                state[name] = [ar.exact(v) for v in self.layout.split(value)]
             else:
                 state[name] = ar.exact(value.reshape(k))
-        return state, [ar.exact(v) for v in self.segments.split(g)]
+        return state, [ar.exact(v) for v in self.layout.split(g)]
 
     def _outputs(self, out: dict) -> dict:
         """The rule's states -> {name: list of Tracked parts, in the variables' order}."""
