@@ -8,7 +8,7 @@ Algorithm 2.
 
 from __future__ import annotations
 
-from reference.arithmetic import maximum, sqrt, square
+from reference.arithmetic import maximum, square
 from reference.optimizer import Optimizer, Point
 from reference.pieces import adam_step_size, ema, hyperparameter, one_minus, root
 from reference.rule import slots
@@ -59,15 +59,12 @@ def update(ar, hp, c, s, g, t, lr):
         v = maximum(s["velocity_hat"], v)
         out["velocity_hat"] = v
     on = c["bias_correction"] == "on"
-    if c["epsilon"] == "hat":
-        if on:
-            alpha = adam_step_size(lr, b1, b2, local_step)
-        else:
-            alpha = lr * sqrt(ar.const(1.0)) / ar.const(1.0)
+    if c["epsilon"] == "hat":  # the bias corrections folded into the step size
+        alpha = adam_step_size(lr, b1, b2, local_step) if on else lr
         step = (m * alpha) / root(c["epsilon_placement"], v, e)
-    else:
-        m_hat = m / ((1 - b1 ** local_step) if on else ar.const(1.0))
-        v_hat = v / ((1 - b2 ** local_step) if on else ar.const(1.0))
+    else:  # Algorithm 1: epsilon added to sqrt(v_hat)
+        m_hat = m / (1 - b1 ** local_step) if on else m
+        v_hat = v / (1 - b2 ** local_step) if on else v
         direction = m_hat / root(c["epsilon_placement"], v_hat, e)
         if decay is not None and c["decay_form"] == "algorithm_2":
             # line 12: w = w - eta_t * (alpha * direction + lambda * w), eta_t = 1
