@@ -25,7 +25,7 @@ def get_rule(family: str, class_name: str) -> Rule:
     try:
         return REGISTRY[(family, class_name)]
     except KeyError:
-        raise Unsupported(f"no {family} rule for {class_name}") from None
+        raise Unsupported(f"the {family} family does not state {class_name}") from None
 
 
 __all__ = ["FAMILIES", "OPTIMIZERS", "PRECISIONS", "SPACES", "Arithmetic", "Precision",

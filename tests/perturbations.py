@@ -36,22 +36,23 @@ def _register(family, class_name, step):
 
 
 SHIFTS = {  # family: (hyperparameter, Keras classes)
-    "beta_1+1e-4": ("beta_1", ["Adam", "AdamW", "Nadam"]),
-    "beta_2+1e-4": ("beta_2", ["Lion"]),
+    "beta_1+1e-4": ("beta_1", ["Adam", "AdamW", "Nadam", "Adamax"]),
+    "beta_2+1e-4": ("beta_2", ["Lion", "Adamax"]),
     "momentum+1e-4": ("momentum", ["SGD"]),
     "rho+1e-4": ("rho", ["RMSprop"]),
 }
-ALL_CLASSES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Nadam", "Lion"]
+ALL_CLASSES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Nadam", "Lion", "Adamax"]
 
 # family -> the configuration ids whose math the change alters
 PERTURBED = {
     "eps-inside-sqrt": ["adam"],
-    "beta_1+1e-4": ["adam", "adamw", "nadam"],
-    "beta_2+1e-4": ["lion"],
+    "beta_1+1e-4": ["adam", "adamw", "nadam", "adamax"],
+    "beta_2+1e-4": ["lion", "adamax"],
     "momentum+1e-4": ["sgd_momentum", "sgd_nesterov"],
     "rho+1e-4": ["rmsprop", "rmsprop_momentum_centered"],
     "lr-not-float32": ["sgd", "sgd_momentum", "sgd_nesterov", "adagrad", "rmsprop",
-                       "rmsprop_momentum_centered", "adam", "adamw", "nadam", "lion"],
+                       "rmsprop_momentum_centered", "adam", "adamw", "nadam", "lion",
+                       "adamax"],
 }
 
 if ("eps-inside-sqrt", "Adam") not in REGISTRY:

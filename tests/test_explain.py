@@ -13,6 +13,10 @@ from verify.explain import analyse, main, run_variants
 from verify.configurations import CONFIGURATIONS
 
 N, STEPS = 6, 8
+# the configurations of issue 9, each with the pieces separating the paper from Keras
+NEW = {
+    "adamax": [("epsilon", "none", "added")],
+}
 
 
 def variant_stream(class_name, config, choices, grads):
@@ -53,7 +57,9 @@ def verdicts_against(class_name, config, history, grads):
 CASES = [("Adam", {"learning_rate": 0.01}, c) for c in SPACES["Adam"].points()] + [
     ("Nadam", {"learning_rate": 0.01}, c) for c in SPACES["Nadam"].points()] + [
     ("Adagrad", {"learning_rate": 0.01}, c) for c in SPACES["Adagrad"].points()] + [
-    ("RMSprop", {"learning_rate": 0.01}, c) for c in SPACES["RMSprop"].points()]
+    ("RMSprop", {"learning_rate": 0.01}, c) for c in SPACES["RMSprop"].points()] + [
+    (c.class_name, c.config, p) for c in (CONFIGURATIONS[i] for i in NEW)
+    for p in SPACES[c.class_name].points()]
 
 
 def same_math(a: dict, b: dict) -> bool:
@@ -88,7 +94,8 @@ def test_separating_piece_is_named():
 def real_keras():
     backends = installed_backends()
     backend = next(b for b in ("jax", "torch", "tensorflow") if b in backends)
-    configurations = [CONFIGURATIONS[i] for i in ("adam", "adamw", "nadam", "sgd_nesterov")]
+    configurations = [CONFIGURATIONS[i] for i in ("adam", "adamw", "nadam", "sgd_nesterov",
+                                                  *NEW)]
     return run_variants(configurations, backend, ["gaussian", "tiny"], 30, 8, 0)
 
 
@@ -96,6 +103,7 @@ def real_keras():
     ("adam", [("epsilon", "plain", "hat")]),
     ("adamw", [("epsilon", "plain", "hat"), ("decay_scale", "schedule", "lr")]),
     ("nadam", [("schedule_psi", "0.004", "1")]),
+    *NEW.items(),
 ])
 def test_real_keras_is_the_paper_with_these_pieces(real_keras, opt_id, expected):
     variants, df = real_keras

@@ -92,6 +92,10 @@ CASES = [
     ("textbook", "Nadam", {"learning_rate": 0.01}, textbook_nadam_expected()),
     ("textbook", "Lion", {"learning_rate": 0.001}, {"variable": 0.999, "momentum": 0.02}),
     ("article", "Lion", {"learning_rate": 0.001}, {"variable": 0.999, "momentum": 0.02}),
+    ("keras", "Adamax", {"learning_rate": 0.01, "beta_2": 0.99},
+     {"variable": 1 - 0.01 * 0.2 / ((1 - 0.9) * (2.0 + 1e-7)), "momentum": 0.2, "norm": 2.0}),
+    ("textbook", "Adamax", {"learning_rate": 0.01, "beta_2": 0.99},
+     {"variable": 1 - 0.01 / (1 - 0.9) * 0.2 / 2.0, "momentum": 0.2, "norm": 2.0}),
 ]
 
 
@@ -198,3 +202,10 @@ def test_subnormal_results_carry_the_underflow_error(precision):
     floor = (float(info.smallest_normal) if precision == "tensorflow"
              else float(info.smallest_subnormal) / 2)
     assert r.e[0] >= float(floor) > 0
+
+
+@pytest.mark.parametrize("class_name", ["Adamax"])
+def test_the_article_does_not_state_the_optimizers_it_never_mentions(class_name):
+    with pytest.raises(reference.Unsupported, match=f"article family does not state {class_name}"):
+        reference.get_rule("article", class_name)
+    assert reference.get_rule("textbook", class_name).source

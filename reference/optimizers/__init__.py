@@ -6,9 +6,11 @@ and its entry in OPTIMIZERS.
 
 from reference.optimizers.adagrad import ADAGRAD
 from reference.optimizers.adam import ADAM, ADAMW
+from reference.optimizers.adamax import ADAMAX
 from reference.optimizers.lion import LION
 from reference.optimizers.nadam import NADAM
 from reference.optimizers.rmsprop import RMSPROP
 from reference.optimizers.sgd import SGD
 
-OPTIMIZERS = {o.class_name: o for o in (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, NADAM, LION)}
+OPTIMIZERS = {o.class_name: o for o in (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, NADAM, LION,
+                                            ADAMAX)}
