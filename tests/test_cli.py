@@ -137,7 +137,7 @@ def test_run_exit_0_reports_and_byte_identical_rerun(tmp_path, backends):
     assert "Full tables in" in r1.stdout and "keras" in r1.stdout
     fa, fb = _without_environment(a), _without_environment(b)
     assert fa == fb
-    assert {"summary.md", "steps.md", "summary.csv", "summary.json"} <= set(fa)
+    assert {"summary.md", "steps.md", "summary.csv", "summary.json", "report.html"} <= set(fa)
     doc = json.loads((a / "summary.json").read_text())
     assert set(doc) == {"environment", "settings", "rows"}
     # families x optimizers x dtypes x modes x scenarios

@@ -42,7 +42,7 @@ import pandas as pd
 from tabulate import tabulate
 
 import reference
-from verify import compare, scenarios
+from verify import compare, html_report, scenarios
 from verify.cli import (UsageError, build_parser, installed_backends, one_line, run,
                         selection_from_args)
 from verify.configurations import CONFIGURATIONS
@@ -513,38 +513,60 @@ def unverified(change) -> bool:
     return change.after is None or change.after["verdict"] == "error"
 
 
+def head(baseline, cells, environment) -> str:
+    return (f"Baseline {baseline.path}: {_versions(baseline.environment)}; now "
+            f"{_versions(environment)}; {len(cells)} cells compared.")
+
+
+def outcome(baseline, cells, environment, changes, strict) -> str:
+    """The result in one sentence."""
+    failing = [c for c in changes if c.fails]
+    if not changes:
+        return (f"no change: all {len(cells)} cells as in the baseline {baseline.path} "
+                f"({_versions(baseline.environment)} -> {_versions(environment)})")
+    if failing:
+        verified = [c for c in failing if not unverified(c)]
+        return (f"{len(verified)} cell(s) changed their math class"
+                + (" or rounding (--strict)" if strict else "") + "; "
+                f"{len(failing) - len(verified)} cell(s) could not be verified (they did "
+                "not run).")
+    return (f"no math change: {len(changes)} cell(s) changed between exact and match "
+            "only (rounding; --strict makes that a failure).")
+
+
 def report(baseline, cells, environment, changes, folder, strict, shown=None) -> tuple:
     """(text for the console and check.md, exit code): 1 when a cell's math
     changed, 2 when the only failing cells are cells that could not run."""
     failing = [c for c in changes if c.fails]
-    head = (f"Baseline {baseline.path}: {_versions(baseline.environment)}; now "
-            f"{_versions(environment)}; {len(cells)} cells compared.")
+    result = outcome(baseline, cells, environment, changes, strict)
     if not changes:
-        return (f"no change: all {len(cells)} cells as in the baseline {baseline.path} "
-                f"({_versions(baseline.environment)} -> {_versions(environment)})"), 0
+        return result, 0
     order = failing + [c for c in changes if not c.fails]
-    lines = [head, "", changes_table(order), ""]
+    lines = [head(baseline, cells, environment), "", changes_table(order), "", result]
     verified = [c for c in failing if not unverified(c)]
     if failing:
-        lines += [f"{len(verified)} cell(s) changed their math class"
-                  + (" or rounding (--strict)" if strict else "") + "; "
-                  f"{len(failing) - len(verified)} cell(s) could not be verified (they did "
-                  "not run).", "", step_detail(folder, (verified or failing)[0], shown=shown)]
-    else:
-        lines += [f"no math change: {len(changes)} cell(s) changed between exact and match "
-                  "only (rounding; --strict makes that a failure)."]
+        lines += ["", step_detail(folder, (verified or failing)[0], shown=shown)]
     return "\n".join(lines), 1 if verified else (2 if failing else 0)
 
 
-def _check_files(text, changes) -> dict:
+def _check_files(text, changes, html=None) -> dict:
+    """check.md and changes.csv; check.html when `html` is (head, outcome, run
+    folder, formats)."""
     rows = [{"cell": cell_id(c.cell), **{f"baseline_{k}": (c.before or {}).get(k, "")
                                          for k in CLASS},
              **{f"now_{k}": (c.after or {}).get(k, "") for k in CLASS},
              "changed": c.what, "fails": c.fails} for c in changes]
-    return {"check.md": "# verify-optimizers check\n\n" + text + "\n",
-            "changes.csv": pd.DataFrame(
-                rows, columns=["cell"] + [f"baseline_{k}" for k in CLASS]
-                + [f"now_{k}" for k in CLASS] + ["changed", "fails"]).to_csv(index=False)}
+    files = {"check.md": "# verify-optimizers check\n\n" + text + "\n",
+             "changes.csv": pd.DataFrame(
+                 rows, columns=["cell"] + [f"baseline_{k}" for k in CLASS]
+                 + [f"now_{k}" for k in CLASS] + ["changed", "fails"]).to_csv(index=False)}
+    if html is not None:
+        first, result, folder, formats = html
+        doc = json.loads((folder / "summary.json").read_text())
+        order = [c for c in changes if c.fails] + [c for c in changes if not c.fails]
+        files["check.html"] = html_report.render_check(
+            first, result, order, describe, folder, doc["rows"], doc["settings"], formats)
+    return files
 
 
 # --- the subcommand -----------------------------------------------------------
@@ -557,14 +579,19 @@ def check(args, console=None) -> int:
         changes = compare_cells(cells, now, strict=args.strict)
         text, code = report(baseline, cells, environment, changes, folder, args.strict,
                             shown=output)
-        for name, content in _check_files(text, changes).items():
+        html = ((head(baseline, cells, environment),
+                 outcome(baseline, cells, environment, changes, args.strict), folder, formats)
+                if "html" in formats else None)
+        for name, content in _check_files(text, changes, html).items():
             (folder / name).write_text(content)
         result.update(text=text, code=code, changes=changes)
 
     execute(sel, output, formats, quiet=args.quiet, finish=finish)
     print(result["text"], file=console)
     if result["changes"]:
-        print(f"\nReport: {output}/check.md, changes.csv; the run's tables in {output}/",
+        print(f"\nReport: {output}/check.md, changes.csv"
+              + (", check.html" if "html" in formats else "")
+              + f"; the run's tables in {output}/",
               file=console)
     if result["code"] == 2:
         failing = [c for c in result["changes"] if c.fails]

@@ -34,7 +34,7 @@ from verify.runner import Runner, Selection
 BACKENDS = ("tensorflow", "jax", "torch")
 DTYPES = ("float32", "float64")
 MODES = ("eager", "compiled")
-FORMATS = ("md", "csv", "json")
+FORMATS = ("md", "csv", "json", "html")
 MAX_GRADIENT_BYTES = 2 * 1024 ** 3  # the scenario arrays the run holds and hands out
 
 
@@ -279,7 +279,8 @@ def run(sel: Selection, output: Path, formats, *, quiet=False, console=None, fin
     counts = df.groupby(["family", "verdict"]).size()
     print("\n" + ", ".join(f"{fam} {verdict}: {n}" for (fam, verdict), n in counts.items()),
           file=console)
-    written = {"md": "summary.md, steps.md", "csv": "summary.csv, steps/", "json": "summary.json"}
+    written = {"md": "summary.md, steps.md", "csv": "summary.csv, steps/", "json": "summary.json",
+               "html": "report.html"}
     print(f"Full tables in {output}/: " + "; ".join(written[f] for f in formats), file=console)
     keras_rows = df[df.family == "keras"]
     if (keras_rows.verdict == "mismatch").any():

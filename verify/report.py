@@ -49,6 +49,7 @@ class Sink:
         self.order = order  # field -> list giving the row order
         self.rows = []
         self.excerpts = {}
+        self.traces = {}  # cell -> html_report.Trace of a mismatching comparison
 
     def row(self, family, run, scenario, comparison=None, index=None, error=None):
         base = {"family": family, "optimizer": run.configuration.id, "backend": run.backend,
@@ -86,6 +87,9 @@ class Sink:
             path.parent.mkdir(parents=True, exist_ok=True)
             table.to_csv(path, index=False,
                          compression={"method": "gzip", "mtime": 0, "compresslevel": 6})
+        if d is not None and "html" in self.formats:
+            from verify.html_report import trace  # (it imports this module)
+            self.traces[key] = trace(table, d.state, d.step)
         if d is not None:
             lo = max(0, d.step - 1)
             self.excerpts[key] = table[(table.step >= lo) & (table.step < lo + EXCERPT_STEPS)]
@@ -116,6 +120,10 @@ class Sink:
         if "md" in self.formats:
             (self.out_dir / "summary.md").write_text(self.markdown(df, environment))
             (self.out_dir / "steps.md").write_text(self.steps_markdown(df))
+        if "html" in self.formats:
+            from verify.html_report import render
+            (self.out_dir / "report.html").write_text(
+                render(df, self.settings, self.traces, environment, self.formats))
         return df
 
     def markdown(self, df: pd.DataFrame, environment: dict) -> str:
@@ -210,16 +218,20 @@ def explanations(df: pd.DataFrame) -> list:
     return out
 
 
-def findings(df: pd.DataFrame) -> list:
-    """Markdown lines: per article/textbook configuration that departs, its
-    causes and where it shows."""
-    lines = []
-    bad = df[(df.family != "keras") & (df.verdict == "mismatch")]
+FINDING_HEADERS = ["backend", "dtype", "mismatching cells", "scenarios", "first step", "state",
+                   "max rel. error", "final drift"]
+
+
+def finding_groups(df: pd.DataFrame, families=None) -> list:
+    """Per family x configuration with mismatching cells (article and textbook
+    unless `families` says otherwise): (family, optimizer, causes, rows of
+    FINDING_HEADERS, the mismatching rows)."""
+    families = [f for f in df.family.unique() if f != "keras"] if families is None else families
+    bad = df[df.family.isin(families) & (df.verdict == "mismatch")]
+    out = []
     for (family, optimizer), group in bad.groupby(["family", "optimizer"], sort=False):
-        lines += [f"### {family} / {optimizer}", ""]
-        causes = dict.fromkeys(cause(family, optimizer, b, d) or "No curated cause."
-                               for b, d in zip(group.backend, group.dtype))
-        lines += [f"- {c}" for c in causes] + [""]
+        causes = list(dict.fromkeys(cause(family, optimizer, b, d) or "No curated cause."
+                                    for b, d in zip(group.backend, group.dtype)))
         rows = []
         for (backend, dtype), g in group.groupby(["backend", "dtype"], sort=False):
             total = len(df[(df.family == family) & (df.optimizer == optimizer)
@@ -229,9 +241,18 @@ def findings(df: pd.DataFrame) -> list:
                          ", ".join(str(int(x)) for x in sorted(set(g.first_divergent_step))),
                          ", ".join(dict.fromkeys(g.divergent_state)),
                          f"{g.max_rel_error.max():.2g}", f"{g.final_drift.max():.2g}"])
-        lines += [tabulate(rows, headers=["backend", "dtype", "mismatching cells", "scenarios",
-                                          "first step", "state", "max rel. error",
-                                          "final drift"], tablefmt="github",
+        out.append((family, optimizer, causes, rows, group))
+    return out
+
+
+def findings(df: pd.DataFrame) -> list:
+    """Markdown lines: per article/textbook configuration that departs, its
+    causes and where it shows."""
+    lines = []
+    for family, optimizer, causes, rows, _ in finding_groups(df):
+        lines += [f"### {family} / {optimizer}", ""]
+        lines += [f"- {c}" for c in causes] + [""]
+        lines += [tabulate(rows, headers=FINDING_HEADERS, tablefmt="github",
                            disable_numparse=True), ""]
     return lines
 

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from html import escape
 
+from verify import htmlkit
 from verify.convergence import tables
 
 STYLE = """
-body { font-family: sans-serif; max-width: 1500px; margin: 1em auto; padding: 0 1em;
-       color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 3px 6px; vertical-align: top; text-align: left; }
-th { background: #f2f2f2; }
 td.holds { background: #d9f2d9; } td.some { background: #fff2cc; }
 td.fails { background: #f8d7da; } td.none { background: #eee; }
-img { max-width: 100%; display: block; margin: 0.5em 0 1.5em; }
-pre { background: #f6f6f6; padding: 0.5em; overflow-x: auto; }
 """
 
 VERDICT_CLASS = {"holds": "holds", "holds on some seeds": "some", "does not hold": "fails",
@@ -25,26 +18,17 @@ VERDICT_CLASS = {"holds": "holds", "holds on some seeds": "some", "does not hold
 
 
 def _table(headers, body, verdict_column=None) -> str:
-    out = ["<table><tr>" + "".join(f"<th>{escape(str(h))}</th>" for h in headers) + "</tr>"]
-    for row in body:
-        cells = []
-        for i, cell in enumerate(row):
-            cls = f' class="{VERDICT_CLASS[cell]}"' if i == verdict_column else ""
-            cells.append(f"<td{cls}>{escape(str(cell))}</td>")
-        out.append("<tr>" + "".join(cells) + "</tr>")
-    return "\n".join(out) + "</table>"
+    return htmlkit.table(headers, body, cell_class=lambda i, cell: (
+        VERDICT_CLASS[cell] if i == verdict_column else None))
 
 
 def _img(images, name, alt) -> str:
-    data = base64.b64encode(images[name]).decode("ascii")
-    return f'<img alt="{escape(alt)}" src="data:image/png;base64,{data}">'
+    return htmlkit.img(images[name], alt)
 
 
 def render(doc: dict, images: dict) -> str:
     settings, env = doc["settings"], doc["environment"]
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'>"
-             f"<title>make_moons experiment: claims</title><style>{STYLE}</style></head><body>",
-             "<h1>The article's make_moons experiment, reproduced</h1>",
+    parts = ["<h1>The article's make_moons experiment, reproduced</h1>",
              f"<p>{escape(tables.settings_line(settings, env))}</p>",
              "<p>Model, data and training as in the article: Dense 12-13-13 relu, Dense 2 "
              "softmax; <code>make_moons(n_samples=300, noise=0.1, random_state=42)</code>; "
@@ -70,6 +54,5 @@ def render(doc: dict, images: dict) -> str:
         parts.append(f"<h3>{escape(config_id)}: "
                      f"{escape(settings['configurations_described'][config_id])}</h3>")
         parts.append(_img(images, f"{config_id}.png", config_id))
-    parts.append("<hr><h2>Environment</h2><pre>" + escape(json.dumps(env, indent=1))
-                 + "</pre></body></html>\n")
-    return "\n".join(parts)
+    parts.append("<hr><h2>Environment</h2><pre>" + escape(json.dumps(env, indent=1)) + "</pre>")
+    return htmlkit.page("make_moons experiment: claims", parts, STYLE)

@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-import io
+import numpy as np
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from verify.convergence.claims import NEAR_ZERO  # noqa: E402
-
-DPI = 100
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
+from verify.convergence.claims import NEAR_ZERO
+from verify.figures import plt, png  # Agg, deterministic PNG
 
 
 def configuration_figure(config_id: str, description: str, losses: dict, keras_version: str
                          ) -> bytes:
-    return _png(configuration_plot(config_id, description, losses, keras_version))
+    return png(configuration_plot(config_id, description, losses, keras_version))
 
 
 def overlay_figure(losses: dict, keras_version: str) -> bytes:
-    return _png(overlay_plot(losses, keras_version))
+    return png(overlay_plot(losses, keras_version))
 
 
 def configuration_plot(config_id: str, description: str, losses: dict, keras_version: str):

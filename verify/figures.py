@@ -1,0 +1,108 @@
+"""Figures (matplotlib, Agg) as PNG bytes: the same input gives the same bytes
+(fixed dpi, no software or date metadata).
+
+divergence_figure draws comparisons step by step: per row, the lockstep
+scaled error on a log axis with the tolerance line, and beside it the
+free-run drift (lines: verify.html_report.Trace, already reduced to bins).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+DPI = 100
+SCALED_FLOOR = 1e-3     # scaled errors below (0 included) are drawn at the floor
+DRIFT_FLOOR = 1e-18     # drift likewise
+PALETTE = plt.get_cmap("tab10").colors
+FIGURE_DPI = 80
+WIDTH, LEGEND = 8.8, 1.45  # inches: the figure, the legend on its right
+
+
+def png(fig, dpi=DPI) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+@dataclass
+class Line:
+    trace: object                    # verify.html_report.Trace
+    color: int                       # index into PALETTE
+    dashed: bool = False
+    reference_step: int | None = None  # marked by a vertical dotted line (the baseline's step)
+
+
+def _draw(ax, x, y, floor, top, color, style, width):
+    y = np.maximum(y, floor)
+    inf = np.isinf(y)
+    ax.plot(x, np.where(inf, top, y), color=color, linestyle=style, linewidth=width)
+    if inf.any():
+        ax.plot(x[inf], np.full(inf.sum(), top), "^", color=color, markersize=3)
+
+
+def _top(values, floor, least):
+    finite = [v[np.isfinite(v)] for v in values]
+    largest = max([least] + [float(f.max()) for f in finite if f.size])
+    return max(largest, floor) * 30
+
+
+def divergence_figure(title: str, panels: dict, legend: list, tolerance: float, steps: int,
+                      notes: str = "") -> bytes:
+    """panels: label -> [Line]; legend: [(text, color index or None, linestyle)].
+    One row per panel: scaled error (log, tolerance dashed red) and drift (log)."""
+    rows = len(panels)
+    height = max(0.6 + 1.35 * rows, 0.5 + 0.17 * (len(legend) + 2))
+    fig, axes = plt.subplots(rows, 2, figsize=(WIDTH, height), squeeze=False,
+                             sharex=True)
+    traces = [line.trace for lines in panels.values() for line in lines]
+    top_scaled = _top([t.scaled for t in traces], SCALED_FLOOR, tolerance)
+    top_drift = _top([t.drift for t in traces], DRIFT_FLOOR, DRIFT_FLOOR)
+    for (label, lines), (ax_s, ax_d) in zip(panels.items(), axes):
+        for line in lines:
+            t, color = line.trace, PALETTE[line.color % len(PALETTE)]
+            style, width = ("--", 0.9) if line.dashed else ("-", 1.3)
+            _draw(ax_s, t.scaled_step, t.scaled, SCALED_FLOOR, top_scaled, color, style, width)
+            _draw(ax_d, t.drift_step, t.drift, DRIFT_FLOOR, top_drift, color, style, width)
+            if t.first is not None:
+                y = min(max(t.first[1], SCALED_FLOOR), top_scaled)
+                ax_s.plot([t.first[0]], [y], "o", color=color, markersize=3.5)
+            if line.reference_step is not None:
+                ax_s.axvline(line.reference_step, color=color, linestyle=":", linewidth=1)
+        ax_s.axhline(tolerance, color="red", linestyle="--", linewidth=0.8)
+        ax_s.set_yscale("log")
+        ax_d.set_yscale("log")
+        ax_s.set_ylim(SCALED_FLOOR / 2, top_scaled * 2)
+        ax_d.set_ylim(DRIFT_FLOOR / 2, top_drift * 2)
+        ax_s.set_xlim(0, max(steps, 1))
+        ax_s.set_ylabel(label, fontsize=7)
+        for ax in (ax_s, ax_d):
+            ax.tick_params(labelsize=6)
+            ax.grid(True, which="major", linewidth=0.3)
+    axes[0][0].set_title("scaled error (lockstep)", fontsize=8)
+    axes[0][1].set_title("free-run drift of the weights", fontsize=8)
+    axes[-1][0].set_xlabel("step", fontsize=7)
+    axes[-1][1].set_xlabel("step", fontsize=7)
+    handles = [Line2D([], [], color="red", linestyle="--", linewidth=0.8)]
+    texts = [f"tolerance {tolerance:g}"]
+    for text, color, style in legend:
+        handles.append(Line2D([], [], color="0.3" if color is None else
+                              PALETTE[color % len(PALETTE)], linestyle=style))
+        texts.append(text)
+    handles.append(Line2D([], [], color="0.3", marker="o", linestyle="none", markersize=3.5))
+    texts.append("first divergence")
+    fig.legend(handles, texts, loc="center right", fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=9)
+    if notes:
+        fig.text(0.01, 0.005, notes, fontsize=6, color="0.35", va="bottom")
+    fig.tight_layout(rect=(0, 0.2 / fig.get_figheight() if notes else 0,
+                           1 - LEGEND / WIDTH, 1), h_pad=0.3, w_pad=1.0)
+    return png(fig, dpi=FIGURE_DPI)
