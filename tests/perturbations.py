@@ -39,9 +39,10 @@ SHIFTS = {  # family: (hyperparameter, Keras classes)
     "beta_1+1e-4": ("beta_1", ["Adam", "AdamW", "Nadam", "Adamax"]),
     "beta_2+1e-4": ("beta_2", ["Lion", "Adamax"]),
     "momentum+1e-4": ("momentum", ["SGD"]),
-    "rho+1e-4": ("rho", ["RMSprop"]),
+    "rho+1e-4": ("rho", ["RMSprop", "Adadelta"]),
 }
-ALL_CLASSES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Nadam", "Lion", "Adamax"]
+ALL_CLASSES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Nadam", "Lion", "Adamax",
+               "Adadelta"]
 
 # family -> the configuration ids whose math the change alters
 PERTURBED = {
@@ -49,10 +50,10 @@ PERTURBED = {
     "beta_1+1e-4": ["adam", "adamw", "nadam", "adamax"],
     "beta_2+1e-4": ["lion", "adamax"],
     "momentum+1e-4": ["sgd_momentum", "sgd_nesterov"],
-    "rho+1e-4": ["rmsprop", "rmsprop_momentum_centered"],
+    "rho+1e-4": ["rmsprop", "rmsprop_momentum_centered", "adadelta"],
     "lr-not-float32": ["sgd", "sgd_momentum", "sgd_nesterov", "adagrad", "rmsprop",
                        "rmsprop_momentum_centered", "adam", "adamw", "nadam", "lion",
-                       "adamax"],
+                       "adamax", "adadelta"],
 }
 
 if ("eps-inside-sqrt", "Adam") not in REGISTRY:

@@ -16,6 +16,7 @@ N, STEPS = 6, 8
 # the configurations of issue 9, each with the pieces separating the paper from Keras
 NEW = {
     "adamax": [("epsilon", "none", "added")],
+    "adadelta": [("learning_rate", "none", "applied")],
 }
 
 

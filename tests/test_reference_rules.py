@@ -45,6 +45,8 @@ def textbook_nadam_expected():
 
 
 ADAM_W = W - (0.01 * math.sqrt(1 - 0.999) / (1 - 0.9)) * 0.2 / (math.sqrt(0.004) + 1e-7)
+ADADELTA_CONFIG = {"learning_rate": 0.1, "rho": 0.95, "epsilon": 1e-6}
+ADADELTA_DELTA = -math.sqrt(1e-6) * G / math.sqrt(0.05 * G * G + 1e-6)
 CASES = [
     ("keras", "SGD", {"learning_rate": 0.01}, {"variable": 0.98}),
     ("keras", "SGD", {"learning_rate": 0.01, "momentum": 0.9},
@@ -96,6 +98,12 @@ CASES = [
      {"variable": 1 - 0.01 * 0.2 / ((1 - 0.9) * (2.0 + 1e-7)), "momentum": 0.2, "norm": 2.0}),
     ("textbook", "Adamax", {"learning_rate": 0.01, "beta_2": 0.99},
      {"variable": 1 - 0.01 / (1 - 0.9) * 0.2 / 2.0, "momentum": 0.2, "norm": 2.0}),
+    ("keras", "Adadelta", ADADELTA_CONFIG,
+     {"variable": 1 + 0.1 * ADADELTA_DELTA, "accumulated_grad": 0.2,
+      "accumulated_delta_var": 0.05 * ADADELTA_DELTA ** 2}),
+    ("textbook", "Adadelta", ADADELTA_CONFIG,
+     {"variable": 1 + ADADELTA_DELTA, "accumulated_grad": 0.2,
+      "accumulated_delta_var": 0.05 * ADADELTA_DELTA ** 2}),
 ]
 
 
@@ -204,7 +212,7 @@ def test_subnormal_results_carry_the_underflow_error(precision):
     assert r.e[0] >= float(floor) > 0
 
 
-@pytest.mark.parametrize("class_name", ["Adamax"])
+@pytest.mark.parametrize("class_name", ["Adamax", "Adadelta"])
 def test_the_article_does_not_state_the_optimizers_it_never_mentions(class_name):
     with pytest.raises(reference.Unsupported, match=f"article family does not state {class_name}"):
         reference.get_rule("article", class_name)

@@ -4,6 +4,7 @@ Adding an optimizer: a module here (defaults, states, pieces, update, points)
 and its entry in OPTIMIZERS.
 """
 
+from reference.optimizers.adadelta import ADADELTA
 from reference.optimizers.adagrad import ADAGRAD
 from reference.optimizers.adam import ADAM, ADAMW
 from reference.optimizers.adamax import ADAMAX
@@ -13,4 +14,4 @@ from reference.optimizers.rmsprop import RMSPROP
 from reference.optimizers.sgd import SGD
 
 OPTIMIZERS = {o.class_name: o for o in (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, NADAM, LION,
-                                            ADAMAX)}
+                                            ADAMAX, ADADELTA)}
