@@ -6,6 +6,8 @@ mismatch against real Keras in float64 on every backend.
 
 from dataclasses import replace
 
+import numpy as np
+
 import reference
 from reference.arithmetic import Arithmetic
 from reference.rule import REGISTRY
@@ -30,6 +32,14 @@ def _learning_rate_as_given(rule):
     return step
 
 
+def _without_running_max(rule):
+    """AMSGrad's v_hat = max(v_hat, v) taken from 0, i.e. v_hat = v (the branch lost)."""
+    def step(ar, hp, s, g, t):
+        zeros = [ar.exact(np.zeros(np.shape(v.v))) for v in s["velocity_hat"]]
+        return rule.step(ar, hp, {**s, "velocity_hat": zeros}, g, t)
+    return step
+
+
 def _register(family, class_name, step):
     base = reference.get_rule("keras", class_name)
     REGISTRY[(family, class_name)] = replace(base, family=family, step=step)
@@ -46,18 +56,20 @@ ALL_CLASSES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Nadam", "Lion", "A
 
 # family -> the configuration ids whose math the change alters
 PERTURBED = {
-    "eps-inside-sqrt": ["adam"],
-    "beta_1+1e-4": ["adam", "adamw", "nadam", "adamax"],
+    "eps-inside-sqrt": ["adam", "adam_amsgrad"],
+    "beta_1+1e-4": ["adam", "adamw", "nadam", "adamax", "adam_amsgrad"],
     "beta_2+1e-4": ["lion", "adamax"],
     "momentum+1e-4": ["sgd_momentum", "sgd_nesterov"],
     "rho+1e-4": ["rmsprop", "rmsprop_momentum_centered", "adadelta"],
+    "amsgrad-without-max": ["adam_amsgrad"],
     "lr-not-float32": ["sgd", "sgd_momentum", "sgd_nesterov", "adagrad", "rmsprop",
                        "rmsprop_momentum_centered", "adam", "adamw", "nadam", "lion",
-                       "adamax", "adadelta"],
+                       "adamax", "adadelta", "adam_amsgrad"],
 }
 
 if ("eps-inside-sqrt", "Adam") not in REGISTRY:
     _register("eps-inside-sqrt", "Adam", _EPS_INSIDE_SQRT_ADAM)
+    _register("amsgrad-without-max", "Adam", _without_running_max(KERAS_ADAM))
     for family, (key, classes) in SHIFTS.items():
         for name in classes:
             _register(family, name, _shifted(reference.get_rule("keras", name), key, 1e-4))

@@ -17,6 +17,8 @@ N, STEPS = 6, 8
 NEW = {
     "adamax": [("epsilon", "none", "added")],
     "adadelta": [("learning_rate", "none", "applied")],
+    "adam_amsgrad": [("epsilon", "plain", "hat"), ("epsilon_placement", "none", "outside"),
+                     ("bias_correction", "off", "on")],
 }
 
 
@@ -64,10 +66,11 @@ CASES = [("Adam", {"learning_rate": 0.01}, c) for c in SPACES["Adam"].points()] 
 
 
 def same_math(a: dict, b: dict) -> bool:
-    """Points that are one formula: without bias correction, epsilon hat and
-    plain epsilon coincide (both corrections are 1)."""
+    """Points that are one formula: without bias correction (both corrections
+    are 1) or without epsilon, epsilon hat and plain epsilon coincide."""
     differ = {p for p in a if a[p] != b[p]}
-    return not differ or (differ == {"epsilon"} and a.get("bias_correction") == "off")
+    return not differ or (differ == {"epsilon"} and (a.get("bias_correction") == "off"
+                                                     or a.get("epsilon_placement") == "none"))
 
 
 @pytest.mark.parametrize("class_name,config,choices", CASES,

@@ -47,6 +47,7 @@ def textbook_nadam_expected():
 ADAM_W = W - (0.01 * math.sqrt(1 - 0.999) / (1 - 0.9)) * 0.2 / (math.sqrt(0.004) + 1e-7)
 ADADELTA_CONFIG = {"learning_rate": 0.1, "rho": 0.95, "epsilon": 1e-6}
 ADADELTA_DELTA = -math.sqrt(1e-6) * G / math.sqrt(0.05 * G * G + 1e-6)
+AMSGRAD_CONFIG = {"learning_rate": 0.01, "beta_2": 0.99, "amsgrad": True}
 CASES = [
     ("keras", "SGD", {"learning_rate": 0.01}, {"variable": 0.98}),
     ("keras", "SGD", {"learning_rate": 0.01, "momentum": 0.9},
@@ -104,6 +105,12 @@ CASES = [
     ("textbook", "Adadelta", ADADELTA_CONFIG,
      {"variable": 1 + ADADELTA_DELTA, "accumulated_grad": 0.2,
       "accumulated_delta_var": 0.05 * ADADELTA_DELTA ** 2}),
+    ("keras", "Adam", AMSGRAD_CONFIG,  # alpha = 0.01 * sqrt(1 - 0.99) / (1 - 0.9) = 0.01
+     {"variable": 1 - 0.2 * 0.01 / (0.2 + 1e-7), "momentum": 0.2, "velocity": 0.04,
+      "velocity_hat": 0.04}),
+    ("textbook", "Adam", AMSGRAD_CONFIG,
+     {"variable": 1 - 0.01 * 0.2 / 0.2, "momentum": 0.2, "velocity": 0.04,
+      "velocity_hat": 0.04}),
 ]
 
 
@@ -129,6 +136,22 @@ def test_unmodelled_argument_is_refused():
         reference.get_rule("keras", "Adam").hyperparameters({"clipnorm": 1.0})
     with pytest.raises(reference.Unsupported):
         reference.get_rule("article", "Adam").hyperparameters({"amsgrad": True, "foo": 1})
+
+
+def test_amsgrad_divides_by_the_largest_second_moment_so_far():
+    """Second step from a velocity_hat above the new v: the maximum is used."""
+    ar = Arithmetic("float64", PRECISIONS["exact"])
+    s = {"variable": [ar.exact([[W]])], "momentum": [ar.exact([[0.0]])],
+         "velocity": [ar.exact([[1.0]])], "velocity_hat": [ar.exact([[4.0]])]}
+    for family, expected_w in (("keras", W - (0.01 * math.sqrt(1 - 0.99 ** 2) / (1 - 0.9 ** 2))
+                                * 0.2 / (2.0 + 1e-7)),
+                               ("textbook", W - 0.01 * 0.2 / 2.0)):
+        rule = reference.get_rule(family, "Adam")
+        out = rule(ar, rule.hyperparameters(AMSGRAD_CONFIG), s, [ar.exact([[G]])],
+                   ar.step_count([1.0]))
+        assert float(out["velocity"][0].v[0, 0]) == pytest.approx(0.99 + 0.04)
+        assert float(out["velocity_hat"][0].v[0, 0]) == 4.0
+        np.testing.assert_allclose(out["variable"][0].v[0, 0], expected_w, rtol=1e-14)
 
 
 def test_keras_defaults_are_used_when_the_config_is_silent():

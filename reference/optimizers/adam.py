@@ -3,7 +3,8 @@
 Keras: keras/src/optimizers/adam.py, adamw.py (AdamW is Adam with the base
 optimizer's weight decay, reference/base.py).  Papers: Kingma and Ba 2015,
 ICLR, Algorithm 1 and section 2; Loshchilov and Hutter 2019, ICLR,
-Algorithm 2.
+Algorithm 2; with amsgrad, Reddi, Kale and Kumar 2018, ICLR, "On the
+Convergence of Adam and Beyond", Algorithm 2 (AMSGrad).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ PIECES = {
     # added to sqrt(v) (Kingma and Ba, end of section 2); "plain": epsilon is
     # added to sqrt(v_hat) (Algorithm 1)
     "epsilon": ("hat", "plain"),
-    "epsilon_placement": ("outside", "inside"),
+    # "none": no epsilon at all (Reddi et al.'s Algorithm 2)
+    "epsilon_placement": ("outside", "inside", "none"),
     "bias_correction": ("on", "off"),
     # AdamW's decay, in Keras's base pipeline (reference/base.py)
     "decay_scale": ("lr", "schedule"),
@@ -83,6 +85,9 @@ TEXTBOOK_CHOICES = {"epsilon": "plain", "epsilon_placement": "outside", "bias_co
                     "decay_scale": "schedule", "decay_order": "before_step",
                     "decay_form": "algorithm_2", "ema": "weighted",
                     "hyperparameters": "python", "one_minus_beta": "tensor"}
+# Reddi et al. 2018, Algorithm 2, with constant alpha_t = lr and beta_1t = beta_1:
+# no debiasing and no epsilon, x = x - alpha_t m / sqrt(v_hat)
+AMSGRAD_CHOICES = {**TEXTBOOK_CHOICES, "epsilon_placement": "none", "bias_correction": "off"}
 ARTICLE_CHOICES = {**KERAS_CHOICES, "decay_form": "article", "hyperparameters": "python",
                    "one_minus_beta": "tensor"}
 
@@ -104,14 +109,24 @@ ADAM = Optimizer(
         "keras": Point(KERAS_CHOICES, source="keras/src/optimizers/adam.py (Keras 3)",
                        doc=KERAS_DOC, keras_base=True),
         "textbook": Point(
-            TEXTBOOK_CHOICES, source="Kingma and Ba 2015, ICLR, Algorithm 1",
+            lambda hp: AMSGRAD_CHOICES if hp["amsgrad"] else TEXTBOOK_CHOICES,
+            source="Kingma and Ba 2015, ICLR, Algorithm 1; with amsgrad: Reddi, Kale and "
+                   "Kumar 2018, ICLR, 'On the Convergence of Adam and Beyond', Algorithm 2 "
+                   "(AMSGrad)",
             doc="""alpha = lr;  m = beta_1 * m + (1 - beta_1) * g;  v = beta_2 * v + (1 - beta_2) * g**2;
     m_hat = m / (1 - beta_1**t);  v_hat = v / (1 - beta_2**t);
-    w = w - alpha * m_hat / (sqrt(v_hat) + epsilon).""",
+    w = w - alpha * m_hat / (sqrt(v_hat) + epsilon).
+    AMSGrad (Reddi et al. Algorithm 2): m and v as above;  v_hat = max(v_hat, v);
+    w = w - alpha_t * m / sqrt(v_hat).""",
             notes="epsilon is added to sqrt(v_hat), the bias-corrected second moment, "
                   "as Algorithm 1 states (not the 'epsilon hat' of the last paragraph of "
-                  "section 2).",
-            unstated=_no_amsgrad("Kingma and Ba's Algorithm 1")),
+                  "section 2). AMSGrad: Algorithm 2 takes sequences alpha_t and beta_1t; "
+                  "they are the constants lr and beta_1, as Keras has them (the "
+                  "convergence analysis of section 4 decays both). It has no debiasing "
+                  "and no epsilon (where v_hat "
+                  "is 0, a zero gradient from the start, the step is 0/0), and the "
+                  "projection onto F is the identity (unconstrained weights). v_hat is "
+                  "Keras's velocity_hat slot."),
         "article": Point(ARTICLE_CHOICES, source="shared/article.md, section Adam",
                          doc=ARTICLE_DOC, unstated=_no_amsgrad("the article")),
     },
