@@ -141,6 +141,14 @@ def test_findings_carry_their_causes_and_link_to_their_tables(article_run):
                      for r in doc["rows"] if r["verdict"] == "mismatch"}
 
 
+def test_a_findings_figure_alone_is_the_figure_of_the_page(article_run, tmp_path):
+    out, doc = article_run
+    img = next(i for i in page(out / "report.html").imgs if "article-adagrad-" in i["data-cells"])
+    target = tmp_path / "adagrad.png"
+    assert html_report.main([str(out), "article/adagrad", str(target)]) == 0
+    assert target.read_bytes() == base64.b64decode(img["src"].split(",", 1)[1])
+
+
 def test_a_perturbed_keras_family_is_a_failure_with_a_figure(tmp_path, monkeypatch):
     import perturbations  # noqa: F401  (registers the perturbed rules)
 

@@ -6,7 +6,7 @@ for every family x configuration that mismatches or changed
 say so).
 
 The figures draw per step what the run kept: for a mismatching comparison,
-the lockstep scaled error of its divergent state and the free-run drift,
+the lockstep scaled error (the largest over the states) and the free-run drift,
 reduced to at most POINTS points per line, each the largest value of a bin
 of consecutive steps at the step where it occurs, so that no step above the
 tolerance is smoothed away.
@@ -15,8 +15,11 @@ tolerance is smoothed away.
 from __future__ import annotations
 
 import importlib
+import json
+import sys
 from dataclasses import dataclass
 from html import escape
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -26,7 +29,7 @@ from verify.report import FINDING_HEADERS, finding_groups
 
 POINTS = 250
 CELL = ("family", "optimizer", "backend", "dtype", "mode", "scenario")
-SYMBOL = {"exact": "=", "match": "\u2248", "mismatch": "\u2717", "error": "!", "n/a": "\u2013"}
+SYMBOL = {"exact": "=", "match": "\u2248", "n/a": "\u2013", "mismatch": "\u2717", "error": "!"}
 STYLE = """
 td.v-exact { background: #8fd19e; } td.v-match { background: #dff0d8; }
 td.v-mismatch { background: #f5a3a3; } td.v-error { background: #c9b3e6; }
@@ -75,8 +78,11 @@ def bin_max(step, values, points: int = POINTS) -> tuple:
 
 @dataclass
 class Trace:
-    """What a figure draws of one comparison, already reduced to bins."""
-    state: str                # the state whose scaled error is drawn ("all states": the largest)
+    """What a figure draws of one comparison, already reduced to bins: per step
+    the largest scaled error over the states (at the first divergence, that of
+    the divergent state; after it, a state that keeps departing is not hidden
+    behind one that departed once) and the drift."""
+    state: str | None         # the divergent state, named in titles
     scaled_step: np.ndarray
     scaled: np.ndarray
     drift_step: np.ndarray
@@ -85,16 +91,10 @@ class Trace:
 
 
 def trace(table: pd.DataFrame, state=None, first_step=None) -> Trace:
-    """A comparison's per-step table (report.Sink, steps/*.csv.gz) -> its Trace:
-    the scaled error of `state` (None or a state the table lacks: the largest
-    over the states) and the drift."""
-    column = f"{state}_scaled"
-    if state is None or column not in table.columns:
-        state, columns = "all states", [c for c in table.columns if c.endswith("_scaled")]
-    else:
-        columns = [column]
+    """A comparison's per-step table (report.Sink, steps/*.csv.gz) -> its Trace."""
     step = table["step"].to_numpy()
-    scaled = table[columns].to_numpy(dtype=np.float64).max(axis=1)
+    scaled = table[[c for c in table.columns if c.endswith("_scaled")]].to_numpy(
+        dtype=np.float64).max(axis=1)
     first = None
     if first_step is not None and (step == first_step).any():
         first = (int(first_step), float(scaled[step == first_step][0]))
@@ -167,10 +167,14 @@ def frame(rows) -> pd.DataFrame:
 
 
 # --- figures -------------------------------------------------------------------
+def _png(figs, title, lines_by_panel, legend, settings) -> bytes:
+    return figs.divergence_figure(title, lines_by_panel, legend, compare.TOLERANCE,
+                                  settings["steps"], notes=_bins_note(settings["steps"]))
+
+
 def _figure(figs, title, lines_by_panel, legend, settings, cells, alt) -> str:
-    png = figs.divergence_figure(title, lines_by_panel, legend, compare.TOLERANCE,
-                                 settings["steps"], notes=_bins_note(settings["steps"]))
-    return htmlkit.img(png, alt, cells=" ".join(cells))
+    return htmlkit.img(_png(figs, title, lines_by_panel, legend, settings), alt,
+                       cells=" ".join(cells))
 
 
 def _scenario_legend(settings, scenarios) -> list:
@@ -183,9 +187,10 @@ def _mode_legend(settings, modes) -> list:
              "--" if m == "compiled" else "-") for m in settings["modes"] if m in modes]
 
 
-def finding_figure(figs, family, optimizer, cells, settings) -> str:
-    """cells: [(key, Trace)], all of one family x configuration; one row per
-    backend x dtype, a line per mode x scenario (colour: scenario; dashed: compiled)."""
+def _finding(figs, family, optimizer, cells, settings) -> tuple:
+    """cells: [(key, Trace)], all of one family x configuration -> (title, panels,
+    legend, alt): one row per backend x dtype, a line per mode x scenario
+    (colour: scenario; dashed: compiled)."""
     panels = {}
     for key, t in cells:
         _, _, backend, dtype, mode, scenario = key
@@ -194,11 +199,35 @@ def finding_figure(figs, family, optimizer, cells, settings) -> str:
     states = ", ".join(dict.fromkeys(t.state for _, t in cells))
     legend = _scenario_legend(settings, {k[5] for k, _ in cells})
     legend += _mode_legend(settings, {k[4] for k, _ in cells})
-    title = (f"{family} / {optimizer}: {len(cells)} mismatching cell(s); scaled error of "
-             f"{states}")
-    return _figure(figs, title, panels, legend, settings, [cell_id(k) for k, _ in cells],
-                   f"{family} / {optimizer}: per-step scaled error ({states}) and free-run "
-                   f"drift of {len(cells)} mismatching cells")
+    title = (f"{family} / {optimizer}: {len(cells)} mismatching cell(s); first divergent "
+             f"state: {states}")
+    alt = (f"{family} / {optimizer}: per-step scaled error and free-run drift of "
+           f"{len(cells)} mismatching cells")
+    return title, panels, legend, alt
+
+
+def finding_figure(figs, family, optimizer, cells, settings) -> str:
+    title, panels, legend, alt = _finding(figs, family, optimizer, cells, settings)
+    return _figure(figs, title, panels, legend, settings, [cell_id(k) for k, _ in cells], alt)
+
+
+def finding_png(folder, family, optimizer) -> bytes:
+    """The figure of one finding as a PNG, from a report folder written with csv
+    and json (summary.csv, summary.json, steps/)."""
+    folder = Path(folder)
+    settings = json.loads((folder / "summary.json").read_text())["settings"]
+    df = pd.read_csv(folder / "summary.csv", keep_default_na=False, na_values=[""])
+    bad = df[(df.family == family) & (df.optimizer == optimizer) & (df.verdict == "mismatch")]
+    if bad.empty:
+        raise ValueError(f"{folder} has no mismatching cell of {family} / {optimizer}")
+    cells = []
+    for _, r in bad.iterrows():
+        key = tuple(r[f] for f in CELL)
+        cells.append((key, read_trace(folder / steps_path(key), r.divergent_state,
+                                      int(r.first_divergent_step))))
+    figs = importlib.import_module("verify.figures")
+    title, panels, legend, _ = _finding(figs, family, optimizer, cells, settings)
+    return _png(figs, title, panels, legend, settings)
 
 
 # --- report.html of a run -----------------------------------------------------
@@ -234,15 +263,15 @@ def render(df: pd.DataFrame, settings: dict, traces: dict, environment: dict, fo
     groups = (finding_groups(df, ["keras"]), finding_groups(df))
     links = {(f, o): f"finding-{f}-{o}" for g in groups for f, o, *_ in g}
     parts += ["<h2>Verdicts</h2>",
-              "<p>Worst verdict over the scenarios (exact &lt; match &lt; mismatch &lt; error), "
-              "with how many scenarios mismatch; a mismatch links to its finding.</p>",
+              f"<p>Worst verdict over the scenarios ({escape(' < '.join(compare.VERDICT_ORDER))}"
+              "), with how many scenarios mismatch; a mismatch links to its finding.</p>",
               legend_html(), grid(df, links)]
     counts = df.groupby(["family", "verdict"], sort=False).size()
     parts.append("<p>" + escape(", ".join(f"{f} {v}: {n}" for (f, v), n in counts.items()))
                  + "</p>")
     if figs is not None:
-        parts.append(f"<p>Figures: per mismatching cell, per step, the lockstep scaled error of "
-                     f"its divergent state (log axis; the dashed red line is the tolerance "
+        parts.append(f"<p>Figures: per mismatching cell, per step, the lockstep scaled error, "
+                     f"the largest over the states (log axis; the dashed red line is the tolerance "
                      f"{compare.TOLERANCE:g}; a dot marks the first divergent step) and the "
                      f"free-run drift of the weights. {escape(_bins_note(settings['steps']))}."
                      "</p>")
@@ -309,11 +338,6 @@ def _mismatch(c) -> bool:
     return c is not None and c["verdict"] == "mismatch"
 
 
-def _drawn_state(*classes):
-    """The divergent state of the first class that mismatches (None: all states)."""
-    return next((c["divergent_state"] for c in classes if _mismatch(c)), None)
-
-
 def _cell_key(c) -> tuple:
     return tuple(c[f] for f in CELL)
 
@@ -347,8 +371,8 @@ def render_check(head: str, outcome: str, changes, describe, folder, rows, setti
               grid(frame(rows), marks={k: f"{n} changed" for k, n in marks.items()})]
     if figs is not None and changes:
         parts += ["<h2>Figures of the changed cells</h2>",
-                  f"<p>As now, per step: the lockstep scaled error of the divergent state (now's, "
-                  f"else the baseline's; else the largest over the states), log axis, tolerance "
+                  f"<p>As now, per step: the lockstep scaled error, the largest over the states, "
+                  f"log axis, tolerance "
                   f"{compare.TOLERANCE:g} dashed red, a dot at the first divergent step; the "
                   f"dotted vertical line is the baseline's first divergent step; beside it the "
                   f"free-run drift. {escape(_bins_note(settings['steps']))}.</p>"]
@@ -368,7 +392,7 @@ def _check_figure(figs, family, optimizer, changes, describe, folder, settings) 
         _, _, backend, dtype, mode, scenario = key
         t = None
         if c.after is not None and c.after["verdict"] != "error":
-            t = read_trace(folder / steps_path(key), _drawn_state(c.after, c.before),
+            t = read_trace(folder / steps_path(key), None,
                            c.after["first_divergent_step"] if _mismatch(c.after) else None)
         captions.append(f"{cell_id(key[2:])}: baseline {describe(c.before)}; now "
                         f"{describe(c.after)}")
@@ -441,7 +465,7 @@ def render_matrix(settings, versions, releases, worst, changes, describe, runs) 
              c.what) for a, b, c in changes]))
     if figs is not None and changes:
         parts.append(f"<p>Per step, before (the older release, dashed) and after (solid): the "
-                     f"lockstep scaled error of the divergent state (log axis, tolerance "
+                     f"lockstep scaled error, the largest over the states (log axis, tolerance "
                      f"{compare.TOLERANCE:g} dashed red) and the free-run drift. "
                      f"{escape(_bins_note(settings['steps']))}.</p>")
         by_config = {}
@@ -458,7 +482,6 @@ def _matrix_figure(figs, family, optimizer, changes, describe, runs, settings) -
     for a, b, c in changes:
         key = _cell_key(c.cell)
         _, _, backend, dtype, mode, scenario = key
-        state = _drawn_state(c.after, c.before)
         captions.append(f"{a} -> {b}, {cell_id(key[2:])}: {describe(c.before)} -> "
                         f"{describe(c.after)}")
         for version, cls, dashed in ((a, c.before, True), (b, c.after, False)):
@@ -466,7 +489,7 @@ def _matrix_figure(figs, family, optimizer, changes, describe, runs, settings) -
             path = next((p for p in paths if p.exists()), None)
             t = None
             if cls is not None and cls["verdict"] != "error" and path is not None:
-                t = read_trace(path, state, cls["first_divergent_step"] if _mismatch(cls)
+                t = read_trace(path, None, cls["first_divergent_step"] if _mismatch(cls)
                                else None)
             if t is None:
                 missing.append(f"{cell_id(key)} in {version}")
@@ -487,3 +510,19 @@ def _matrix_figure(figs, family, optimizer, changes, describe, runs, settings) -
         out.append(f"<p>No per-step table: {escape(', '.join(missing))}</p>")
     return ("<figure>" + "".join(out) + "<figcaption><ul>"
             + "".join(f"<li>{escape(x)}</li>" for x in captions) + "</ul></figcaption></figure>")
+
+
+def main(argv) -> int:
+    """python -m verify.html_report REPORT FAMILY/CONFIGURATION OUT.png: one
+    finding's figure as a file (the README's figure is made this way)."""
+    if len(argv) != 3 or argv[1].count("/") != 1:
+        print("usage: python -m verify.html_report REPORT FAMILY/CONFIGURATION OUT.png",
+              file=sys.stderr)
+        return 2
+    family, optimizer = argv[1].split("/")
+    Path(argv[2]).write_bytes(finding_png(argv[0], family, optimizer))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
