@@ -51,6 +51,10 @@ class Precision:
         float32 tensor first (TensorFlow's `tf.cast` of a Python float).
     decay_factor_float32: the decoupled weight-decay factor (1 - wd * lr)
         is computed in float32 (torch backend's `_apply_weight_decay`).
+    operand_float32: a Python float operand of a Keras op (ops.add, ops.subtract,
+        ops.multiply, ops.power, ops.clip) becomes a float32 tensor first
+        (torch's `convert_to_tensor` gives a Python float the dtype floatx,
+        float32); Python operators on tensors and ops.divide keep it exact.
     flushes_subnormals: results below the smallest normal number may be
         flushed to zero (TensorFlow and XLA set FTZ/DAZ on CPU), so each
         operation's underflow error is up to the smallest normal number
@@ -61,6 +65,7 @@ class Precision:
     learning_rate_float32: bool = True
     cast_rounds_to_float32: bool = False
     decay_factor_float32: bool = False
+    operand_float32: bool = False
     flushes_subnormals: bool = False
 
     def describe(self) -> str:
@@ -71,6 +76,8 @@ class Precision:
             parts.append("ops.cast(Python float) rounds to float32 first")
         if self.decay_factor_float32:
             parts.append("weight-decay factor (1 - wd*lr) computed in float32")
+        if self.operand_float32:
+            parts.append("Python-float operands of Keras ops round to float32 first")
         if self.flushes_subnormals:
             parts.append("subnormal results may be flushed to zero")
         return "; ".join(parts) or "no rounding beyond the working dtype"
@@ -79,7 +86,7 @@ class Precision:
 PRECISIONS = {
     "tensorflow": Precision("tensorflow", cast_rounds_to_float32=True, flushes_subnormals=True),
     "jax": Precision("jax", flushes_subnormals=True),
-    "torch": Precision("torch", decay_factor_float32=True),
+    "torch": Precision("torch", decay_factor_float32=True, operand_float32=True),
     # No rounding beyond the working dtype: the formulas as real-number math.
     "exact": Precision("exact", learning_rate_float32=False),
 }
@@ -117,6 +124,14 @@ class Arithmetic:
         """`ops.cast(x, dtype)` of a Python float hyperparameter."""
         x = float(x)
         if self.precision.cast_rounds_to_float32:
+            x = float(np.float32(x))
+        return self._rounded(x)
+
+    def operand(self, x: float) -> "Tracked":
+        """A Python float passed to a Keras op beside a tensor (`ops.multiply(c, x)`);
+        the precision setting may round it to float32 first."""
+        x = float(x)
+        if self.precision.operand_float32:
             x = float(np.float32(x))
         return self._rounded(x)
 

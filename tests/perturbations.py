@@ -50,9 +50,10 @@ SHIFTS = {  # family: (hyperparameter, Keras classes)
     "beta_2+1e-4": ("beta_2", ["Lion", "Adamax"]),
     "momentum+1e-4": ("momentum", ["SGD"]),
     "rho+1e-4": ("rho", ["RMSprop", "Adadelta"]),
+    "l1+1e-4": ("l1_regularization_strength", ["Ftrl"]),
 }
 ALL_CLASSES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Nadam", "Lion", "Adamax",
-               "Adadelta"]
+               "Adadelta", "Ftrl"]
 
 # family -> the configuration ids whose math the change alters
 PERTURBED = {
@@ -62,14 +63,19 @@ PERTURBED = {
     "momentum+1e-4": ["sgd_momentum", "sgd_nesterov"],
     "rho+1e-4": ["rmsprop", "rmsprop_momentum_centered", "adadelta"],
     "amsgrad-without-max": ["adam_amsgrad"],
+    "l1+1e-4": ["ftrl"],
+    "ftrl-l2-once": ["ftrl"],
     "lr-not-float32": ["sgd", "sgd_momentum", "sgd_nesterov", "adagrad", "rmsprop",
                        "rmsprop_momentum_centered", "adam", "adamw", "nadam", "lion",
-                       "adamax", "adadelta", "adam_amsgrad"],
+                       "adamax", "adadelta", "adam_amsgrad",
+                       "ftrl"],
 }
 
 if ("eps-inside-sqrt", "Adam") not in REGISTRY:
     _register("eps-inside-sqrt", "Adam", _EPS_INSIDE_SQRT_ADAM)
     _register("amsgrad-without-max", "Adam", _without_running_max(KERAS_ADAM))
+    # Keras's FTRL with its L2 term counted once in the denominator (the paper's lambda_2)
+    _register("ftrl-l2-once", "Ftrl", reference.SPACES["Ftrl"].rule({"l2_factor": "1"}).step)
     for family, (key, classes) in SHIFTS.items():
         for name in classes:
             _register(family, name, _shifted(reference.get_rule("keras", name), key, 1e-4))

@@ -19,6 +19,8 @@ NEW = {
     "adadelta": [("learning_rate", "none", "applied")],
     "adam_amsgrad": [("epsilon", "plain", "hat"), ("epsilon_placement", "none", "outside"),
                      ("bias_correction", "off", "on")],
+    "ftrl": [("initial_accumulator", "zero", "configured"), ("shrinkage", "none", "applied"),
+             ("l2_factor", "1", "2"), ("weights", "from_state", "stored")],
 }
 
 

@@ -47,6 +47,20 @@ def textbook_nadam_expected():
 ADAM_W = W - (0.01 * math.sqrt(1 - 0.999) / (1 - 0.9)) * 0.2 / (math.sqrt(0.004) + 1e-7)
 ADADELTA_CONFIG = {"learning_rate": 0.1, "rho": 0.95, "epsilon": 1e-6}
 ADADELTA_DELTA = -math.sqrt(1e-6) * G / math.sqrt(0.05 * G * G + 1e-6)
+FTRL_CONFIG = {"learning_rate": 0.1, "l1_regularization_strength": 0.1,
+               "l2_regularization_strength": 0.5, "l2_shrinkage_regularization_strength": 0.1,
+               "beta": 1.0}
+
+
+def ftrl_expected(n0, shrink, w, l2_term):
+    """z = g + shrink * w - sigma * w, n = n0 + g^2, w = -(z - sgn(z) l1) / q."""
+    sigma = (math.sqrt(n0 + G * G) - math.sqrt(n0)) / 0.1
+    z = G + shrink * w - sigma * w
+    q = (1.0 + math.sqrt(n0 + G * G)) / 0.1 + l2_term
+    return {"variable": -(z - math.copysign(0.1, z)) / q, "linear": z,
+            "accumulator": n0 + G * G}
+
+
 AMSGRAD_CONFIG = {"learning_rate": 0.01, "beta_2": 0.99, "amsgrad": True}
 CASES = [
     ("keras", "SGD", {"learning_rate": 0.01}, {"variable": 0.98}),
@@ -111,6 +125,8 @@ CASES = [
     ("textbook", "Adam", AMSGRAD_CONFIG,
      {"variable": 1 - 0.01 * 0.2 / 0.2, "momentum": 0.2, "velocity": 0.04,
       "velocity_hat": 0.04}),
+    ("keras", "Ftrl", FTRL_CONFIG, ftrl_expected(n0=0.1, shrink=0.2, w=W, l2_term=2 * 0.5)),
+    ("textbook", "Ftrl", FTRL_CONFIG, ftrl_expected(n0=0.0, shrink=0.0, w=0.0, l2_term=0.5)),
 ]
 
 
@@ -235,7 +251,7 @@ def test_subnormal_results_carry_the_underflow_error(precision):
     assert r.e[0] >= float(floor) > 0
 
 
-@pytest.mark.parametrize("class_name", ["Adamax", "Adadelta"])
+@pytest.mark.parametrize("class_name", ["Adamax", "Adadelta", "Ftrl"])
 def test_the_article_does_not_state_the_optimizers_it_never_mentions(class_name):
     with pytest.raises(reference.Unsupported, match=f"article family does not state {class_name}"):
         reference.get_rule("article", class_name)
