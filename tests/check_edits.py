@@ -83,3 +83,11 @@ def edited_keras(edit: Edit, root: Path) -> Path:
                                      f"in {path}"
         path.write_text(text.replace(old, new))
     return site
+
+
+BASE = "src/optimizers/base_optimizer.py"
+# Serialization (what model.save writes) loses half the learning rate: every
+# optimizer rebuilt from it computes differently, while the class itself does not.
+SAVED_HALF_LEARNING_RATE = Edit(
+    "saved-half-learning-rate",
+    ((BASE, '"learning_rate": learning_rate,\n', '"learning_rate": learning_rate * 0.5,\n'),))

@@ -72,8 +72,8 @@ def magnitude(verdict, max_rel_error) -> str:
         return "exact"
     if verdict == "match":
         return "rounding"
-    if verdict == "error":
-        return "error"
+    if verdict in ("error", "n/a"):
+        return verdict
     x = _float(max_rel_error)
     if x is None or math.isnan(x) or math.isinf(x):
         return "inf"
@@ -109,7 +109,8 @@ def math_key(c: dict) -> tuple:
     is free text (paths, library messages) and not compared."""
     agree = c["verdict"] in AGREE
     return ("agree" if agree else c["verdict"], c["first_divergent_step"], c["divergent_state"],
-            "" if agree else c["magnitude"], "" if c["verdict"] == "error" else c["reason"])
+            "" if agree else c["magnitude"],
+            "" if c["verdict"] in ("error", "n/a") else c["reason"])
 
 
 def describe(c: dict | None) -> str:
@@ -509,8 +510,10 @@ def _versions(environment) -> str:
 
 
 def unverified(change) -> bool:
-    """A failing change that says nothing about the math: the cell could not run now."""
-    return change.after is None or change.after["verdict"] == "error"
+    """A failing change that says nothing about Keras's math: the cell could not run
+    now, or a family's statement of it appeared or went (n/a: the harness changed)."""
+    return (change.after is None or change.after["verdict"] == "error"
+            or "n/a" in (change.after["verdict"], (change.before or {}).get("verdict")))
 
 
 def head(baseline, cells, environment) -> str:

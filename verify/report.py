@@ -22,7 +22,7 @@ ROW_FIELDS = [
     "family", "optimizer", "backend", "dtype", "mode", "scenario", "steps", "verdict",
     "first_divergent_step", "divergent_state", "keras_value", "reference_value",
     "error_bound", "max_abs_error", "max_rel_error", "max_scaled_error", "mismatch_steps",
-    "drift", "final_drift", "precision", "reason", "explanation",
+    "drift", "final_drift", "precision", "reason", "serialization", "explanation",
 ]
 EXCERPT_STEPS = 6  # steps shown around a divergence in the markdown excerpts
 
@@ -51,10 +51,16 @@ class Sink:
         self.excerpts = {}
         self.traces = {}  # cell -> html_report.Trace of a mismatching comparison
 
-    def row(self, family, run, scenario, comparison=None, index=None, error=None):
+    def row(self, family, run, scenario, comparison=None, index=None, error=None,
+            not_stated=None):
         base = {"family": family, "optimizer": run.configuration.id, "backend": run.backend,
                 "dtype": run.dtype, "mode": run.mode, "scenario": scenario,
-                "steps": self.settings["steps"], "precision": run.backend}
+                "steps": self.settings["steps"], "precision": run.backend,
+                "serialization": getattr(run, "round_trip", None) or ""}
+        if not_stated is not None:
+            self.rows.append({**{f: None for f in ROW_FIELDS}, **base, "verdict": "n/a",
+                              "reason": not_stated, "mismatch_steps": 0})
+            return
         if error is not None or comparison is None or comparison.error:
             reason = error if error is not None else comparison.error
             self.rows.append({**{f: None for f in ROW_FIELDS}, **base, "verdict": "error",
@@ -138,8 +144,17 @@ class Sink:
              for k, v in s["configurations"].items()],
             headers=["id", "config", "Keras class"], tablefmt="github"), ""]
         lines += ["## Verdicts", "",
-                  "Worst verdict over the scenarios; exact < match < mismatch < error.", "",
+                  "Worst verdict over the scenarios; exact < match < n/a < mismatch < error "
+                  "(n/a: the family does not state the configuration).", "",
                   pivot(df, tablefmt="github"), ""]
+        lines += ["## Serialization", "",
+                  "Each configuration is built from its class and, beside it, rebuilt "
+                  "through Keras's own serialization (serialize, JSON, deserialize: the path "
+                  "of model.save and load_model) and run for a few steps; a rebuilt optimizer "
+                  "that fails or computes differently is listed here.", ""]
+        lines += serialization(df) or ["Every configuration survives it: the rebuilt "
+                                       "optimizer computes bit for bit what the original does.",
+                                       ""]
         lines += ["## Findings", "",
                   "Where the article's or the papers' formulas depart from what Keras "
                   "computes, why, and where it shows (a mismatch of the keras family would "
@@ -255,6 +270,17 @@ def findings(df: pd.DataFrame) -> list:
         lines += [tabulate(rows, headers=FINDING_HEADERS, tablefmt="github",
                            disable_numparse=True), ""]
     return lines
+
+
+def serialization(df: pd.DataFrame) -> list:
+    """Serialization findings, one line per configuration, backend and dtype."""
+    bad = df[df.serialization.fillna("") != ""]
+    if not len(bad):
+        return []
+    rows = bad.drop_duplicates(["optimizer", "backend", "dtype"])
+    return [tabulate(rows[["optimizer", "backend", "dtype", "serialization"]].values.tolist(),
+                     headers=["configuration", "backend", "dtype", "finding"],
+                     tablefmt="github"), ""]
 
 
 def deviations(df: pd.DataFrame) -> pd.DataFrame:

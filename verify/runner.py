@@ -54,6 +54,7 @@ class RunSpec:
     backend: str
     dtype: str
     mode: str
+    round_trip: str | None = None  # Keras's serialization round trip: None, or a finding
 
 
 def _worker_groups(sel: Selection):
@@ -197,6 +198,7 @@ class Runner:
                         "numpy": header["numpy"], "python": header["python"],
                         "keras_config": header.get("keras_config")}
                 elif kind == "run_start":
+                    self.runs[run_id].round_trip = header.get("round_trip")
                     states = _assemble(arrays, 1)
                     if self.observer:
                         self.observer(self.runs[run_id], 0, states, header)
@@ -270,8 +272,10 @@ class Runner:
         run, c = self.runs[run_id], active.pop((run_id, family))
         with self._lock:
             for s, scenario in enumerate(self.sel.scenarios):
-                if isinstance(c, str):
+                if isinstance(c, str) and family == "keras":  # the harness must state Keras
                     self.sink.row(family, run, scenario, error=c)
+                elif isinstance(c, str):
+                    self.sink.row(family, run, scenario, not_stated=c)
                 else:
                     self.sink.row(family, run, scenario, comparison=c, index=s)
 

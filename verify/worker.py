@@ -77,6 +77,58 @@ def _state_layout(optimizer, variables):
     return layout
 
 
+def build_optimizer(keras, class_name, config):
+    """The optimizer from its class, as a user writes it."""
+    cls = getattr(keras.optimizers, class_name, None)
+    if not isinstance(cls, type):
+        raise ValueError(f"keras.optimizers has no class {class_name} (Keras {keras.__version__})")
+    return cls(**config)
+
+
+ROUND_TRIP_STEPS = 10
+
+
+def round_trip(keras, class_name, config, dtype, initial, grads, steps):
+    """Keras's own serialization, the path of model.save / load_model: serialize,
+    write as JSON, deserialize, then run the rebuilt optimizer beside one built
+    from the class for a few steps.  None, or what went wrong (a finding)."""
+    original = build_optimizer(keras, class_name, config)
+    try:
+        text = json.dumps(keras.optimizers.serialize(original))
+        rebuilt = keras.optimizers.deserialize(json.loads(text))
+    except Exception as exc:
+        return f"serialization round trip fails: {type(exc).__name__}: {exc}".splitlines()[0]
+    if type(rebuilt) is not type(original):
+        return (f"serialization round trip builds {type(rebuilt).__name__} instead of "
+                f"{type(original).__name__}")
+    runs = []
+    for optimizer in (original, rebuilt):
+        variables = [keras.Variable(initial.astype(dtype), dtype=dtype, name=f"v{i}")
+                     for i in range(len(grads(0)))]
+        optimizer.build(variables)
+        runs.append((optimizer, variables))
+    for t in range(min(steps, ROUND_TRIP_STEPS)):
+        states = []
+        for optimizer, variables in runs:
+            try:
+                optimizer.apply(grads(t), variables)
+            except Exception as exc:
+                return (f"serialization round trip: step {t + 1} fails: "
+                        f"{type(exc).__name__}: {exc}").splitlines()[0]
+            states.append([keras.ops.convert_to_numpy(v.value)
+                           for v in list(variables) + list(optimizer.variables)])
+        a, b = states
+        if len(a) != len(b):
+            return (f"the optimizer rebuilt from its serialization has {len(b)} variables, "
+                    f"the original {len(a)}")
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x.shape != y.shape or not np.array_equal(x, y, equal_nan=True):
+                name = (list(runs[0][1]) + list(runs[0][0].variables))[i].name
+                return (f"the optimizer rebuilt from its serialization computes differently: "
+                        f"{name} differs after step {t + 1}")
+    return None
+
+
 class Run:
     def __init__(self, keras, spec, job, gradients, initial):
         self.keras = keras
@@ -86,8 +138,8 @@ class Run:
         names = spec["scenarios"]
         self.variables = [keras.Variable(initial.astype(self.dtype), dtype=self.dtype,
                                          name=f"v{i}") for i, _ in enumerate(names)]
-        self.optimizer = keras.optimizers.get(
-            {"class_name": spec["class_name"], "config": dict(spec["config"])})
+        self.optimizer = build_optimizer(keras, spec["class_name"], spec["config"])
+        self.round_trip = None  # what Keras's serialization does to it (set by main)
         self.optimizer.build(self.variables)
         self.layout = _state_layout(self.optimizer, self.variables)
         self.state_vars = ([(i, "variable", v) for i, v in enumerate(self.variables)]
@@ -152,6 +204,7 @@ class Run:
             "computed_dtypes": sorted({str(v.dtype) for v in values
                                        if np.issubdtype(v.dtype, np.floating)}),
             "keras_config": _json_safe(self.optimizer.get_config()),
+            "round_trip": self.round_trip,
         }, {**{n: v[None] for n, v in zip(names, values)},
             "iterations": np.array([iteration])})
         clock = time.process_time  # CPU of every thread of this process
@@ -229,6 +282,7 @@ def main(job_path: str) -> int:
     gradients = {name: np.load(path, mmap_mode="r")
                  for name, path in inputs["scenarios"].items()}
     build = 0.0
+    round_trips = {}  # one check per configuration and dtype, shared by the modes
     for spec in job["runs"]:
         try:
             if spec["dtype"] == "float64" and not hello["float64_computes_float64"]:
@@ -237,6 +291,11 @@ def main(job_path: str) -> int:
             started = time.process_time()
             run = Run(keras, spec, job, gradients, initial)
             build += time.process_time() - started
+            key = (spec["class_name"], json.dumps(spec["config"], sort_keys=True), spec["dtype"])
+            if key not in round_trips and not job.get("floor"):
+                round_trips[key] = round_trip(keras, spec["class_name"], spec["config"],
+                                              spec["dtype"], initial, run._grads, job["steps"])
+            run.round_trip = round_trips.get(key)
             if job.get("floor"):
                 run.floor(out, job["steps"])
             else:

@@ -1,0 +1,61 @@
+"""`n/a`: a family that does not state a configuration is not an error, is counted
+apart, and is its own class in `check`; the keras family can never be `n/a`."""
+
+import json
+
+from reference.rule import REGISTRY
+from verify import check, cli
+from verify.cli import installed_backends
+
+TINY = ["--optimizer", "sgd", "--dtype", "float32", "--mode", "eager", "--scenario",
+        "gaussian", "--steps", "3", "--size", "4", "--quiet", "--format", "json"]
+
+
+def fast_backend():
+    found = installed_backends()
+    return next((b for b in ("torch", "jax", "tensorflow") if b in found), found[0])
+
+
+def rows(out):
+    return json.loads((out / "summary.json").read_text())["rows"]
+
+
+def test_a_family_that_does_not_state_a_configuration_is_n_a(monkeypatch, tmp_path, capsys):
+    monkeypatch.delitem(REGISTRY, ("article", "SGD"))
+    code = cli.main(["--backend", fast_backend(), "--family", "article,keras", *TINY,
+                     "--output", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert code == 0
+    by_family = {r["family"]: r for r in rows(tmp_path / "r")}
+    assert by_family["article"]["verdict"] == "n/a"
+    assert "SGD" in by_family["article"]["reason"]
+    assert by_family["keras"]["verdict"] in ("exact", "match")
+    assert "article n/a: 1" in out
+
+
+def test_the_keras_family_is_never_n_a(monkeypatch, tmp_path, capsys):
+    monkeypatch.delitem(REGISTRY, ("keras", "SGD"))
+    code = cli.main(["--backend", fast_backend(), "--family", "article,keras", *TINY,
+                     "--output", str(tmp_path / "r")])
+    assert code == 2 and "could not run" in capsys.readouterr().err
+    by_family = {r["family"]: r for r in rows(tmp_path / "r")}
+    assert by_family["keras"]["verdict"] == "error"
+    assert by_family["article"]["verdict"] in ("exact", "match")
+
+
+def cell(verdict, reason=""):
+    return {"family": "article", "optimizer": "sgd", "backend": "torch", "dtype": "float32",
+            "mode": "eager", "scenario": "gaussian", "verdict": verdict,
+            "first_divergent_step": "", "divergent_state": "",
+            "magnitude": check.magnitude(verdict, None), "reason": reason}
+
+
+def test_n_a_is_its_own_class_in_check_and_not_a_change_in_keras():
+    assert check.magnitude("n/a", None) == "n/a"
+    assert check.compare_cells([cell("n/a", "a")], [cell("n/a", "b")]) == []
+    for before, after in (("n/a", "match"), ("match", "n/a")):
+        changes = check.compare_cells([cell(before)], [cell(after)])
+        assert [c.what for c in changes] == ["verdict"] and changes[0].fails
+        assert check.unverified(changes[0])  # the harness changed, not Keras: exit 2
+    changes = check.compare_cells([cell("match")], [cell("mismatch")])
+    assert not check.unverified(changes[0])

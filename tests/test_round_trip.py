@@ -1,0 +1,39 @@
+"""Each configuration built from its class and through Keras's own serialization
+(serialize, JSON, deserialize: the path of model.save / load_model): a rebuilt
+optimizer that computes differently is a finding, on the real Keras and on a copy
+whose serialization was edited."""
+
+import check_edits
+from conftest import make_selection
+from verify.cli import installed_backends
+from verify.configurations import CONFIGURATIONS
+from verify.report import Sink
+from verify.runner import Runner
+
+
+def fast_backend():
+    found = installed_backends()
+    return next((b for b in ("torch", "jax", "tensorflow") if b in found), found[0])
+
+
+def round_trips(tmp_path, edit):
+    site = check_edits.edited_keras(edit, tmp_path)
+    sel = make_selection([fast_backend()], ["keras"], dtypes=["float32"], modes=["eager"],
+                         names=["gaussian"], steps=3, size=4, python_path=[str(site)])
+    runner = Runner(sel, Sink(tmp_path / "out", [], {"steps": 3}, {}))
+    runner.run()
+    return {run.configuration.id: run.round_trip for run in runner.runs.values()}
+
+
+def test_every_configuration_survives_keras_serialization(tmp_path):
+    found = round_trips(tmp_path, check_edits.Edit("none", ()))
+    assert set(found) == set(CONFIGURATIONS)
+    assert found == {c: None for c in CONFIGURATIONS}
+
+
+def test_a_serialization_that_changes_the_math_is_a_finding(tmp_path):
+    found = round_trips(tmp_path, check_edits.SAVED_HALF_LEARNING_RATE)
+    for configuration, finding in found.items():
+        assert finding is not None and "computes differently" in finding, (configuration,
+                                                                          finding)
+        assert "after step 1" in finding
