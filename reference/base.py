@@ -53,9 +53,10 @@ def weight_decay(ar: Arithmetic, hp: dict, c: dict, variables: list, grads: list
     decay_scale "lr" multiplies the decay by the learning rate, "schedule" by
     a schedule multiplier of 1 (Loshchilov and Hutter 2019, Algorithm 2);
     decay_order "before_step" decays the weights before the update,
-    "after_step" the updated weights.
+    "after_step" the updated weights; a point whose decay_form is not
+    "base_optimizer" decays in its own update instead.
     """
-    if hp["weight_decay"] is None:
+    if hp["weight_decay"] is None or c.get("decay_form", "base_optimizer") != "base_optimizer":
         return variables, grads
     scale = lr if c.get("decay_scale", "lr") == "lr" else ar.const(1.0)
     return [decoupled_weight_decay(ar, w, hp["weight_decay"], scale) for w in variables], grads

@@ -46,29 +46,30 @@ def _register(family, class_name, step):
 
 
 SHIFTS = {  # family: (hyperparameter, Keras classes)
-    "beta_1+1e-4": ("beta_1", ["Adam", "AdamW", "Nadam", "Adamax"]),
+    "beta_1+1e-4": ("beta_1", ["Adam", "AdamW", "Nadam", "Adamax", "Lamb"]),
     "beta_2+1e-4": ("beta_2", ["Lion", "Adamax"]),
     "momentum+1e-4": ("momentum", ["SGD"]),
     "rho+1e-4": ("rho", ["RMSprop", "Adadelta"]),
     "l1+1e-4": ("l1_regularization_strength", ["Ftrl"]),
 }
 ALL_CLASSES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Nadam", "Lion", "Adamax",
-               "Adadelta", "Ftrl"]
+               "Adadelta", "Ftrl", "Lamb"]
 
 # family -> the configuration ids whose math the change alters
 PERTURBED = {
     "eps-inside-sqrt": ["adam", "adam_amsgrad"],
-    "beta_1+1e-4": ["adam", "adamw", "nadam", "adamax", "adam_amsgrad"],
+    "beta_1+1e-4": ["adam", "adamw", "nadam", "adamax", "adam_amsgrad", "lamb"],
     "beta_2+1e-4": ["lion", "adamax"],
     "momentum+1e-4": ["sgd_momentum", "sgd_nesterov"],
     "rho+1e-4": ["rmsprop", "rmsprop_momentum_centered", "adadelta"],
     "amsgrad-without-max": ["adam_amsgrad"],
     "l1+1e-4": ["ftrl"],
     "ftrl-l2-once": ["ftrl"],
+    "lamb-one-norm-for-all": ["lamb"],
     "lr-not-float32": ["sgd", "sgd_momentum", "sgd_nesterov", "adagrad", "rmsprop",
                        "rmsprop_momentum_centered", "adam", "adamw", "nadam", "lion",
                        "adamax", "adadelta", "adam_amsgrad",
-                       "ftrl"],
+                       "ftrl", "lamb"],
 }
 
 if ("eps-inside-sqrt", "Adam") not in REGISTRY:
@@ -76,6 +77,11 @@ if ("eps-inside-sqrt", "Adam") not in REGISTRY:
     _register("amsgrad-without-max", "Adam", _without_running_max(KERAS_ADAM))
     # Keras's FTRL with its L2 term counted once in the denominator (the paper's lambda_2)
     _register("ftrl-l2-once", "Ftrl", reference.SPACES["Ftrl"].rule({"l2_factor": "1"}).step)
+    # Keras's Lamb with the trust ratio's norms taken over all variables at once
+    # (the comparison hands an elementwise rule every variable as one)
+    REGISTRY[("lamb-one-norm-for-all", "Lamb")] = replace(
+        reference.get_rule("keras", "Lamb"), family="lamb-one-norm-for-all",
+        elementwise=lambda hp: True)
     for family, (key, classes) in SHIFTS.items():
         for name in classes:
             _register(family, name, _shifted(reference.get_rule("keras", name), key, 1e-4))

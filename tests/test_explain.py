@@ -21,6 +21,7 @@ NEW = {
                      ("bias_correction", "off", "on")],
     "ftrl": [("initial_accumulator", "zero", "configured"), ("shrinkage", "none", "applied"),
              ("l2_factor", "1", "2"), ("weights", "from_state", "stored")],
+    "lamb": [("decay_form", "trust_ratio", "base_optimizer")],
 }
 
 

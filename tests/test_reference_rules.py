@@ -127,6 +127,12 @@ CASES = [
       "velocity_hat": 0.04}),
     ("keras", "Ftrl", FTRL_CONFIG, ftrl_expected(n0=0.1, shrink=0.2, w=W, l2_term=2 * 0.5)),
     ("textbook", "Ftrl", FTRL_CONFIG, ftrl_expected(n0=0.0, shrink=0.0, w=0.0, l2_term=0.5)),
+    # one element: the trust ratio makes the step lr * |w|; Keras decays w first,
+    # the paper adds lambda * w to r inside the ratio
+    ("keras", "Lamb", {"learning_rate": 0.01, "weight_decay": 0.01},
+     {"variable": (1 - 0.01 * 0.01) * (1 - 0.01), "momentum": 0.2, "velocity": 0.004}),
+    ("textbook", "Lamb", {"learning_rate": 0.01, "weight_decay": 0.01},
+     {"variable": 1 - 0.01, "momentum": 0.2, "velocity": 0.004}),
 ]
 
 
@@ -168,6 +174,23 @@ def test_amsgrad_divides_by_the_largest_second_moment_so_far():
         assert float(out["velocity"][0].v[0, 0]) == pytest.approx(0.99 + 0.04)
         assert float(out["velocity_hat"][0].v[0, 0]) == 4.0
         np.testing.assert_allclose(out["variable"][0].v[0, 0], expected_w, rtol=1e-14)
+
+
+def test_lamb_trust_ratio_is_taken_per_variable():
+    """Two variables, [3, 4] (norm 5) and [6, 8] (norm 10), the same gradient: each
+    moves by lr times its own norm along r / ||r||."""
+    ar = Arithmetic("float64", PRECISIONS["exact"])
+    rule = reference.get_rule("keras", "Lamb")
+    hp = rule.hyperparameters({"learning_rate": 0.01})
+    ws = [np.array([[3.0, 4.0]]), np.array([[6.0, 8.0]])]
+    s = {"variable": [ar.exact(w) for w in ws],
+         "momentum": [ar.exact(np.zeros((1, 2)))] * 2,
+         "velocity": [ar.exact(np.zeros((1, 2)))] * 2}
+    g = ar.exact([[G, -G]])
+    out = rule(ar, hp, s, [g, g], ar.step_count([0.0]))
+    for w, got in zip(ws, out["variable"]):
+        expected = w - 0.01 * np.linalg.norm(w) * np.array([[1.0, -1.0]]) / math.sqrt(2)
+        np.testing.assert_allclose(got.v, expected, rtol=1e-14)
 
 
 def test_keras_defaults_are_used_when_the_config_is_silent():
@@ -251,7 +274,7 @@ def test_subnormal_results_carry_the_underflow_error(precision):
     assert r.e[0] >= float(floor) > 0
 
 
-@pytest.mark.parametrize("class_name", ["Adamax", "Adadelta", "Ftrl"])
+@pytest.mark.parametrize("class_name", ["Adamax", "Adadelta", "Ftrl", "Lamb"])
 def test_the_article_does_not_state_the_optimizers_it_never_mentions(class_name):
     with pytest.raises(reference.Unsupported, match=f"article family does not state {class_name}"):
         reference.get_rule("article", class_name)

@@ -9,10 +9,11 @@ from reference.optimizers.adagrad import ADAGRAD
 from reference.optimizers.adam import ADAM, ADAMW
 from reference.optimizers.adamax import ADAMAX
 from reference.optimizers.ftrl import FTRL
+from reference.optimizers.lamb import LAMB
 from reference.optimizers.lion import LION
 from reference.optimizers.nadam import NADAM
 from reference.optimizers.rmsprop import RMSPROP
 from reference.optimizers.sgd import SGD
 
 OPTIMIZERS = {o.class_name: o for o in (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, NADAM, LION,
-                                            ADAMAX, ADADELTA, FTRL)}
+                                            ADAMAX, ADADELTA, FTRL, LAMB)}
