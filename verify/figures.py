@@ -24,7 +24,7 @@ SCALED_FLOOR = 1e-3     # scaled errors below (0 included) are drawn at the floo
 DRIFT_FLOOR = 1e-18     # drift likewise
 PALETTE = plt.get_cmap("tab10").colors
 FIGURE_DPI = 80
-WIDTH, LEGEND = 8.8, 1.45  # inches: the figure, the legend on its right
+WIDTH, LEGEND = 9.0, 1.75  # inches: the figure, the legend on its right
 TOP, BOTTOM = 0.5, 0.5      # inches: title and column titles, step label and notes
 
 

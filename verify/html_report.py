@@ -158,14 +158,6 @@ def grid(df: pd.DataFrame, links=None, marks=None) -> str:
     return "\n".join([head] + body) + "</table>"
 
 
-def frame(rows) -> pd.DataFrame:
-    """summary.json rows -> a frame with the grid's columns."""
-    return pd.DataFrame(rows, columns=list(CELL) + ["verdict", "first_divergent_step",
-                                                    "divergent_state", "max_rel_error",
-                                                    "max_scaled_error", "final_drift",
-                                                    "reason"])
-
-
 # --- figures -------------------------------------------------------------------
 def _png(figs, title, lines_by_panel, legend, settings) -> bytes:
     return figs.divergence_figure(title, lines_by_panel, legend, compare.TOLERANCE,
@@ -368,7 +360,7 @@ def render_check(head: str, outcome: str, changes, describe, folder, rows, setti
                       f'{"yes" if c.fails else "no"}</td></tr>' for c in changes) + "</table>"]
     parts += ["<h2>Verdicts now</h2>", "<p>A framed cell holds changed cells (\u0394: how "
               "many of its scenarios).</p>", legend_html(),
-              grid(frame(rows), marks={k: f"{n} changed" for k, n in marks.items()})]
+              grid(pd.DataFrame(rows), marks={k: f"{n} changed" for k, n in marks.items()})]
     if figs is not None and changes:
         parts += ["<h2>Figures of the changed cells</h2>",
                   f"<p>As now, per step: the lockstep scaled error, the largest over the states, "
