@@ -55,6 +55,12 @@ class Precision:
         ops.multiply, ops.power, ops.clip) becomes a float32 tensor first
         (torch's `convert_to_tensor` gives a Python float the dtype floatx,
         float32); Python operators on tensors and ops.divide keep it exact.
+    min_max_float32: ops.minimum / ops.maximum of a tensor and a Python float
+        compute in float32 (torch's dtype promotion there gives float32 for a
+        float64 tensor).
+    value_aliases_variable: a variable's `.value` kept before an assign to the
+        variable reads the assigned value (TensorFlow's tf.Variable, torch's
+        in-place tensor; JAX arrays are immutable).
     flushes_subnormals: results below the smallest normal number may be
         flushed to zero (TensorFlow and XLA set FTZ/DAZ on CPU), so each
         operation's underflow error is up to the smallest normal number
@@ -66,6 +72,8 @@ class Precision:
     cast_rounds_to_float32: bool = False
     decay_factor_float32: bool = False
     operand_float32: bool = False
+    min_max_float32: bool = False
+    value_aliases_variable: bool = False
     flushes_subnormals: bool = False
 
     def describe(self) -> str:
@@ -78,15 +86,21 @@ class Precision:
             parts.append("weight-decay factor (1 - wd*lr) computed in float32")
         if self.operand_float32:
             parts.append("Python-float operands of Keras ops round to float32 first")
+        if self.min_max_float32:
+            parts.append("ops.minimum/maximum with a Python float compute in float32")
+        if self.value_aliases_variable:
+            parts.append("a variable's .value read before an assign sees the assigned value")
         if self.flushes_subnormals:
             parts.append("subnormal results may be flushed to zero")
         return "; ".join(parts) or "no rounding beyond the working dtype"
 
 
 PRECISIONS = {
-    "tensorflow": Precision("tensorflow", cast_rounds_to_float32=True, flushes_subnormals=True),
+    "tensorflow": Precision("tensorflow", cast_rounds_to_float32=True, flushes_subnormals=True,
+                            value_aliases_variable=True),
     "jax": Precision("jax", flushes_subnormals=True),
-    "torch": Precision("torch", decay_factor_float32=True, operand_float32=True),
+    "torch": Precision("torch", decay_factor_float32=True, operand_float32=True,
+                       min_max_float32=True, value_aliases_variable=True),
     # No rounding beyond the working dtype: the formulas as real-number math.
     "exact": Precision("exact", learning_rate_float32=False),
 }

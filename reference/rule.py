@@ -53,6 +53,9 @@ class StateSpec:
     # True when the initial value goes through ops.cast (Keras's Constant
     # initializer), so the precision setting's cast rounding applies.
     initial_via_cast: bool = False
+    # True when the slot starts as a copy of its weights (Keras's build assigns
+    # ops.copy(var): ScheduleFreeAdamW's momentum, the iterate z); `initial` is unused
+    copies_variable: bool = False
 
     def initial_value(self, ar: Arithmetic) -> float:
         return float((ar.cast if self.initial_via_cast else ar.const)(self.initial).v)

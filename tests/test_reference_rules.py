@@ -19,8 +19,8 @@ def first_step(family, class_name, config, state=None):
     hp = rule.hyperparameters(config)
     s = {"variable": [ar.exact([[W]])]}
     for spec in rule.states(hp):
-        s[spec.name] = [ar.exact([[spec.initial]])] if spec.per_variable else ar.exact(
-            [spec.initial])
+        initial = W if spec.copies_variable else spec.initial
+        s[spec.name] = [ar.exact([[initial]])] if spec.per_variable else ar.exact([initial])
     out = rule(ar, hp, s, [ar.exact([[G]])], ar.step_count([0.0]))
     out = {k: v[0] if isinstance(v, list) else v for k, v in out.items()}
     return {k: float(np.ravel(v.v)[0]) for k, v in out.items()}, out
@@ -59,6 +59,14 @@ def ftrl_expected(n0, shrink, w, l2_term):
     q = (1.0 + math.sqrt(n0 + G * G)) / 0.1 + l2_term
     return {"variable": -(z - math.copysign(0.1, z)) / q, "linear": z,
             "accumulator": n0 + G * G}
+
+
+SF_CONFIG = {"learning_rate": 0.01, "warmup_steps": 10, "weight_decay": 0.01}
+SF_GAMMA_1 = 0.01 * math.sqrt(1 - 0.999) * min(1.0, 1 / 10)  # Defazio et al., line 8
+
+
+def sf_expected(z, step):
+    return {"variable": z - step, "momentum": z - step, "velocity": 0.004}
 
 
 AMSGRAD_CONFIG = {"learning_rate": 0.01, "beta_2": 0.99, "amsgrad": True}
@@ -133,6 +141,11 @@ CASES = [
      {"variable": (1 - 0.01 * 0.01) * (1 - 0.01), "momentum": 0.2, "velocity": 0.004}),
     ("textbook", "Lamb", {"learning_rate": 0.01, "weight_decay": 0.01},
      {"variable": 1 - 0.01, "momentum": 0.2, "velocity": 0.004}),
+    # z starts as the weights; the first average is z itself (c = 1), so y = z
+    ("keras", "ScheduleFreeAdamW", SF_CONFIG, sf_expected(
+        W, 0.01 * 0.1 * G / (2.0 + 1e-8))),
+    ("textbook", "ScheduleFreeAdamW", SF_CONFIG, sf_expected(
+        1, SF_GAMMA_1 * G / (math.sqrt(0.004) + 1e-8) + SF_GAMMA_1 * 0.01 * W)),
 ]
 
 
@@ -191,6 +204,43 @@ def test_lamb_trust_ratio_is_taken_per_variable():
     for w, got in zip(ws, out["variable"]):
         expected = w - 0.01 * np.linalg.norm(w) * np.array([[1.0, -1.0]]) / math.sqrt(2)
         np.testing.assert_allclose(got.v, expected, rtol=1e-14)
+
+
+@pytest.mark.parametrize("backend,aliases", [("jax", False), ("torch", True)])
+def test_schedule_free_second_step_averages_and_reads_z_as_the_backend_does(backend, aliases):
+    """Step 2 from y = 1, z = 0.5, v = 0.004: c = 1/2 in Keras; x is recovered from z,
+    or, where `momentum.value` aliases the slot (TensorFlow, torch), from the new z."""
+    ar = Arithmetic("float64", PRECISIONS[backend])
+    rule = reference.get_rule("keras", "ScheduleFreeAdamW")
+    hp = rule.hyperparameters({"learning_rate": 0.01})
+    s = {"variable": [ar.exact([[1.0]])], "momentum": [ar.exact([[0.5]])],
+         "velocity": [ar.exact([[0.004]])]}
+    out = rule(ar, hp, s, [ar.exact([[G]])], ar.step_count([1.0]))
+    lr = float(np.float32(0.01))
+    v = 0.004 + (G * G - 0.004) * 0.001
+    z_new = 0.5 - lr * G / (math.sqrt(v / (1 - 0.999 ** 2)) + 1e-8)
+    x_old = (1.0 - 0.1 * (z_new if aliases else 0.5)) / 0.9
+    x_new = 0.5 * x_old + 0.5 * z_new
+    np.testing.assert_allclose(out["momentum"][0].v[0, 0], z_new, rtol=1e-14)
+    np.testing.assert_allclose(out["variable"][0].v[0, 0], 0.1 * z_new + 0.9 * x_new,
+                               rtol=1e-14)
+
+
+def test_schedule_free_paper_weights_the_average_by_gamma_squared():
+    """Defazio et al., line 10: c_3 = gamma_2^2 / (gamma_1^2 + gamma_2^2), without warmup."""
+    ar = Arithmetic("float64", PRECISIONS["exact"])
+    rule = reference.get_rule("textbook", "ScheduleFreeAdamW")
+    hp = rule.hyperparameters({"learning_rate": 0.01})
+    s = {"variable": [ar.exact([[1.0]])], "momentum": [ar.exact([[0.5]])],
+         "velocity": [ar.exact([[0.004]])]}
+    out = rule(ar, hp, s, [ar.exact([[G]])], ar.step_count([1.0]))
+    v = 0.999 * 0.004 + 0.001 * G * G
+    gamma = 0.01 * math.sqrt(1 - 0.999 ** 2)
+    z_new = 0.5 - gamma * G / (math.sqrt(v) + 1e-8)
+    c = (1 - 0.999 ** 2) / ((1 - 0.999) + (1 - 0.999 ** 2))
+    x_new = (1 - c) * (1.0 - 0.1 * 0.5) / 0.9 + c * z_new
+    np.testing.assert_allclose(out["variable"][0].v[0, 0], 0.1 * z_new + 0.9 * x_new,
+                               rtol=1e-13)
 
 
 def test_keras_defaults_are_used_when_the_config_is_silent():
@@ -274,7 +324,8 @@ def test_subnormal_results_carry_the_underflow_error(precision):
     assert r.e[0] >= float(floor) > 0
 
 
-@pytest.mark.parametrize("class_name", ["Adamax", "Adadelta", "Ftrl", "Lamb"])
+@pytest.mark.parametrize("class_name", ["Adamax", "Adadelta", "Ftrl", "Lamb",
+                                        "ScheduleFreeAdamW"])
 def test_the_article_does_not_state_the_optimizers_it_never_mentions(class_name):
     with pytest.raises(reference.Unsupported, match=f"article family does not state {class_name}"):
         reference.get_rule("article", class_name)

@@ -13,7 +13,9 @@ from reference.optimizers.lamb import LAMB
 from reference.optimizers.lion import LION
 from reference.optimizers.nadam import NADAM
 from reference.optimizers.rmsprop import RMSPROP
+from reference.optimizers.schedule_free_adamw import SCHEDULE_FREE_ADAMW
 from reference.optimizers.sgd import SGD
 
 OPTIMIZERS = {o.class_name: o for o in (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, NADAM, LION,
-                                            ADAMAX, ADADELTA, FTRL, LAMB)}
+                                            ADAMAX, ADADELTA, FTRL, LAMB,
+                                            SCHEDULE_FREE_ADAMW)}
