@@ -77,11 +77,12 @@ def article_run(tmp_path_factory):
 
 
 # --- report.html of a run ---------------------------------------------------------
-def test_the_page_parses_and_references_nothing_outside_itself(article_run):
-    out, _ = article_run
-    text = (out / "report.html").read_text()
+def self_contained(path) -> Page:
+    """The page at `path`, after checking that it references nothing outside itself
+    and its report folder."""
+    out, text = path.parent, path.read_text()
     p = Page(text)
-    assert p.imgs and "http:" not in text and "https:" not in text
+    assert "http:" not in text and "https:" not in text
     for tag, attrs in p.tags:
         for name in ("src", "href"):
             value = attrs.get(name)
@@ -89,11 +90,18 @@ def test_the_page_parses_and_references_nothing_outside_itself(article_run):
                 continue
             if name == "src":
                 assert value.startswith("data:image/png;base64,")
+                assert base64.b64decode(value.split(",", 1)[1])[:8] == PNG
             elif value.startswith("#"):
                 assert value[1:] in p.ids, value            # an anchor of this page
             else:                                            # a file of this report
                 assert ":" not in value and not value.startswith("/"), value
                 assert (out / value).is_file(), value
+    return p
+
+
+def test_the_page_parses_and_references_nothing_outside_itself(article_run):
+    out, _ = article_run
+    assert self_contained(out / "report.html").imgs
 
 
 def test_every_image_is_a_png_that_decodes(article_run):
@@ -232,7 +240,7 @@ def test_check_html_marks_and_draws_the_changed_cell(baseline, tmp_path):
     out = tmp_path / "check"
     assert cli.main(["check", "--baseline", str(edited), "--output", str(out),
                      "--quiet"]) == 1
-    p = page(out / "check.html")
+    p = self_contained(out / "check.html")
     assert p.cells_drawn() == {"-".join(target[:6])}
     marked = [td["data-cell"] for td in p.grid if "changed" in td["class"]]
     assert marked == ["/".join(target[:5])]
@@ -255,7 +263,7 @@ def _matrix(tmp_path, baseline, edit):
     matrix.write_report(out, settings, ["3.1", "3.2"], {"3.1": {"status": "ran"},
                                                           "3.2": {"status": "ran"}},
                         columns, cells, work)
-    return page(out / "matrix.html"), changed
+    return self_contained(out / "matrix.html"), changed
 
 
 def test_matrix_html_without_changes_has_no_figure(baseline, tmp_path):
