@@ -142,6 +142,7 @@ def test_findings_carry_their_causes_and_link_to_their_tables(article_run):
     for family, optimizer in bad:
         assert f"finding-{family}-{optimizer}" in p.ids
         assert f"figure-finding-{family}-{optimizer}" in p.ids
+        assert f"cells-finding-{family}-{optimizer}" in p.ids
         curated = cause(family, optimizer, BACKEND, "float64")
         assert curated and curated.split(".")[0] in "".join(p.text)
     links = {a["href"] for tag, a in p.tags if tag == "a" and not a["href"].startswith("#")}

@@ -279,7 +279,11 @@ def render(df: pd.DataFrame, settings: dict, traces: dict, environment: dict, fo
             parts.append("<p>None.</p>")
         for family, optimizer, causes, rows, group in found:
             anchor = links[family, optimizer]
+            jump = ([f'<a href="#figure-{anchor}">figure</a>'] if figs is not None else []) + [
+                f'<a href="#cells-{anchor}">its {len(group)} mismatching cells'
+                + (" and their per-step tables" if csv else "") + "</a>"]
             parts += [f'<h3 id="{anchor}">{escape(family)} / {escape(optimizer)}</h3>',
+                      "<p>" + " \u00b7 ".join(jump) + "</p>",
                       "<ul>" + "".join(f"<li>{escape(c)}</li>" for c in causes) + "</ul>",
                       htmlkit.table(FINDING_HEADERS, rows)]
             keys = [tuple(r[f] for f in CELL) for _, r in group.iterrows()]
@@ -288,7 +292,7 @@ def render(df: pd.DataFrame, settings: dict, traces: dict, environment: dict, fo
                 parts.append(f'<figure id="figure-{anchor}">'
                              + finding_figure(figs, family, optimizer, drawn, settings)
                              + "</figure>")
-            parts.append(_cells_table(group, csv))
+            parts.append(_cells_table(group, csv, f"cells-{anchor}"))
     errors = df[df.verdict == "error"]
     if len(errors):
         parts += ["<h2>Comparisons that could not run</h2>", htmlkit.table(
@@ -299,7 +303,7 @@ def render(df: pd.DataFrame, settings: dict, traces: dict, environment: dict, fo
     return htmlkit.page("verify-optimizers report", parts, STYLE)
 
 
-def _cells_table(group, csv) -> str:
+def _cells_table(group, csv, anchor) -> str:
     """The mismatching cells of a finding, each linked to its per-step table."""
     rows = []
     for _, r in group.iterrows():
@@ -310,8 +314,8 @@ def _cells_table(group, csv) -> str:
                     f"<td>{escape(str(r.divergent_state))}</td><td>{_num(r.max_scaled_error)}"
                     f"</td><td>{_num(r.max_rel_error)}</td><td>{_num(r.final_drift)}</td></tr>")
     what = "per-step tables" if csv else "cells (per-step tables need --format csv)"
-    return (f"<details><summary>{len(group)} mismatching {what}</summary><table><tr>"
-            "<th>backend-dtype-mode-scenario</th><th>first step</th><th>state</th>"
+    return (f'<details id="{anchor}"><summary>{len(group)} mismatching {what}</summary>'
+            "<table><tr><th>backend-dtype-mode-scenario</th><th>first step</th><th>state</th>"
             "<th>max scaled error</th><th>max rel. error</th><th>final drift</th></tr>"
             + "".join(rows) + "</table></details>")
 
