@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from verify.cli import UsageError, build_parser, run, selection_from_args
+from verify.cli import UsageError, run, selection_from_args, selection_parser
 from verify.output import replacing_folder
 from verify.runner import Runner
 
@@ -34,12 +34,8 @@ DEFAULT_OUTPUT = "reports/bench"
 
 
 def _parser():
-    p = build_parser()
-    p.prog = "verify-optimizers bench"
-    p.description = ("Time the verification against the same Keras work alone, side by side, "
-                     "and say where the time goes.")
-    p.epilog = None
-    p.set_defaults(output=DEFAULT_OUTPUT)
+    p = selection_parser("bench", "Time the verification against the same Keras work "
+                         "alone, side by side, and say where the time goes.", DEFAULT_OUTPUT)
     p.add_argument("--repeat", type=int, default=3,
                    help="floor/harness pairs, alternating; medians reported (default 3)")
     return p

@@ -44,7 +44,7 @@ from tabulate import tabulate
 import reference
 from verify import compare, html_report, scenarios
 from verify.cli import (UsageError, build_parser, installed_backends, one_line, run,
-                        selection_from_args)
+                        selection_from_args, selection_parser)
 from verify.configurations import CONFIGURATIONS
 from verify.output import OutputRefused, check_folder, replacing_folder
 
@@ -326,13 +326,11 @@ def _baseline_readme(settings, environment, cells) -> str:
 
 # --- selections from a baseline ---------------------------------------------
 def _parser():
-    p = build_parser()
-    p.prog = "verify-optimizers check"
-    p.description = ("Re-run the baseline's verification (or the subset the selection flags "
-                     "choose) and compare it cell by cell. Exit 0 no change, 1 a cell's math "
-                     "changed, 2 usage, baseline or environment error.")
-    p.epilog = None
-    p.set_defaults(seed=None, output=DEFAULT_OUTPUT)
+    p = selection_parser("check", "Re-run the baseline's verification (or the subset the "
+                         "selection flags choose) and compare it cell by cell. Exit 0 no change, "
+                         "1 a cell's math changed, 2 usage, baseline or environment error, or "
+                         "cells that could not be verified.", DEFAULT_OUTPUT)
+    p.set_defaults(seed=None)
     p.add_argument("--baseline", default=DEFAULT_BASELINE,
                    help="baseline folder (default %(default)s)")
     p.add_argument("--update-baseline", action="store_true",

@@ -120,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def selection_parser(command: str, description: str, output: str) -> argparse.ArgumentParser:
+    """The main command's selection flags, for a subcommand that runs a selection."""
+    p = build_parser()
+    p.prog = f"verify-optimizers {command}"
+    p.description = description
+    p.epilog = None
+    p.set_defaults(output=output)
+    return p
+
+
 def chosen_backends(values) -> list:
     """--backend values, checked; default: every installed backend."""
     available = installed_backends()

@@ -34,7 +34,7 @@ from tabulate import tabulate
 
 from verify import check, compare, html_report
 from verify.cli import (UsageError, build_parser, interruptible, run, selection_from_args,
-                        settings_of)
+                        selection_parser, settings_of)
 from verify.output import MARKER, OutputRefused, add_files, check_folder, write_marker
 
 DEFAULT_OUTPUT = "reports/matrix"
@@ -43,12 +43,9 @@ UNSUPPORTED = "unsupported"
 
 
 def _parser():
-    p = build_parser()
-    p.prog = "verify-optimizers matrix"
-    p.description = ("Run the same verification against several Keras releases, each in its "
-                     "own virtual environment, and write one report with a column per release.")
-    p.epilog = None
-    p.set_defaults(output=DEFAULT_OUTPUT)
+    p = selection_parser("matrix", "Run the same verification against several Keras "
+                         "releases, each in its own virtual environment, and write one report "
+                         "with a column per release.", DEFAULT_OUTPUT)
     p.add_argument("--keras", action="append", default=[], required=True,
                    help="Keras releases, comma-separated, oldest first (e.g. 3.0.0,3.5.0)")
     p.add_argument("--work", default=DEFAULT_WORK,
