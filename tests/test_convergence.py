@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import reference
 from verify import scenarios
 from verify.cli import installed_backends, main as cli_main
 from verify.configurations import CONFIGURATIONS, Configuration
@@ -161,6 +162,11 @@ def test_thresholds_are_stated():
 # --- stacked seeds against separate runs of the article's model -----------------------
 
 EQUIVALENCE_EPOCHS, EQUIVALENCE_SEEDS = 2, "0,5"
+# Stacked copies are independent only under an elementwise optimizer
+# (verify/convergence/model.py); Lamb's trust ratio takes norms over a whole variable.
+STACKABLE = [i for i, c in CONFIGURATIONS.items()
+             if reference.get_rule("keras", c.class_name).elementwise(
+                 reference.get_rule("keras", c.class_name).hyperparameters(c.config))]
 
 
 def _env(backend):
@@ -174,7 +180,7 @@ def equivalence():
     """Every installed backend in parallel, every configuration."""
     procs = {b: subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "convergence_equivalence.py"),
-         str(EQUIVALENCE_EPOCHS), EQUIVALENCE_SEEDS, *CONFIGURATIONS],
+         str(EQUIVALENCE_EPOCHS), EQUIVALENCE_SEEDS, *STACKABLE],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(b), text=True)
         for b in BACKENDS}
     results = {}
@@ -187,7 +193,7 @@ def equivalence():
 
 @needs_extra
 @needs_backend
-@pytest.mark.parametrize("config_id", list(CONFIGURATIONS))
+@pytest.mark.parametrize("config_id", STACKABLE)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stacked_seeds_match_separate_article_models(equivalence, backend, config_id):
     """Same initial weights and batch order: the stacked copies follow the separate
@@ -204,7 +210,7 @@ def test_stacked_seeds_match_separate_article_models(equivalence, backend, confi
 @needs_backend
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stacked_training_is_reproducible(equivalence, backend):
-    first = equivalence[backend][next(iter(CONFIGURATIONS))]
+    first = equivalence[backend][STACKABLE[0]]
     assert first["repeat_identical"] is True
 
 
