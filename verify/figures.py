@@ -8,16 +8,33 @@ free-run drift (lines: verify.html_report.Trace, already reduced to bins).
 
 from __future__ import annotations
 
+import atexit
 import io
+import os
+import shutil
+import sys
+import tempfile
 from dataclasses import dataclass
 
-import matplotlib
+# matplotlib keeps its configuration and font cache in the user's home
+# (~/.config, ~/.cache), which the harness never writes: imported here first,
+# it uses a temporary folder instead, removed at exit.
+_private = "matplotlib" not in sys.modules and "MPLCONFIGDIR" not in os.environ
+if _private:
+    _config = tempfile.mkdtemp(prefix="verify-optimizers-matplotlib-")
+    atexit.register(shutil.rmtree, _config, ignore_errors=True)
+    os.environ["MPLCONFIGDIR"] = _config
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import LogLocator, NullLocator  # noqa: E402
+
+if _private:  # matplotlib has read it; child processes must not inherit it
+    del os.environ["MPLCONFIGDIR"]
 
 DPI = 100
 SCALED_FLOOR = 1e-3     # scaled errors below (0 included) are drawn at the floor
