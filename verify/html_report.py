@@ -480,7 +480,7 @@ def _matrix_figure(figs, family, optimizer, changes, describe, runs, settings) -
         _, _, backend, dtype, mode, scenario = key
         captions.append(f"{a} -> {b}, {cell_id(key[2:])}: {describe(c.before)} -> "
                         f"{describe(c.after)}")
-        for version, cls, dashed in ((a, c.before, True), (b, c.after, False)):
+        for version, cls, dashed in ((b, c.after, False), (a, c.before, True)):  # dashed on top
             paths = [f / steps_path(key) for f in runs.get(version) or ()]
             path = next((p for p in paths if p.exists()), None)
             t = None
