@@ -17,8 +17,7 @@ N, STEPS = 6, 8
 NEW = {
     "adamax": [("epsilon", "none", "added")],
     "adadelta": [("learning_rate", "none", "applied")],
-    "adam_amsgrad": [("epsilon", "plain", "hat"), ("epsilon_placement", "none", "outside"),
-                     ("bias_correction", "off", "on")],
+    "adam_amsgrad": [("epsilon_placement", "none", "outside"), ("bias_correction", "off", "on")],
     "ftrl": [("initial_accumulator", "zero", "configured"), ("shrinkage", "none", "applied"),
              ("l2_factor", "1", "2"), ("weights", "from_state", "stored")],
     "lamb": [("decay_form", "trust_ratio", "base_optimizer")],

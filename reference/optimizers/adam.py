@@ -86,8 +86,10 @@ TEXTBOOK_CHOICES = {"epsilon": "plain", "epsilon_placement": "outside", "bias_co
                     "decay_form": "algorithm_2", "ema": "weighted",
                     "hyperparameters": "python", "one_minus_beta": "tensor"}
 # Reddi et al. 2018, Algorithm 2, with constant alpha_t = lr and beta_1t = beta_1:
-# no debiasing and no epsilon, x = x - alpha_t m / sqrt(v_hat)
-AMSGRAD_CHOICES = {**TEXTBOOK_CHOICES, "epsilon_placement": "none", "bias_correction": "off"}
+# no debiasing and no epsilon, x = x - alpha_t m / sqrt(v_hat) (without either, epsilon
+# "hat" and "plain" are one formula; "hat" keeps explain from naming it)
+AMSGRAD_CHOICES = {**TEXTBOOK_CHOICES, "epsilon": "hat", "epsilon_placement": "none",
+                   "bias_correction": "off"}
 ARTICLE_CHOICES = {**KERAS_CHOICES, "decay_form": "article", "hyperparameters": "python",
                    "one_minus_beta": "tensor"}
 
