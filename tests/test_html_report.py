@@ -209,6 +209,19 @@ def test_binning_keeps_every_peak_and_leaves_short_runs_alone():
     assert list(s) == list(step[:40]) and list(v) == list(values[:40])
 
 
+def test_a_figure_draws_zero_inf_and_the_largest_floats():
+    from verify import figures
+
+    step = np.arange(6)
+    table = pd.DataFrame({"step": step, "drift": [0, 1e-300, 1.0, 1e308, np.inf, np.nan],
+                          "variable_scaled": [0, 1e-5, 1e307, np.inf, 3.0, 1e308]})
+    t = html_report.trace(table, "variable", 2)
+    assert t.first == (2, 1e307)
+    png = figures.divergence_figure("extremes", {"torch\nfloat64": [figures.Line(t, 0)]},
+                                    [("gaussian", 0, "-")], compare.TOLERANCE, 5)
+    assert png[:8] == PNG
+
+
 # --- check.html -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):

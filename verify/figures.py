@@ -39,6 +39,7 @@ if _private:  # matplotlib has read it; child processes must not inherit it
 DPI = 100
 SCALED_FLOOR = 1e-3     # scaled errors below (0 included) are drawn at the floor
 DRIFT_FLOOR = 1e-18     # drift likewise
+CEILING = 1e200         # values above (inf included) are drawn at the top
 PALETTE = plt.get_cmap("tab10").colors
 FIGURE_DPI = 80
 WIDTH, LEGEND = 9.0, 1.75  # inches: the figure, the legend on its right
@@ -61,17 +62,18 @@ class Line:
 
 
 def _draw(ax, x, y, floor, top, color, style, width):
-    y = np.maximum(y, floor)
     inf = np.isinf(y)
-    ax.plot(x, np.where(inf, top, y), color=color, linestyle=style, linewidth=width)
+    ax.plot(x, np.clip(y, floor, top), color=color, linestyle=style, linewidth=width)
     if inf.any():
         ax.plot(x[inf], np.full(inf.sum(), top), "^", color=color, markersize=3)
 
 
 def _top(values, floor, least):
+    """The top of a log axis: above the largest finite value, where inf is drawn;
+    at most CEILING (log ticks, a stride past the top, must stay below the largest float)."""
     finite = [v[np.isfinite(v)] for v in values]
     largest = max([least] + [float(f.max()) for f in finite if f.size])
-    return max(largest, floor) * 30
+    return min(max(largest, floor) * 30, CEILING)
 
 
 def divergence_figure(title: str, panels: dict, legend: list, tolerance: float, steps: int,

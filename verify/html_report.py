@@ -108,7 +108,7 @@ def _bins_note(steps: int) -> str:
     binned = (f"Each point is the largest value of {size} consecutive steps; values " if size > 1
               else "Values ")
     return (binned + "below 1e-3 (scaled error) or 1e-18 (drift), 0 included, are drawn at the "
-            "bottom, inf as a triangle at the top")
+            "bottom, above 1e200 at the top, inf as a triangle there")
 
 
 # --- the verdict grid ---------------------------------------------------------
