@@ -296,7 +296,7 @@ def test_moons_recording_is_regenerated(tmp_path):
 # --- command line ---------------------------------------------------------------
 
 BAD_INPUT = [
-    (["--optimizer", "adamax"], "unknown optimizer"),
+    (["--optimizer", "adamax_typo"], "unknown optimizer"),
     (["--backend", "theano"], "unknown backend"),
     (["--epochs", "0"], "--epochs must be from 1 to"),
     (["--seeds", "0"], "--seeds must be from 1 to"),
