@@ -149,9 +149,10 @@ class Sink:
                   pivot(df, tablefmt="github"), ""]
         lines += ["## Serialization", "",
                   "Each configuration is built from its class and, beside it, rebuilt "
-                  "through Keras's own serialization (serialize, JSON, deserialize: the path "
-                  "of model.save and load_model) and run for a few steps; a rebuilt optimizer "
-                  "that fails or computes differently is listed here.", ""]
+                  "through Keras's public serialization round trip (keras.optimizers."
+                  "serialize, JSON, keras.optimizers.deserialize; model.save stores the same "
+                  "serialized dict) and run for a few steps; a rebuilt optimizer that fails "
+                  "or computes differently is listed here.", ""]
         lines += serialization(df) or ["Every configuration survives it: the rebuilt "
                                        "optimizer computes bit for bit what the original does.",
                                        ""]

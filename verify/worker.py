@@ -89,9 +89,10 @@ ROUND_TRIP_STEPS = 10
 
 
 def round_trip(keras, class_name, config, dtype, initial, grads, steps):
-    """Keras's own serialization, the path of model.save / load_model: serialize,
-    write as JSON, deserialize, then run the rebuilt optimizer beside one built
-    from the class for a few steps.  None, or what went wrong (a finding)."""
+    """Keras's public serialization round trip (keras.optimizers.serialize, JSON,
+    keras.optimizers.deserialize; model.save stores the same serialized dict), then
+    the rebuilt optimizer run beside one built from the class for a few steps.
+    None, or what went wrong (a finding)."""
     original = build_optimizer(keras, class_name, config)
     try:
         text = json.dumps(keras.optimizers.serialize(original))
@@ -99,8 +100,8 @@ def round_trip(keras, class_name, config, dtype, initial, grads, steps):
     except Exception as exc:
         return f"serialization round trip fails: {type(exc).__name__}: {exc}".splitlines()[0]
     if type(rebuilt) is not type(original):
-        return (f"serialization round trip builds {type(rebuilt).__name__} instead of "
-                f"{type(original).__name__}")
+        return (f"keras.optimizers.deserialize gives {type(rebuilt).__name__} "
+                f"{str(rebuilt)[:40]!r} instead of a {type(original).__name__}")
     runs = []
     for optimizer in (original, rebuilt):
         variables = [keras.Variable(initial.astype(dtype), dtype=dtype, name=f"v{i}")
