@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradients", metavar="FILE.npy",
                    help="your own gradient sequence, shape [steps, size]; replaces the scenarios")
     p.add_argument("--output", default="reports/latest", help="report folder (default %(default)s)")
-    p.add_argument("--format", action="append", default=[], help="md, csv, json (default all)")
+    p.add_argument("--format", action="append", default=[], help="md, csv, json, html (default all)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true",
                    help="print the traceback of an internal error (default: to a log file)")
