@@ -74,7 +74,9 @@ PERTURBED = {
 
 if ("eps-inside-sqrt", "Adam") not in REGISTRY:
     _register("eps-inside-sqrt", "Adam", _EPS_INSIDE_SQRT_ADAM)
-    _register("amsgrad-without-max", "Adam", _without_running_max(KERAS_ADAM))
+    REGISTRY[("amsgrad-without-max", "Adam")] = replace(
+        KERAS_ADAM, family="amsgrad-without-max", step=_without_running_max(KERAS_ADAM),
+        unstated=lambda hp: None if hp["amsgrad"] else "no running maximum without amsgrad")
     # Keras's FTRL with its L2 term counted once in the denominator (the paper's lambda_2)
     _register("ftrl-l2-once", "Ftrl", reference.SPACES["Ftrl"].rule({"l2_factor": "1"}).step)
     # Keras's Lamb with the trust ratio's norms taken over all variables at once

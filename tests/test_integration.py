@@ -79,7 +79,7 @@ def test_article_formula_identical_to_keras_matches(verification):
 
 
 def test_drift_is_reported_for_every_comparison(verification):
-    got = verification[verification.verdict != "error"]
+    got = verification[~verification.verdict.isin(["error", "n/a"])]
     assert got.drift.notna().all() and (got.drift >= 0).all()
 
 
