@@ -77,23 +77,19 @@ class Precision:
     flushes_subnormals: bool = False
 
     def describe(self) -> str:
-        parts = []
-        if self.learning_rate_float32:
-            parts.append("learning rate stored as float32")
-        if self.cast_rounds_to_float32:
-            parts.append("ops.cast(Python float) rounds to float32 first")
-        if self.decay_factor_float32:
-            parts.append("weight-decay factor (1 - wd*lr) computed in float32")
-        if self.operand_float32:
-            parts.append("Python-float operands of Keras ops round to float32 first")
-        if self.min_max_float32:
-            parts.append("ops.minimum/maximum with a Python float compute in float32")
-        if self.value_aliases_variable:
-            parts.append("a variable's .value read before an assign sees the assigned value")
-        if self.flushes_subnormals:
-            parts.append("subnormal results may be flushed to zero")
+        parts = [text for flag, text in DESCRIPTIONS.items() if getattr(self, flag)]
         return "; ".join(parts) or "no rounding beyond the working dtype"
 
+
+DESCRIPTIONS = {  # each setting as the reports state it, in this order
+    "learning_rate_float32": "learning rate stored as float32",
+    "cast_rounds_to_float32": "ops.cast(Python float) rounds to float32 first",
+    "decay_factor_float32": "weight-decay factor (1 - wd*lr) computed in float32",
+    "operand_float32": "Python-float operands of Keras ops round to float32 first",
+    "min_max_float32": "ops.minimum/maximum with a Python float compute in float32",
+    "value_aliases_variable": "a variable's .value read before an assign sees the assigned value",
+    "flushes_subnormals": "subnormal results may be flushed to zero",
+}
 
 PRECISIONS = {
     "tensorflow": Precision("tensorflow", cast_rounds_to_float32=True, flushes_subnormals=True,

@@ -44,14 +44,15 @@ def _manifest(folder: Path):
         return None
 
 
-def write_marker(folder: Path, command: str, extra=()) -> None:
-    """List every file now in `folder` (and `extra`, files kept from before) as the
-    harness's own."""
+def _marker_text(command: str, files) -> str:
+    return json.dumps({"written_by": "verify-optimizers", "command": command,
+                       "files": sorted(set(files) - {MARKER})}, indent=0) + "\n"
+
+
+def write_marker(folder: Path, command: str) -> None:
+    """List every file now in `folder` as the harness's own."""
     folder = Path(folder)
-    files = sorted((set(_files_under(folder)) | set(extra)) - {MARKER})
-    (folder / MARKER).write_text(json.dumps(
-        {"written_by": "verify-optimizers", "command": command, "files": files},
-        indent=0) + "\n")
+    (folder / MARKER).write_text(_marker_text(command, _files_under(folder)))
 
 
 def _overlaps(a: Path, b: Path) -> bool:
@@ -146,8 +147,8 @@ def add_files(output: Path, files: dict, command: str) -> None:
     output = Path(output)
     check_folder(output, replace=False)
     output.mkdir(parents=True, exist_ok=True)
-    own = _manifest(output) or set()
-    for name, text in files.items():
+    listed = (_manifest(output) or set()) | set(files)
+    for name, text in {**files, MARKER: _marker_text(command, listed)}.items():
         tmp = output / f".{name}.partial"
         try:
             tmp.write_text(text)
@@ -155,15 +156,6 @@ def add_files(output: Path, files: dict, command: str) -> None:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-    marker_tmp = Path(tempfile.mkdtemp(prefix=".marker-", dir=output))
-    try:
-        listed = sorted(own | set(files))
-        (marker_tmp / MARKER).write_text(json.dumps(
-            {"written_by": "verify-optimizers", "command": command, "files": listed},
-            indent=0) + "\n")
-        os.replace(marker_tmp / MARKER, output / MARKER)
-    finally:
-        shutil.rmtree(marker_tmp, ignore_errors=True)
 
 
 def replace_file(output: Path, text: str) -> None:
