@@ -15,7 +15,9 @@ A step of a point (`Optimizer.rule`):
      (Nadam's u_product; Keras's `_backend_update_step`);
   4. `update`, once per variable (Keras's `update_step`), which sees the
      optimizer-wide states and the iteration shaped to broadcast against its
-     variable ([k] -> [k, 1, ..., 1]);
+     variable ([k] -> [k, 1, ..., 1]), and the variable's path as s["path"]
+     (a str); a slot the variable does not have is absent from s, and the
+     update leaves it out of what it returns;
   5. the base optimizer's stages after the update.
 A rule says whether it is elementwise for given hyperparameters (the update
 and every stage used treat each element on its own); the comparison then
@@ -80,15 +82,15 @@ class Optimizer:
         return base.stages(c, "before") + base.stages(c, "after")
 
     def _step(self, point: Point):
-        def step(ar, hp, state, grads, t):
+        def step(ar, hp, state, grads, t, paths):
             c = point.resolve(hp)
             lr = ar.learning_rate(hp["learning_rate"])
             before = base.stages(c, "before") if point.keras_base else ()
             after = base.stages(c, "after") if point.keras_base else ()
-            return self._apply(ar, hp, c, state, grads, t, lr, before, after)
+            return self._apply(ar, hp, c, state, grads, t, lr, before, after, paths)
         return step
 
-    def _apply(self, ar, hp, c, state, grads, t, lr, before, after):
+    def _apply(self, ar, hp, c, state, grads, t, lr, before, after, paths):
         variables, grads = list(state["variable"]), list(grads)
         for stage in before:
             variables, grads = stage.apply(ar, hp, c, variables, grads, lr)
@@ -96,12 +98,13 @@ class Optimizer:
         per_variable = [n for n, v in state.items() if isinstance(v, list) and n != "variable"]
         results = []
         for i, (w, g) in enumerate(zip(variables, grads)):
-            s = {n: state[n][i] for n in per_variable}
+            s = {n: state[n][i] for n in per_variable if state[n][i] is not None}
             s["variable"] = w
+            s["path"] = paths[i]
             s.update({n: broadcastable(x, w) for n, x in shared.items()})
             results.append(self.update(ar, hp, c, s, g, broadcastable(t, w), lr))
-        names = list(results[0]) if results else ["variable"]
-        out = {n: [r[n] for r in results] for n in names}
+        names = list(dict.fromkeys(n for r in results for n in r)) or ["variable"]
+        out = {n: [r.get(n) for r in results] for n in names}
         for stage in after:
             out["variable"], grads = stage.apply(ar, hp, c, out["variable"], grads, lr)
         out.update(shared)

@@ -7,12 +7,16 @@ per-variable optimizer variables ("momentum", "velocity", "accumulator",
 "average_gradient"), and the attribute name of any optimizer-wide variable
 ("u_product").
 
-The interface: `rule(ar, hp, state, grads, iteration)` where
+The interface: `rule(ar, hp, state, grads, iteration, paths)` where
   state[name]  is a list with one Tracked per variable, each [k, *shape] (a
-               leading batch axis of k steps), for a per-variable state, and
-               one Tracked [k] for an optimizer-wide state;
+               leading batch axis of k steps; the slot's own shape, see
+               `StateSpec.shape`, and None where the variable has no such
+               slot), for a per-variable state, and one Tracked [k] for an
+               optimizer-wide state;
   grads        is the list of the variables' gradients, each [k, *shape];
-  iteration    is Keras's `iterations` before the step, a Tracked [k].
+  iteration    is Keras's `iterations` before the step, a Tracked [k];
+  paths        is the list of the variables' paths (Keras's `variable.path`:
+               Muon and Adafactor branch on it and on the rank).
 It returns the states after the step in the same form.  One call evaluates k
 independent steps at once (lockstep) or one step (free-run).  A rule whose
 `elementwise(hp)` is true may be handed all variables as one flat variable.
@@ -56,9 +60,16 @@ class StateSpec:
     # True when the slot starts as a copy of its weights (Keras's build assigns
     # ops.copy(var): ScheduleFreeAdamW's momentum, the iterate z); `initial` is unused
     copies_variable: bool = False
+    # (variable shape, variable path) -> the slot's shape, or None where Keras
+    # keeps no such slot for that variable (Adafactor's factored moments, Muon's
+    # Adam velocity); None here: the variable's own shape, for every variable
+    shape: Callable[[tuple, str], tuple | None] | None = None
 
-    def initial_value(self, ar: Arithmetic) -> float:
-        return float((ar.cast if self.initial_via_cast else ar.const)(self.initial).v)
+    def shape_for(self, variable_shape: tuple, path: str) -> tuple | None:
+        if not self.per_variable:
+            return ()
+        return tuple(variable_shape) if self.shape is None else self.shape(
+            tuple(variable_shape), path)
 
 
 StepFn = Callable[[Arithmetic, dict, dict, list, Tracked], dict]
@@ -99,13 +110,11 @@ class Rule:
             raise Unsupported(reason)
         return hp
 
-    def state_specs(self, config: dict) -> list:
-        return self.states(self.hyperparameters(config))
-
     def __call__(self, ar: Arithmetic, hp: dict, state: dict, grads: list,
-                 iteration: Tracked) -> dict:
+                 iteration: Tracked, paths: list | None = None) -> dict:
         """One step from `state` at Keras's `iterations` (see the module docstring)."""
-        return self.step(ar, hp, state, grads, iteration)
+        return self.step(ar, hp, state, grads, iteration,
+                         paths if paths is not None else [""] * len(grads))
 
 
 REGISTRY: dict = {}
