@@ -28,9 +28,7 @@ def make_selection(backends, families, *, configurations=None, dtypes=("float32"
     return Selection(backends=list(backends), dtypes=list(dtypes), families=list(families),
                      configurations=[CONFIGURATIONS[c] for c in configurations],
                      scenarios=list(names), modes=list(modes), steps=steps, size=size,
-                     seed=seed,
-                     gradients={n: scenarios.gradients(n, steps, size, seed) for n in names},
-                     initial=scenarios.initial_weights(size, seed), **extra)
+                     seed=seed, **extra)
 
 
 def run_selection(sel, out_dir):

@@ -47,19 +47,19 @@ def _register(family, class_name, step):
 
 SHIFTS = {  # family: (hyperparameter, Keras classes)
     "beta_1+1e-4": ("beta_1", ["Adam", "AdamW", "Nadam", "Adamax", "Lamb"]),
-    "beta_2+1e-4": ("beta_2", ["Lion", "Adamax"]),
+    "beta_2+1e-4": ("beta_2", ["Lion", "Adamax", "ScheduleFreeAdamW"]),
     "momentum+1e-4": ("momentum", ["SGD"]),
     "rho+1e-4": ("rho", ["RMSprop", "Adadelta"]),
     "l1+1e-4": ("l1_regularization_strength", ["Ftrl"]),
 }
 ALL_CLASSES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Nadam", "Lion", "Adamax",
-               "Adadelta", "Ftrl", "Lamb"]
+               "Adadelta", "Ftrl", "Lamb", "ScheduleFreeAdamW"]
 
 # family -> the configuration ids whose math the change alters
 PERTURBED = {
     "eps-inside-sqrt": ["adam", "adam_amsgrad"],
     "beta_1+1e-4": ["adam", "adamw", "nadam", "adamax", "adam_amsgrad", "lamb"],
-    "beta_2+1e-4": ["lion", "adamax"],
+    "beta_2+1e-4": ["lion", "adamax", "schedule_free_adamw"],
     "momentum+1e-4": ["sgd_momentum", "sgd_nesterov"],
     "rho+1e-4": ["rmsprop", "rmsprop_momentum_centered", "adadelta"],
     "amsgrad-without-max": ["adam_amsgrad"],
@@ -69,7 +69,7 @@ PERTURBED = {
     "lr-not-float32": ["sgd", "sgd_momentum", "sgd_nesterov", "adagrad", "rmsprop",
                        "rmsprop_momentum_centered", "adam", "adamw", "nadam", "lion",
                        "adamax", "adadelta", "adam_amsgrad",
-                       "ftrl", "lamb"],
+                       "ftrl", "lamb", "schedule_free_adamw"],
 }
 
 if ("eps-inside-sqrt", "Adam") not in REGISTRY:

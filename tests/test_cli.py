@@ -37,6 +37,19 @@ def gradient_files(tmp_path):
     for name in ("ok", "three_d", "nan", "strings", "objects", "text"):
         files[name] = str(tmp_path / f"{name}.npy")
     files["missing"] = str(tmp_path / "missing.npy")
+    rng = np.random.default_rng(1)
+    archives = {
+        "npz_steps_disagree": {"a": rng.standard_normal((4, 2)), "b": rng.standard_normal((5, 2))},
+        "npz_bad_name": {"my/weight": rng.standard_normal((4, 2))},
+        "npz_nan": {"a": np.array([[1.0, np.nan]])},
+        "npz_strings": {"a": np.array([["x", "y"]])},
+        "npz_empty_axis": {"a": np.zeros((4, 0))},
+    }
+    for name, arrays in archives.items():
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        files[name] = str(tmp_path / f"{name}.npz")
+    (tmp_path / "npz_not_zip.npz").write_text("not an archive")
+    files["npz_not_zip"] = str(tmp_path / "npz_not_zip.npz")
     return files
 
 
@@ -56,7 +69,8 @@ BAD = {
     "unknown-flag": ["--frobnicate"],
     "list-with-args": ["list", "extra"],
 }
-BAD_FILES = ["three_d", "nan", "strings", "objects", "text", "missing"]
+BAD_FILES = ["three_d", "nan", "strings", "objects", "text", "missing", "npz_steps_disagree",
+             "npz_bad_name", "npz_nan", "npz_strings", "npz_empty_axis", "npz_not_zip"]
 
 
 @pytest.mark.parametrize("args", list(BAD.values()), ids=list(BAD))
@@ -203,3 +217,21 @@ def test_line_progress_prints_each_tenth_once():
     progress(40)  # a jump past several tenths prints the one it lands on
     assert stream.getvalue().splitlines()[6].startswith("optimizer steps: 100/100 (100%)")
     assert len(stream.getvalue().splitlines()) == 7
+
+
+def test_an_npz_gives_one_weight_per_array_with_its_shape(tmp_path):
+    rng = np.random.default_rng(2)
+    arrays = {"scale": rng.standard_normal(6), "kernel": rng.standard_normal((6, 3, 3, 1, 2)),
+              "token_embedding": rng.standard_normal((6, 5, 2))}
+    np.savez(tmp_path / "g.npz", **arrays)
+    out = tmp_path / "r"
+    r = verify_optimizers("--gradients", str(tmp_path / "g.npz"), "--backend",
+                          cli.installed_backends()[0], "--family", "keras", "--optimizer",
+                          "adam,lamb", "--format", "json", "--quiet", "--output", str(out),
+                          cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["weights"] == {"scale": [], "kernel": [3, 3, 1, 2],
+                                              "token_embedding": [5, 2]}
+    assert summary["settings"]["steps"] == 6 and summary["settings"]["size"] == 1 + 18 + 10
+    assert {row["verdict"] for row in summary["rows"]} <= {"exact", "match"}

@@ -192,7 +192,7 @@ def test_per_variable_evaluation_gives_the_flat_evaluation_bit_for_bit():
         c = compare.RunComparison("keras", r, config, "float64", PRECISIONS["jax"],
                                   compare.Segments([f"s{i}" for i in range(S)], [N] * S), g,
                                   [n for n in h[0] if n != "variable"])
-        assert len(c.layout.names) == (S if r is not rule else 1)
+        assert len(c.layouts["variable"].names) == (S if r is not rule else 1)
         batch = lambda hs: {n: np.stack([x[n] for x in hs]) for n in h[0]}
         c.start(batch(h[:1]), 0)
         c.feed(1, batch(h[1:]), np.arange(1, len(h)))
@@ -202,3 +202,64 @@ def test_per_variable_evaluation_gives_the_flat_evaluation_bit_for_bit():
     for ta, tb in zip(a, b):
         assert ta.keys() == tb.keys()
         assert all(np.array_equal(ta[k], tb[k], equal_nan=True) for k in ta)
+
+
+# --- weights of several shapes per scenario ------------------------------------
+SHAPED = compare.Segments(["a0", "b0", "a1", "b1"], [(2, 3), (4,), (2, 3), (4,)],
+                          groups=[0, 0, 1, 1], group_count=2, labels=["a", "b", "a", "b"])
+
+
+def test_per_scenario_maxima_span_every_weight_of_the_scenario():
+    values = np.arange(20.0)[None]  # a0: 0-5, b0: 6-9, a1: 10-15, b1: 16-19
+    np.testing.assert_array_equal(SHAPED.reduce_max(values), [[9.0, 19.0]])
+    assert SHAPED.argmax(values[0], 0) == (9, "b0") and SHAPED.label("b0") == "b"
+    # a slot only some weights have: the others hold nothing, and a scenario with
+    # none of it has no error
+    factored = SHAPED.with_shapes([(2,), None, None, None])
+    np.testing.assert_array_equal(factored.reduce_max(np.array([[3.0, 5.0]])), [[5.0, 0.0]])
+    assert [None if p is None else p.shape for p in factored.split(np.zeros((1, 2)))] == [
+        (1, 2), None, None, None]
+
+
+def shaped_run(alter=None, layout=None):
+    rule = reference.get_rule("keras", "Adam")
+    rng = np.random.default_rng(3)
+    g = rng.standard_normal((3, 20))
+    c = compare.RunComparison("keras", rule, {"learning_rate": 0.01}, "float64",
+                              PRECISIONS["jax"], SHAPED, g, ["momentum", "velocity"])
+    ar = Arithmetic("float64", PRECISIONS["jax"], track=False)
+    hp = rule.hyperparameters({"learning_rate": 0.01})
+    state = {"variable": rng.standard_normal(20), "momentum": np.zeros(20),
+             "velocity": np.zeros(20)}
+    c.start({k: v[None] for k, v in state.items()}, 0, layout)
+    for t in range(3):
+        tracked = {k: [ar.exact(p) for p in SHAPED.split(v[None])] for k, v in state.items()}
+        out = rule(ar, hp, tracked, [ar.exact(p) for p in SHAPED.split(g[t][None])],
+                   ar.step_count([float(t)]), SHAPED.names)
+        state = {k: np.concatenate([p.v.reshape(-1) for p in v]) for k, v in out.items()}
+        if alter:
+            alter(t + 1, state)
+        c.feed(t + 1, {k: v[None] for k, v in state.items()}, np.array([t + 1]))
+    return c
+
+
+def test_a_change_in_one_weight_is_its_scenarios_mismatch_and_names_the_weight():
+    assert [shaped_run().verdict(s) for s in (0, 1)] == ["exact", "exact"]
+
+    def alter(step, state):
+        if step == 2:
+            state["variable"][17] += 1e-6  # b1: scenario 1's vector
+    c = shaped_run(alter)
+    assert [c.verdict(s) for s in (0, 1)] == ["exact", "mismatch"]
+    d = c.divergence[1]
+    assert (d.step, d.state, d.weight) == (2, "variable", "b")
+
+
+def test_a_slot_keras_keeps_in_another_shape_is_not_compared_as_the_same_state():
+    layout = {"momentum": [(0, (2, 3)), (1, (4,)), (2, (2, 3)), (3, (4,))],
+              "velocity": [(0, (6,)), (1, (4,)), (2, (2, 3)), (3, (4,))]}
+    assert not shaped_run(layout={"momentum": layout["momentum"]}).unmatched
+    c = shaped_run(layout=layout)
+    assert list(c.unmatched) == ["velocity"] and "Keras keeps velocity as" in c.unmatched[
+        "velocity"]
+    assert [c.verdict(s) for s in (0, 1)] == ["mismatch", "mismatch"]

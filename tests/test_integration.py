@@ -53,7 +53,8 @@ def test_one_real_formula_change_is_a_float64_mismatch_on_every_backend(
 
 def first_moving_step(scenario):
     """The first step whose gradient is not all zero (sparse has all-zero steps)."""
-    g = scenarios.gradients(scenario, STEPS, SIZE, SEED)
+    count = scenarios.element_count(scenarios.weight_shapes(SIZE))
+    g = scenarios.gradients(scenario, STEPS, count, SEED)
     return int(np.argmax(np.any(g != 0, axis=1))) + 1
 
 

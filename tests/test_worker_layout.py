@@ -74,3 +74,26 @@ def test_a_list_of_other_variables_is_not_taken_for_a_slot_index():
     o = optimizer([it, lr, a0, a1], iterations=it, _learning_rate=lr, _all=[a0, a1])
     with pytest.raises(ValueError, match="names no weight"):
         _state_layout(o, WEIGHTS)
+
+
+def test_slots_of_their_own_shape_follow_their_list_and_absent_ones_are_none():
+    # Adafactor: r and c named after the weight itself, shaped like it minus one axis,
+    # a () placeholder for a weight of rank < 2; Muon: a velocity for some weights only
+    weights = [var("s_vector", (4,)), var("s_matrix", (6, 3)), var("s_embedding", (8, 2))]
+    it = var("iteration", ())
+    r0, r1 = var("s_vector", ()), var("s_matrix", (6,))
+    c1 = var("s_matrix", (3,))
+    v2 = var("s_embedding_velocity", (8, 2))
+    o = optimizer([it, r0, r1, c1, v2], iterations=it, _r=[r0, r1, None],
+                  _c=[None, c1, None], _velocities=[None, None, v2])
+    assert [(i, n) for i, n, _ in _state_layout(o, weights)] == [
+        (0, "r"), (1, "r"), (1, "c"), (2, "velocity")]
+
+
+def test_the_longest_weight_path_owns_a_prefixed_slot():
+    weights = [var("a"), var("a_b")]
+    it = var("iteration", ())
+    m0, m1 = var("a_momentum"), var("a_b_momentum")
+    o = optimizer([it, m0, m1], iterations=it)
+    assert [(i, n) for i, n, _ in _state_layout(o, weights)] == [(0, "momentum"),
+                                                                 (1, "momentum")]

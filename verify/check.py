@@ -392,6 +392,12 @@ def _reproducible(settings, sel) -> None:
     if settings["tolerance"] != compare.TOLERANCE:
         raise UsageError(f"cannot reproduce the baseline: tolerance {settings['tolerance']} "
                          f"there, {compare.TOLERANCE} here")
+    here = {name: list(shape) for name, shape in sel.weights.items()}
+    if settings.get("weights") != here:
+        raise UsageError("cannot reproduce the baseline: its weights are "
+                         f"{json.dumps(settings.get('weights'))}, here {json.dumps(here)} "
+                         "(a baseline from before weights of every shape records none; "
+                         "refresh it with check --update-baseline)")
     if settings["comparison"] != "lockstep":
         raise UsageError(f"cannot reproduce the baseline: comparison {settings['comparison']!r}")
     for b in sel.backends:

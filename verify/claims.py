@@ -141,8 +141,7 @@ def run_claims(backends, *, seed=0, claims=None):
     sel = Selection(backends=list(backends), dtypes=[DTYPE], families=[],
                     configurations=list(configurations.values()), scenarios=["pause"],
                     modes=list(MODES), steps=STEPS, size=SIZE, seed=seed,
-                    gradients={"pause": gradients},
-                    initial=scenarios.initial_weights(SIZE, seed))
+                    gradients={"pause": gradients}, weights={"vector": (SIZE,)})
     recorder = Recorder()
     runner = Runner(sel, _NoRows(), observer=recorder)
     runner.run()

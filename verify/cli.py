@@ -108,10 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gradient scenarios (default all; see `list`)")
     p.add_argument("--mode", action="append", default=[], help="eager, compiled (default both)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000)")
-    p.add_argument("--size", type=int, default=None, help="elements per weight (default 1024)")
+    p.add_argument("--size", type=int, default=None,
+                   help="elements per scenario, shared by its weights (default 1024)")
     p.add_argument("--seed", type=int, default=0, help="seed of gradients and weights (default 0)")
-    p.add_argument("--gradients", metavar="FILE.npy",
-                   help="your own gradient sequence, shape [steps, size]; replaces the scenarios")
+    p.add_argument("--gradients", metavar="FILE.npy|FILE.npz",
+                   help="your own gradient sequence, replacing the scenarios: a .npy of shape "
+                        "[steps, size] (one vector weight), or a .npz with one [steps, *shape] "
+                        "array per weight, named by its key")
     p.add_argument("--output", default="reports/latest", help="report folder (default %(default)s)")
     p.add_argument("--format", action="append", default=[], help="md, csv, json, html (default all)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -155,7 +158,8 @@ def selection_from_args(args, replace_output=True) -> tuple:
             raise UsageError("--gradients replaces the scenarios; do not combine it with "
                              "--scenario")
         try:
-            g = scenarios.load_gradient_file(args.gradients, max_bytes=MAX_GRADIENT_BYTES)
+            weights, g = scenarios.load_gradient_file(args.gradients,
+                                                      max_bytes=MAX_GRADIENT_BYTES)
             scenarios.check_representable(g, dtypes, args.gradients)
         except scenarios.GradientFileError as exc:
             raise UsageError(str(exc)) from None
@@ -163,7 +167,7 @@ def selection_from_args(args, replace_output=True) -> tuple:
                                     ("--size", args.size, g.shape[1])):
             if value is not None and value != actual:
                 raise UsageError(f"{flag} {value} disagrees with the gradient file "
-                                 f"(shape {g.shape[0]} x {g.shape[1]})")
+                                 f"({g.shape[0]} steps of {g.shape[1]} elements)")
         steps, size = g.shape
         names = ["file"]
         gradients = {"file": g}
@@ -172,16 +176,14 @@ def selection_from_args(args, replace_output=True) -> tuple:
             scenarios.SCENARIOS)
         steps = 1000 if args.steps is None else args.steps
         size = 1024 if args.size is None else args.size
-        gradients = None
+        gradients, weights = None, None
     check_run_size(steps, size, len(names), args.seed)
     output = claim_output(args.output, [("the gradient file", args.gradients)]
                           + list(getattr(args, "inputs", [])), replace=replace_output)
-    if gradients is None:
-        gradients = {n: scenarios.gradients(n, steps, size, args.seed) for n in names}
     sel = Selection(backends=backends, dtypes=dtypes, families=families,
                     configurations=[CONFIGURATIONS[i] for i in optimizer_ids],
                     scenarios=names, modes=modes, steps=steps, size=size, seed=args.seed,
-                    gradients=gradients, initial=scenarios.initial_weights(size, args.seed))
+                    gradients=gradients, weights=weights)
     return sel, output, formats
 
 
@@ -212,6 +214,7 @@ def settings_of(sel: Selection, formats) -> dict:
         "optimizers": [c.id for c in sel.configurations],
         "configurations": {c.id: c.keras_config() for c in sel.configurations},
         "scenarios": sel.scenarios, "modes": sel.modes, "steps": sel.steps, "size": sel.size,
+        "weights": {name: list(shape) for name, shape in sel.weights.items()},
         "seed": sel.seed, "tolerance": compare.TOLERANCE, "comparison": "lockstep",
         "precision": {b: reference.PRECISIONS[b].describe() for b in sel.backends},
     }

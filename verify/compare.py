@@ -88,39 +88,80 @@ class Divergence:
     abs_error: float
     scaled_error: float
     bound: float
+    weight: str = ""  # the weight (Keras variable) of the worst element; "" optimizer-wide
 
 
 class Segments:
-    """The variables (one per scenario) laid end to end: names, shapes, offsets."""
+    """Arrays (one per variable) laid end to end, flattened: names, shapes,
+    offsets, and the group (scenario) each belongs to.  A shape of None is a
+    variable without this array (a slot Keras keeps for some variables only)."""
 
-    def __init__(self, names, shapes):
+    def __init__(self, names, shapes, groups=None, group_count=None, labels=None):
         self.names = list(names)
-        self.shapes = [tuple(s) if np.ndim(s) else (int(s),) for s in shapes]
-        self.sizes = np.asarray([int(np.prod(s)) for s in self.shapes], dtype=int)
+        self._labels = dict(zip(self.names, labels or self.names))
+        self.shapes = [None if s is None else tuple(s) if np.ndim(s) else (int(s),)
+                       for s in shapes]
+        self.sizes = np.asarray([0 if s is None else int(np.prod(s, dtype=int))
+                                 for s in self.shapes], dtype=int)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(int)
+        self.groups = np.arange(len(self.names)) if groups is None else np.asarray(groups, int)
+        self.group_count = (len(self.names) if group_count is None else group_count)
+        self.present = np.flatnonzero(self.sizes > 0)
+        # one group per present array, in order, and every group at most once:
+        # the per-array maxima are already the per-group maxima
+        self._one_per_group = (len(self.present) == self.group_count
+                               and np.array_equal(self.groups[self.present],
+                                                  np.arange(self.group_count)))
+
+    def with_shapes(self, shapes) -> "Segments":
+        """The same variables and groups holding arrays of other shapes."""
+        return Segments(self.names, shapes, self.groups, self.group_count,
+                        [self._labels[n] for n in self.names])
+
+    def label(self, name: str) -> str:
+        """How reports name an array (its weight within the scenario)."""
+        return self._labels.get(name, name)
+
+    @property
+    def total(self) -> int:
+        return int(self.sizes.sum())
 
     def reduce_max(self, values: np.ndarray) -> np.ndarray:
-        """[k, N] -> [k, S] maxima per segment; [k, 1] (a global) -> [k, S]."""
-        if values.shape[1] == 1:
-            return np.repeat(values, len(self.names), axis=1)
-        return np.maximum.reduceat(values, self.offsets, axis=1)
+        """[k, N] -> [k, G] maxima per group (0 for a group without elements)."""
+        k = values.shape[0]
+        if not len(self.present):
+            return np.zeros((k, self.group_count), values.dtype)
+        per_array = np.maximum.reduceat(values, self.offsets[self.present], axis=1)
+        if self._one_per_group:
+            return per_array
+        out = np.zeros((k, self.group_count), per_array.dtype)
+        for j, g in enumerate(self.groups[self.present]):
+            np.maximum(out[:, g], per_array[:, j], out=out[:, g])
+        return out
 
-    def argmax(self, values_row: np.ndarray, s: int) -> int:
-        if values_row.shape[0] == 1:
-            return 0
-        o = self.offsets[s]
-        return o + int(np.argmax(values_row[o:o + self.sizes[s]]))
+    def argmax(self, values_row: np.ndarray, group: int) -> tuple:
+        """(flat index, array name) of the largest value of a group."""
+        best, where = -np.inf, (0, "")
+        for i in self.present[self.groups[self.present] == group]:
+            o, n = self.offsets[i], self.sizes[i]
+            j = o + int(np.argmax(values_row[o:o + n]))
+            if values_row[j] > best or where == (0, ""):
+                best, where = values_row[j], (j, self.names[i])
+        return where
 
     def split(self, flat: np.ndarray) -> list:
-        """[k, N] -> one [k, *shape] view per variable."""
+        """[k, N] -> one [k, *shape] view per variable (None where it has none)."""
         k = flat.shape[0]
-        return [flat[:, o:o + n].reshape((k,) + shape)
+        return [None if shape is None else flat[:, o:o + n].reshape((k,) + shape)
                 for o, n, shape in zip(self.offsets, self.sizes, self.shapes)]
 
 
 def _flat(parts, k, field):
     """Per-variable arrays (a Tracked field: values, bounds or ties) laid end to
     end as [k, N]; None when no part has one (ties)."""
+    parts = [p for p in parts if p is not None]
+    if not parts:  # a slot no variable has
+        return None if field == "tie" else np.zeros((k, 0))
     arrays = [getattr(p, field) for p in parts]
     if all(a is None for a in arrays):
         return None
@@ -129,11 +170,21 @@ def _flat(parts, k, field):
     return flat[0] if len(flat) == 1 else np.concatenate(flat, axis=1)
 
 
+def _describe(parts, segments) -> str:
+    """A state's layout [(variable index or None, shape)] in words."""
+    if parts == [(None, ())]:
+        return "one optimizer-wide value"
+    names = segments.names if segments is not None else []
+    return "{" + ", ".join(f"{names[i] if i is not None and i < len(names) else 'global'}: "
+                           f"{shape}" for i, shape in parts) + "}"
+
+
 class RunComparison:
     """One family x configuration x backend x dtype x mode, all scenarios.
 
     Fed chunk by chunk with Keras's states; keeps per step and per scenario
-    the maxima of each error measure, and per scenario the verdict state.
+    (the segments' groups) the maxima of each error measure over every weight
+    of the scenario, and per scenario the verdict state.
     """
 
     def __init__(self, family, rule, config, dtype, precision, segments: Segments,
@@ -148,34 +199,72 @@ class RunComparison:
         self.only_keras = [n for n in self.keras_states if n not in self.ref_states]
         self.only_reference = [n for n in self.ref_states
                                if n != "variable" and n not in self.keras_states]
+        self.unmatched = {}  # state -> how Keras's layout of it differs from the reference's
         self.dtype = np.dtype(dtype)
-        self.segments = segments
-        # the variables as the rule sees them: each with its shape, or, for an
-        # elementwise rule, all of them as one flat variable (the same numbers)
-        self.layout = (Segments(["all"], [int(segments.sizes.sum())])
-                       if rule.elementwise(self.hp) else segments)
+        self.segments = segments  # the variables, grouped by scenario
+        # each state's arrays laid end to end in the variables' order (None: optimizer-wide)
+        self.state_segments = {"variable": segments}
+        for name, spec in self.specs.items():
+            self.state_segments[name] = segments.with_shapes(
+                [spec.shape_for(shape, path) for shape, path in
+                 zip(segments.shapes, segments.names)]) if spec.per_variable else None
+        # the states as the rule sees them: per variable with its shape, or, for
+        # an elementwise rule, all variables as one flat variable (the same numbers)
+        if rule.elementwise(self.hp):
+            self.layouts = {n: None if seg is None else Segments([""], [seg.total])
+                            for n, seg in self.state_segments.items()}
+            self.paths = [""]
+        else:
+            self.layouts = self.state_segments
+            self.paths = segments.names
         self.gradients = gradients  # [steps, N] float64, the variables laid end to end
         self.ar = Arithmetic(dtype, precision, tie_width=2 * TOLERANCE)
         self.free_ar = Arithmetic(dtype, precision, track=False)
-        S = len(segments.names)
+        S = segments.group_count
         self.exact = np.ones(S, bool)
         self.divergence: list = [None] * S
         self.mismatch_steps = np.zeros(S, int)
         self.tables: list = []  # per chunk: {"step": [k], "drift": [k,S], (state, metric): [k,S]}
         self.error = None
 
+    def _reduce(self, name: str, values: np.ndarray) -> np.ndarray:
+        """[k, N] errors of a state -> [k, S] maxima per scenario."""
+        seg = self.state_segments.get(name)
+        if seg is None:  # optimizer-wide: the same value for every scenario
+            return np.repeat(values.reshape(len(values), -1)[:, :1], self.segments.group_count,
+                             axis=1)
+        return seg.reduce_max(values)
+
     # --- feeding ----------------------------------------------------------
-    def start(self, initial: dict, iteration: int) -> None:
-        """Step 0: Keras's states before any update against the rule's initial state."""
+    def start(self, initial: dict, iteration: int, layout: dict | None = None) -> None:
+        """Step 0: Keras's states before any update against the rule's initial state.
+
+        `layout` is Keras's: state -> [(variable index or None, shape)], for the
+        slots Keras keeps; a state whose layout differs from the reference's is
+        compared as one that side does not have."""
         w0 = initial["variable"]
         ref, bounds = {"variable": w0}, {"variable": np.zeros(1)}
         for name, spec in self.specs.items():
+            seg = self.state_segments[name]
+            if spec.copies_variable:
+                ref[name], bounds[name] = w0, np.zeros(1)
+                continue
             c = (self.ar.cast if spec.initial_via_cast else self.ar.const)(spec.initial)
-            shape = w0.shape if spec.per_variable else (1, 1)
+            shape = (1, 1) if seg is None else (1, seg.total)
             ref[name] = np.broadcast_to(c.v, shape).astype(self.dtype)
             bounds[name] = np.broadcast_to(c.e, shape)
+        for name, parts in (layout or {}).items():
+            if name in self.state_segments and name != "variable":
+                seg = self.state_segments[name]
+                expected = ([(None, ())] if seg is None else
+                            [(i, seg.shapes[i]) for i in seg.present])
+                got = [(i, tuple(shape)) for i, shape in parts]
+                if got != expected:
+                    self.unmatched[name] = (f"Keras keeps {name} as {_describe(got, seg)}, "
+                                            f"the reference as {_describe(expected, seg)}")
         self.ties = {}
-        self._judge(np.array([0]), initial, ref, bounds, np.zeros((1, len(self.segments.names))))
+        self._judge(np.array([0]), initial, ref, bounds,
+                    np.zeros((1, self.segments.group_count)))
         self.prev = {n: v[-1] for n, v in initial.items()}
         self.prev_iteration = int(iteration)
         self.last_ref = {n: v[-1] for n, v in ref.items()}
@@ -197,28 +286,31 @@ class RunComparison:
         """Flat states and gradients -> the rule's per-variable Tracked inputs."""
         state = {}
         for name, value in flat.items():
-            if name == "variable" or self.specs[name].per_variable:
-                state[name] = [ar.exact(v) for v in self.layout.split(value)]
-            else:
+            layout = self.layouts[name]
+            if layout is None:
                 state[name] = ar.exact(value.reshape(k))
-        return state, [ar.exact(v) for v in self.layout.split(g)]
+            else:
+                state[name] = [None if v is None else ar.exact(v) for v in layout.split(value)]
+        return state, [ar.exact(v) for v in self.layouts["variable"].split(g)]
 
     def _outputs(self, out: dict) -> dict:
         """The rule's states -> {name: list of Tracked parts, in the variables' order}."""
-        return {n: out[n] if isinstance(out[n], list) else [out[n]] for n in self.ref_states}
+        return {n: out[n] if isinstance(out.get(n), list) else [out.get(n)]
+                for n in self.ref_states}
 
     def _lockstep(self, states, g, t_before):
         """The rule applied to Keras's previous states, k steps at once."""
         k = len(t_before)
         before = {}
         for name in self.ref_states:
-            if name in states:
+            if name in states and name not in self.unmatched:
                 seq = np.concatenate([self.prev[name][None], states[name][:-1]])
             else:  # a state only the reference has continues its own chain
                 seq = np.repeat(self.last_ref[name][None], k, axis=0)
             before[name] = seq
         state, grads = self._inputs(self.ar, before, g, k)
-        out = self.rule(self.ar, self.hp, state, grads, self.ar.step_count(t_before))
+        out = self.rule(self.ar, self.hp, state, grads, self.ar.step_count(t_before),
+                        self.paths)
         parts = self._outputs(out)
         ref = {n: _flat(parts[n], k, "v") for n in self.ref_states}
         bounds = {n: _flat(parts[n], k, "e") for n in self.ref_states}
@@ -227,13 +319,13 @@ class RunComparison:
 
     def _free_run(self, states, g, t_before):
         k = len(t_before)
-        drift = np.zeros((k, len(self.segments.names)))
+        drift = np.zeros((k, self.segments.group_count))
         tiny = np.finfo(np.float64).tiny
         for j in range(k):
             state, grads = self._inputs(self.free_ar, {n: v[None] for n, v in self.free.items()},
                                         g[j][None], 1)
             out = self.rule(self.free_ar, self.hp, state, grads,
-                            self.free_ar.step_count(np.asarray([t_before[j]])))
+                            self.free_ar.step_count(np.asarray([t_before[j]])), self.paths)
             parts = self._outputs(out)
             self.free = {n: _flat(parts[n], 1, "v")[0] for n in self.ref_states}
             w_ref = self.free["variable"].astype(np.float64).reshape(1, -1)
@@ -246,22 +338,22 @@ class RunComparison:
         return drift
 
     def _judge(self, steps, keras, ref, bounds, drift):
-        k, S = len(steps), len(self.segments.names)
+        k, S = len(steps), self.segments.group_count
         table = {"step": steps, "drift": drift}
         over = np.zeros((k, S), bool)
         scaled_by_state = {}
         elementwise = {}
         for name in self.names:
-            if name in keras and name in ref:
+            if name in keras and name in ref and name not in self.unmatched:
                 kv, rv = keras[name].reshape(k, -1), ref[name].reshape(k, -1)
                 diff, rel, scaled = element_errors(kv, rv, bounds[name],
                                                    self.ties.get(name))
                 if kv.dtype != rv.dtype:
                     self.exact[:] = False
-                self.exact &= ~self.segments.reduce_max(diff != 0).any(axis=0)
+                self.exact &= ~self._reduce(name, diff != 0).any(axis=0)
                 elementwise[name] = (kv, rv, np.broadcast_to(bounds[name], kv.shape), scaled)
                 for metric, values in zip(METRICS, (diff, rel, scaled)):
-                    table[(name, metric)] = self.segments.reduce_max(values)
+                    table[(name, metric)] = self._reduce(name, values)
             else:  # a state that one side does not have at all
                 self.exact[:] = False
                 for metric in METRICS:
@@ -275,15 +367,18 @@ class RunComparison:
                 continue
             j = int(np.argmax(over[:, s]))
             name = max(self.names, key=lambda n: (scaled_by_state[n][j, s], -self.names.index(n)))
+            weight = ""
             if name in elementwise:
                 kv, rv, bv, sc = elementwise[name]
-                i = self.segments.argmax(sc[j], s)
+                seg = self.state_segments.get(name)
+                i, weight = (0, "") if seg is None else seg.argmax(sc[j], s)
                 detail = (float(kv[j, i]), float(rv[j, i]), float(bv[j, i]))
             else:
                 detail = (np.nan, np.nan, np.nan)
             self.divergence[s] = Divergence(int(steps[j]), name, detail[0], detail[1],
                                             abs(detail[0] - detail[1]),
-                                            float(scaled_by_state[name][j, s]), detail[2])
+                                            float(scaled_by_state[name][j, s]), detail[2],
+                                            self.segments.label(weight))
 
     # --- results ------------------------------------------------------------
     def verdict(self, s: int) -> str:

@@ -74,9 +74,7 @@ def run_variants(configurations, backend, names, steps, size, seed):
     families = list(dict.fromkeys(f for v in variants.values() for f, _ in v))
     sel = Selection(backends=[backend], dtypes=["float64"], families=families,
                     configurations=configurations, scenarios=names, modes=["eager"],
-                    steps=steps, size=size, seed=seed,
-                    gradients={n: scenarios.gradients(n, steps, size, seed) for n in names},
-                    initial=scenarios.initial_weights(size, seed))
+                    steps=steps, size=size, seed=seed)
     tmp = tempfile.mkdtemp(prefix="verify-explain-")
     try:
         order = {"family": families, "optimizer": [c.id for c in configurations],

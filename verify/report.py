@@ -16,11 +16,11 @@ from tabulate import tabulate
 import reference
 from reference.explanations import cause
 from verify import compare
-from verify.scenarios import DESCRIPTIONS
+from verify.scenarios import DESCRIPTIONS, WEIGHTS
 
 ROW_FIELDS = [
     "family", "optimizer", "backend", "dtype", "mode", "scenario", "steps", "verdict",
-    "first_divergent_step", "divergent_state", "keras_value", "reference_value",
+    "first_divergent_step", "divergent_state", "divergent_weight", "keras_value", "reference_value",
     "error_bound", "max_abs_error", "max_rel_error", "max_scaled_error", "mismatch_steps",
     "drift", "final_drift", "precision", "reason", "serialization", "explanation",
 ]
@@ -74,10 +74,13 @@ class Sink:
         if comparison.only_reference:
             reason += ("reference state not in Keras: "
                        f"{', '.join(comparison.only_reference)}. ")
+        for text in comparison.unmatched.values():
+            reason += f"{text}. "
         self.rows.append({
             **base, "verdict": s["verdict"],
             "first_divergent_step": d.step if d else None,
             "divergent_state": d.state if d else None,
+            "divergent_weight": (d.weight or None) if d else None,
             "keras_value": d.keras if d else None,
             "reference_value": d.reference if d else None,
             "error_bound": d.bound if d else None,
@@ -188,6 +191,15 @@ class Sink:
         lines += ["## Scenarios", "",
                   tabulate([(n, DESCRIPTIONS.get(n, "user gradient file")) for n in s["scenarios"]],
                            headers=["scenario", "gradients"], tablefmt="github"), ""]
+        lines += ["## Weights", "",
+                  "Each scenario's optimizer updates these weights at once (Keras variables "
+                  "named <scenario>_<weight>); a row's verdict and errors are the worst over "
+                  "its weights, and divergent_weight names the weight of the first divergence.",
+                  "",
+                  tabulate([(n, "x".join(map(str, shape)) or "()",
+                             WEIGHTS.get(n, "from the user's gradient file"))
+                            for n, shape in s.get("weights", {}).items()],
+                           headers=["weight", "shape", "stands for"], tablefmt="github"), ""]
         lines += ["---", "", "## Environment", "", "```json",
                   json.dumps(environment, indent=1, sort_keys=True), "```", ""]
         return "\n".join(lines)
@@ -219,7 +231,9 @@ def explanations(df: pd.DataFrame) -> list:
         text = cause(r.family, r.optimizer, r.backend, r["dtype"]) or (
             "No curated cause for this cell; see its per-step table.")
         text += (f" First departs at step {int(r.first_divergent_step)} in "
-                 f"{r.divergent_state}.")
+                 f"{r.divergent_state}"
+                 + (f" of the {r.divergent_weight} weight." if isinstance(r.divergent_weight, str)
+                    else "."))
         others = by_cell[tuple(r[c] for c in cell)]
         sizes = [f"{o.max_rel_error:.2g} in {o['dtype']} ({o.verdict})"
                  for _, o in others.iterrows()]

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import reference
-from verify import compare, workers
+from verify import compare, scenarios, workers
 from verify.protocol import read_message
 
 CHUNK = 50
@@ -40,11 +40,32 @@ class Selection:
     steps: int
     size: int
     seed: int
-    gradients: dict = field(default_factory=dict)  # scenario -> [steps, size] float64
-    initial: np.ndarray | None = None
+    # scenario -> [steps, N] float64, N the elements of all weights (verify/scenarios.py);
+    # None: the scenarios' own, generated from steps, weights and seed
+    gradients: dict | None = None
+    initial: np.ndarray | None = None  # [N]; None: generated from the seed
     python: str = sys.executable
     python_path: list = field(default_factory=list)  # put first on the workers' sys.path
     jax_x64: bool | None = None  # None: on exactly for float64 work (tests may force it)
+    weights: dict | None = None  # name -> shape; None: scenarios.weight_shapes(size)
+
+    def __post_init__(self):
+        if self.weights is None:
+            self.weights = scenarios.weight_shapes(self.size)
+        self.weights = {name: tuple(shape) for name, shape in self.weights.items()}
+        count = scenarios.element_count(self.weights)
+        if self.gradients is None:
+            self.gradients = {n: scenarios.gradients(n, self.steps, count, self.seed)
+                              for n in self.scenarios}
+        if self.initial is None:
+            self.initial = scenarios.initial_weights(count, self.seed)
+
+    def variables(self) -> list:
+        """(path, weight name, shape, scenario index) of every variable, in order:
+        each scenario's weights, scenario after scenario."""
+        return [(f"{scenario}_{name}", name, shape, s)
+                for s, scenario in enumerate(self.scenarios)
+                for name, shape in self.weights.items()]
 
 
 @dataclass
@@ -78,11 +99,11 @@ class Runner:
         # observer(run, first_step, states, header): sees Keras's raw states too
         # (step 0 first), for checks that compare Keras with Keras
         self.observer = observer
-        # one variable per scenario; the comparison lays them end to end, flattened
-        names = sel.scenarios
-        self.segments = compare.Segments(names, [(sel.size,)] * len(names))
+        # every scenario's weights; the comparison lays them end to end, flattened
+        paths, labels, shapes, groups = zip(*sel.variables())
+        self.segments = compare.Segments(paths, shapes, groups, len(sel.scenarios), labels)
         self.all_gradients = np.concatenate(
-            [sel.gradients[n].reshape(len(sel.gradients[n]), -1) for n in names], axis=1)
+            [sel.gradients[n].reshape(len(sel.gradients[n]), -1) for n in sel.scenarios], axis=1)
         self.environment = {"backends": {}, "pinned": workers.pinned_description(),
                             "user_settings_not_used": workers.overridden_user_settings()}
         self._lock = threading.Lock()  # the sink and progress, shared by the diff threads
@@ -110,7 +131,9 @@ class Runner:
                             self.runs[run_id] = run
                             specs.append({"id": run_id, "class_name": configuration.class_name,
                                           "config": configuration.config, "dtype": dtype,
-                                          "mode": mode, "scenarios": sel.scenarios})
+                                          "mode": mode, "scenarios": sel.scenarios,
+                                          "weights": [[n, list(shape)] for n, shape
+                                                      in sel.weights.items()]})
                             run_id += 1
                 job = {"backend": backend, "x64": x64, "steps": sel.steps, "chunk": CHUNK,
                        "inputs": inputs, "runs": specs, "python_path": sel.python_path,
@@ -204,7 +227,7 @@ class Runner:
                         self.observer(self.runs[run_id], 0, states, header)
                     self._check_dtypes(self.runs[run_id], header["computed_dtypes"])
                     each_family(run_id, self._start, states, int(arrays["iterations"][0]),
-                                active)
+                                _layout(arrays), active)
                 elif kind == "chunk":
                     states = _assemble(arrays, len(arrays["iterations"]))
                     if self.observer:
@@ -252,7 +275,7 @@ class Runner:
             run.problem = (f"Keras computed in {', '.join(computed)} although {run.dtype} "
                            "was requested")
 
-    def _start(self, run_id, family, states, iteration, active):
+    def _start(self, run_id, family, states, iteration, layout, active):
         run = self.runs[run_id]
         keras_states = [n for n in states if n != "variable"]
         c, reason = compare.build(family, reference.get_rule, run.configuration, run.dtype,
@@ -260,7 +283,7 @@ class Runner:
                                   self.all_gradients, keras_states)
         if c is not None:
             c.error = run.problem
-            _guarded(c, c.start, states, iteration)
+            _guarded(c, c.start, states, iteration, layout)
         active[run_id, family] = c if c is not None else reason
 
     def _feed(self, run_id, family, start, states, iterations, active):
@@ -358,6 +381,19 @@ def _guarded(comparison, method, *args):
         method(*args)
     except Exception as exc:
         comparison.error = f"reference failed: {type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def _layout(arrays) -> dict:
+    """Run-start arrays -> {state: [(variable index or None, shape)]}: which
+    variables Keras keeps a state for, and its shape."""
+    out = {}
+    for key, value in arrays.items():
+        if key != "iterations":
+            owner, name = key.split("/", 1)
+            out.setdefault(name, []).append((None if owner == "g" else int(owner),
+                                             tuple(value.shape[1:])))
+    return {n: sorted(parts, key=lambda p: -1 if p[0] is None else p[0])
+            for n, parts in out.items()}
 
 
 def _assemble(arrays, k):

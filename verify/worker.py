@@ -5,8 +5,9 @@ backend is fixed when keras is imported, hence one process per backend).  It
 writes protocol messages to its standard output; anything else printed while
 it runs goes to standard error.
 
-For every run it builds the optimizer from its Keras config dict, one weight
-variable per scenario, records every state (weights, every slot, every
+For every run it builds the optimizer from its Keras config dict on the
+weights of every scenario (verify/scenarios.py: several ranks, each a Keras
+variable named "<scenario>_<weight>"), records every state (weights, every slot, every
 optimizer-wide variable) before the first step and after each step, and sends
 them in chunks of steps.
 """
@@ -39,41 +40,58 @@ def _state_layout(optimizer, variables):
     """Map every optimizer variable to (variable index or None, state name).
 
     Variables are recognised by identity among `optimizer.variables` (the class
-    behind `keras.Variable` changed across Keras 3 releases)."""
+    behind `keras.Variable` changed across Keras 3 releases).  A slot belongs
+    to a weight when it sits in a list Keras keeps indexed like the weights
+    (`_get_variable_index`: `_momentums`, Adafactor's `_r`), or when its name is
+    the weight's path plus "_<state>" (the longest such path); its state name is
+    that suffix, else its own name, or the list's attribute name where it is
+    named after its weight."""
     own = {id(v) for v in optimizer.variables}
     skip = {id(optimizer.iterations)}
     lr = getattr(optimizer, "_learning_rate", None)
     if id(lr) in own:
         skip.add(id(lr))
-    prefixes = [v.path.replace("/", "_") + "_" for v in variables]
+    prefixes = sorted(((v.path.replace("/", "_") + "_", i) for i, v in enumerate(variables)),
+                      key=lambda p: -len(p[0]))
+    weights = {id(v) for v in variables}
+    paths = {v.path for v in variables} | {v.name for v in variables}
     attribute_names = {id(value): name.lstrip("_") for name, value in vars(optimizer).items()
                        if id(value) in own}
-    # Keras keeps each kind of slot in a list indexed like the weights
-    # (`_get_variable_index`); that list tells a slot's weight when its name does not.
+
+    def fits(slot, weight):
+        """A slot's shape is its weight's, or that with one axis left out (a
+        factored moment such as Adafactor's), or () (a placeholder)."""
+        a, w = tuple(slot.shape), tuple(weight.shape)
+        return a in {w, ()} or any(a == w[:i] + w[i + 1:] for i in range(len(w)))
+
     def slot_list(value):
         return (isinstance(value, (list, tuple)) and len(value) == len(variables)
-                and all(s is None or (id(s) in own and tuple(s.shape) == tuple(w.shape))
-                        for s, w in zip(value, variables)))
+                and any(id(s) in own for s in value)
+                and not any(id(s) in weights or id(s) in skip for s in value)
+                and all(s is None or fits(s, w) for s, w in zip(value, variables)))
 
-    slot_index = {id(slot): i for value in vars(optimizer).values() if slot_list(value)
-                  for i, slot in enumerate(value) if slot is not None}
+    slot_of = {id(slot): (i, name.lstrip("_")) for name, value in vars(optimizer).items()
+               if slot_list(value) for i, slot in enumerate(value) if id(slot) in own}
     layout = []
     for opt_var in optimizer.variables:
         if id(opt_var) in skip:
             continue
         name = opt_var.name
-        for i, prefix in enumerate(prefixes):
-            if name.startswith(prefix):
-                layout.append((i, name[len(prefix):], opt_var))
-                break
-        else:
-            if id(opt_var) in slot_index and tuple(opt_var.shape) != ():
-                layout.append((slot_index[id(opt_var)], name, opt_var))
-                continue
-            if tuple(opt_var.shape) != ():
-                raise ValueError(f"optimizer variable {name!r} names no weight: cannot tell "
-                                 "which weight this slot belongs to")
+        owner = next(((i, name[len(p):]) for p, i in prefixes if name.startswith(p)), None)
+        if id(opt_var) in slot_of:
+            index, list_name = slot_of[id(opt_var)]
+            if owner is not None and owner[0] == index:
+                state = owner[1]
+            else:  # named after its slot (Keras < 3.10), or after its weight (Adafactor)
+                state = list_name if name in paths else name
+            layout.append((index, state, opt_var))
+        elif owner is not None:
+            layout.append((owner[0], owner[1], opt_var))
+        elif tuple(opt_var.shape) == ():
             layout.append((None, attribute_names.get(id(opt_var), name), opt_var))
+        else:
+            raise ValueError(f"optimizer variable {name!r} names no weight: cannot tell "
+                             "which weight this slot belongs to")
     return layout
 
 
@@ -88,7 +106,7 @@ def build_optimizer(keras, class_name, config):
 ROUND_TRIP_STEPS = 10
 
 
-def round_trip(keras, class_name, config, dtype, initial, grads, steps):
+def round_trip(keras, class_name, config, make_variables, grads, steps):
     """Keras's public serialization round trip (keras.optimizers.serialize, JSON,
     keras.optimizers.deserialize; model.save stores the same serialized dict), then
     the rebuilt optimizer run beside one built from the class for a few steps.
@@ -104,8 +122,7 @@ def round_trip(keras, class_name, config, dtype, initial, grads, steps):
                 f"{str(rebuilt)[:40]!r} instead of a {type(original).__name__}")
     runs = []
     for optimizer in (original, rebuilt):
-        variables = [keras.Variable(initial.astype(dtype), dtype=dtype, name=f"v{i}")
-                     for i in range(len(grads(0)))]
+        variables = make_variables()
         optimizer.build(variables)
         runs.append((optimizer, variables))
     for t in range(min(steps, ROUND_TRIP_STEPS)):
@@ -136,9 +153,17 @@ class Run:
         self.spec = spec
         self.dtype = spec["dtype"]
         self.gradients = gradients
-        names = spec["scenarios"]
-        self.variables = [keras.Variable(initial.astype(self.dtype), dtype=self.dtype,
-                                         name=f"v{i}") for i, _ in enumerate(names)]
+        self.initial = initial
+        # (path, shape, scenario, offset) of every variable: each scenario's weights
+        # in order, their elements laid end to end in the scenario's gradient rows
+        self.places = []
+        for scenario in spec["scenarios"]:
+            offset = 0
+            for name, shape in spec["weights"]:
+                size = int(np.prod(shape, dtype=int))
+                self.places.append((f"{scenario}_{name}", tuple(shape), scenario, offset, size))
+                offset += size
+        self.variables = self.make_variables()
         self.optimizer = build_optimizer(keras, spec["class_name"], spec["config"])
         self.round_trip = None  # what Keras's serialization does to it (set by main)
         self.optimizer.build(self.variables)
@@ -147,9 +172,16 @@ class Run:
                            + self.layout)
         self.step_fn, self.read = self._make_step(job["backend"], spec["mode"])
 
+    def make_variables(self):
+        return [self.keras.Variable(self.initial[o:o + n].reshape(shape).astype(self.dtype),
+                                    dtype=self.dtype, name=path)
+                for path, shape, _, o, n in self.places]
+
     def _grads(self, t):
-        return [self.keras.ops.convert_to_tensor(self.gradients[name][t].astype(self.dtype))
-                for name in self.spec["scenarios"]]
+        rows = {name: np.asarray(self.gradients[name][t], dtype=self.dtype)
+                for name in self.spec["scenarios"]}
+        return [self.keras.ops.convert_to_tensor(rows[scenario][o:o + n].reshape(shape))
+                for _, shape, scenario, o, n in self.places]
 
     def _make_step(self, backend, mode):
         keras, opt, variables = self.keras, self.optimizer, self.variables
@@ -292,10 +324,11 @@ def main(job_path: str) -> int:
             started = time.process_time()
             run = Run(keras, spec, job, gradients, initial)
             build += time.process_time() - started
-            key = (spec["class_name"], json.dumps(spec["config"], sort_keys=True), spec["dtype"])
+            key = (spec["class_name"], json.dumps(spec["config"], sort_keys=True), spec["dtype"],
+                   json.dumps(spec["weights"]))
             if key not in round_trips and not job.get("floor"):
                 round_trips[key] = round_trip(keras, spec["class_name"], spec["config"],
-                                              spec["dtype"], initial, run._grads, job["steps"])
+                                              run.make_variables, run._grads, job["steps"])
             run.round_trip = round_trips.get(key)
             if job.get("floor"):
                 run.floor(out, job["steps"])
