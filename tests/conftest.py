@@ -21,6 +21,12 @@ import perturbations  # noqa: E402
 STEPS, SIZE, SEED = 25, 24, 7
 
 
+def fast_backend():
+    """The installed backend that starts and steps fastest."""
+    found = installed_backends()
+    return next((b for b in ("torch", "jax", "tensorflow") if b in found), found[0])
+
+
 def make_selection(backends, families, *, configurations=None, dtypes=("float32", "float64"),
                    modes=("eager", "compiled"), names=scenarios.SCENARIOS, steps=STEPS,
                    size=SIZE, seed=SEED, **extra):

@@ -6,13 +6,7 @@ import time
 
 from verify import bench, cli
 from verify.compare import RunComparison
-from verify.cli import installed_backends
-from conftest import make_selection
-
-
-def fast_backend():
-    found = installed_backends()
-    return next((b for b in ("torch", "jax", "tensorflow") if b in found), found[0])
+from conftest import fast_backend, make_selection
 
 
 SMALL = ["--backend", fast_backend(), "--optimizer", "sgd,adam", "--dtype", "float32",

@@ -15,15 +15,9 @@ import numpy as np
 import pytest
 
 from verify import cli, output, workers
-from verify.cli import installed_backends
-from conftest import make_selection, run_selection
+from conftest import fast_backend, make_selection, run_selection
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def fast_backend():
-    found = installed_backends()
-    return next((b for b in ("torch", "jax", "tensorflow") if b in found), found[0])
 
 
 TINY = ["--family", "keras", "--optimizer", "sgd", "--dtype", "float32", "--mode", "eager",

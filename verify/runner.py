@@ -213,6 +213,8 @@ class Runner:
                 header, arrays = msg
                 kind = header["type"]
                 run_id = header.get("id")
+                if run_id in done and kind in ("chunk", "run_end", "run_error"):
+                    continue  # a run already failed (its rows are written)
                 if kind == "bye":
                     self._worker_timing(w, header)
                 elif kind == "hello":
@@ -229,6 +231,13 @@ class Runner:
                     each_family(run_id, self._start, states, int(arrays["iterations"][0]),
                                 _layout(arrays), active)
                 elif kind == "chunk":
+                    k = len(arrays["iterations"])
+                    if header.get("gradients") != self._digest(run_id, header["start"], k):
+                        failed(run_id, "harness error: the worker applied other gradients at "
+                                       f"steps {header['start']}..{header['start'] + k - 1} "
+                                       "than the comparison uses")
+                        done.add(run_id)
+                        continue
                     states = _assemble(arrays, len(arrays["iterations"]))
                     if self.observer:
                         self.observer(self.runs[run_id], header["start"], states, header)
@@ -256,6 +265,15 @@ class Runner:
         self.timing["diff_cpu"] = diff.cpu
         for t in threads:
             t.join()
+
+    def _digest(self, run_id, start, k) -> str:
+        """The digest of steps start..start+k-1 as the worker computes it."""
+        from verify.worker import gradient_digest
+        digest = gradient_digest()
+        rows = self.all_gradients[start - 1:start - 1 + k].astype(self.runs[run_id].dtype)
+        for row in rows:
+            digest.update(row.tobytes())
+        return digest.hexdigest()
 
     def _worker_timing(self, w, bye):
         self.timing["workers"].append({

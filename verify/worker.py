@@ -14,6 +14,7 @@ them in chunks of steps.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -177,11 +178,14 @@ class Run:
                                     dtype=self.dtype, name=path)
                 for path, shape, _, o, n in self.places]
 
-    def _grads(self, t):
+    def _gradient_arrays(self, t):
         rows = {name: np.asarray(self.gradients[name][t], dtype=self.dtype)
                 for name in self.spec["scenarios"]}
-        return [self.keras.ops.convert_to_tensor(rows[scenario][o:o + n].reshape(shape))
-                for _, shape, scenario, o, n in self.places]
+        return [rows[scenario][o:o + n].reshape(shape) for _, shape, scenario, o, n in self.places]
+
+    def _grads(self, t, arrays=None):
+        return [self.keras.ops.convert_to_tensor(a)
+                for a in (self._gradient_arrays(t) if arrays is None else arrays)]
 
     def _make_step(self, backend, mode):
         keras, opt, variables = self.keras, self.optimizer, self.variables
@@ -246,9 +250,13 @@ class Run:
             k = min(chunk, steps - t0)
             buffers = [np.empty((k,) + v.shape, v.dtype) for v in values]
             iterations = np.empty(k, np.int64)
+            applied = gradient_digest()  # what was applied, for the runner to check
             for j in range(k):
+                arrays = self._gradient_arrays(t0 + j)
+                for a in arrays:
+                    applied.update(a.tobytes())
                 t = clock()
-                self.step_fn(self._grads(t0 + j))
+                self.step_fn(self._grads(t0 + j, arrays))
                 t_step = clock()
                 values, iterations[j] = self.read()
                 for b, v in zip(buffers, values):
@@ -257,7 +265,8 @@ class Run:
                 spent["step"] += t_step - t
                 spent["read"] += t_read - t_step
             t = clock()
-            write_message(out, {"type": "chunk", "id": spec["id"], "start": t0 + 1},
+            write_message(out, {"type": "chunk", "id": spec["id"], "start": t0 + 1,
+                                "gradients": applied.hexdigest()},
                           {**dict(zip(names, buffers)), "iterations": iterations})
             spent["send"] += clock() - t
         write_message(out, {"type": "run_end", "id": spec["id"], "seconds": spent})
@@ -271,6 +280,12 @@ class Run:
         self.read()
         write_message(out, {"type": "run_end", "id": self.spec["id"],
                             "seconds": {"step": time.process_time() - start}})
+
+
+def gradient_digest():
+    """A digest of gradients: each step's arrays in the variables' order, in the
+    working dtype, C order (the runner's rows of the same steps hash alike)."""
+    return hashlib.blake2b(digest_size=8)
 
 
 def _tf_uses_xla(keras) -> bool:
