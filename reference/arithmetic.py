@@ -19,6 +19,7 @@ gamma_n = n u / (1 - n u):
 
     sum of n    e_z = sum e_i + gamma_{n-1} sum |x_i|
     max of n    e_z = max e_i                          (max is 1-Lipschitz)
+    max(x, y), min(x, y)   e_z = max(e_x, e_y)         (exact, 1-Lipschitz)
     A @ B       e_z = gamma_n |A| |B| + |A| e_B + e_A |B| + e_A e_B   (inner dimension n)
     |x|, transpose, reshape: exact (e_z = e_x)
 
@@ -332,6 +333,14 @@ def sign(x: Tracked) -> Tracked:
 def maximum(x: Tracked, y: Tracked) -> Tracked:
     """max is 1-Lipschitz: the larger of the two bounds covers it."""
     z = np.maximum(x.v, y.v)
+    if not x.ar.track:
+        return Tracked(z, None, x.ar)
+    return Tracked(z, np.maximum(x.e, y.e), x.ar, _either(x.tie, y.tie))
+
+
+def minimum(x: Tracked, y: Tracked) -> Tracked:
+    """min is 1-Lipschitz like max: the larger of the two bounds covers it."""
+    z = np.minimum(x.v, y.v)
     if not x.ar.track:
         return Tracked(z, None, x.ar)
     return Tracked(z, np.maximum(x.e, y.e), x.ar, _either(x.tie, y.tie))

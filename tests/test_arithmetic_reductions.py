@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from reference import PRECISIONS, Arithmetic
-from reference.arithmetic import (gamma, matmul, max_over, mean_over, norm, sqrt,
+from reference.arithmetic import (gamma, matmul, max_over, maximum, mean_over, minimum,
+                                  norm, sqrt,
                                   sum_over)
 
 F32 = Arithmetic("float32", PRECISIONS["exact"])
@@ -127,6 +128,25 @@ def test_max_is_within_the_largest_input_bound():
         moved = x + rng.uniform(-1, 1, x.shape) * e
         assert np.all(np.abs(m.v - moved.max(axis=1)) <= m.e)
     assert np.all(np.abs(m.v - (x.max(axis=1) + 2e-3)) > m.e)  # sensitivity
+
+
+@pytest.mark.parametrize("op,ref", [(minimum, np.minimum), (maximum, np.maximum)])
+def test_elementwise_min_max_are_within_the_larger_input_bound(op, ref):
+    """min(x, y) and max(x, y) are exact and 1-Lipschitz in each argument: moving
+    the inputs within their bounds moves the result by at most the larger bound,
+    including where x and y cross."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(200).astype(np.float32)
+    y = (x + rng.standard_normal(200) * 1e-3).astype(np.float32)  # many crossings
+    tx, ty = F32.exact(x), F32.exact(y)
+    tx.e, ty.e = np.full(200, 1e-3), rng.uniform(0, 2e-3, 200)
+    m = op(tx, ty)
+    assert np.array_equal(m.v, ref(x, y))
+    for _ in range(20):
+        mx = x + rng.uniform(-1, 1, 200) * tx.e
+        my = y + rng.uniform(-1, 1, 200) * ty.e
+        assert np.all(np.abs(m.v - ref(mx, my)) <= m.e)
+    assert np.all(np.abs(m.v - (ref(x, y) + 3e-3)) > m.e)  # sensitivity
 
 
 @SETTINGS
