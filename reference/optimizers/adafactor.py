@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from reference.arithmetic import (Tracked, maximum, mean_over, minimum, sqrt, square,
-                                  sum_over)
+from reference.arithmetic import (Tracked, maximum, mean_over, minimum, ops_mean, sqrt,
+                                  square, sum_over, to_float32)
 from reference.optimizer import Optimizer, Point
 from reference.pieces import hyperparameter
 from reference.rule import StateSpec
@@ -40,7 +40,8 @@ PIECES = {
     # paper's relative step when relative_step, else the absolute step alpha = lr
     "relative_step": ("always", "configured"),
     # precision: epsilon_2 through ops.cast (Keras) or as a Python float;
-    # epsilon_1 and beta_2_decay as Keras ops' operands (Keras) or exact
+    # epsilon_1 and beta_2_decay as Keras ops' operands and means in ops.mean's
+    # compute dtype (Keras), or exact
     "hyperparameters": ("ops.cast", "python"),
     "operands": ("ops", "python"),
 }
@@ -56,10 +57,10 @@ def states(hp, c):
             StateSpec("velocity", 0.0)]
 
 
-def rms(x: Tracked) -> Tracked:
+def rms(x: Tracked, mean=mean_over) -> Tracked:
     """sqrt(mean(x^2)) over the whole variable (each of the k steps on its own)."""
     axes = tuple(range(1, np.ndim(x.v)))
-    return sqrt(mean_over(square(x), axes, keepdims=True))
+    return sqrt(mean(square(x), axes, keepdims=True))
 
 
 def expand(x: Tracked, axis: int) -> Tracked:
@@ -68,6 +69,11 @@ def expand(x: Tracked, axis: int) -> Tracked:
 
 def update(ar, hp, c, s, g, t, lr):
     operand = ar.operand if c["operands"] == "ops" else ar.const
+    mean = ops_mean if c["operands"] == "ops" else mean_over
+    # torch's ops.minimum / ops.maximum compute in float32 and give a float32
+    # tensor, also for two float64 tensors (the `min_max_float32` setting)
+    narrow = (to_float32 if c["operands"] == "ops" and ar.precision.min_max_float32
+              else lambda x: x)
     w = s["variable"]
     local_step = t + 1
     epsilon_2 = hyperparameter(ar, hp["epsilon_2"], c["hyperparameters"])
@@ -76,8 +82,8 @@ def update(ar, hp, c, s, g, t, lr):
     # rho_t = min(10^-2, 1/sqrt(t)) with learning_rate as its cap
     if c["relative_step"] == "always" or hp["relative_step"]:
         inverse_root = 1 / sqrt(local_step)
-        rho = minimum(lr, inverse_root)
-        alpha = maximum(epsilon_2, rms(w)) * rho
+        rho = minimum(narrow(lr), narrow(inverse_root))
+        alpha = narrow(maximum(narrow(epsilon_2), narrow(rms(w, mean))) * rho)
     else:
         alpha = lr
     # Increasing Decay Parameter section: beta_2_t = 1 - t^-0.8 (beta_2_decay = -0.8)
@@ -87,12 +93,12 @@ def update(ar, hp, c, s, g, t, lr):
     if factored(np.shape(w.v)[1:]):
         # Algorithm 4: R_t = beta R + (1 - beta)(G^2 + eps_1 1 1^T) 1_m,
         # C_t = beta C + (1 - beta) 1_n^T (G^2 + eps_1 1 1^T), V_t = R_t C_t / (1_n^T R_t)
-        reduce = mean_over if c["factored_moments"] == "mean" else sum_over
+        reduce = mean if c["factored_moments"] == "mean" else sum_over
         b = beta.reshape(np.shape(beta.v)[:-1])  # [k, 1, ..., 1], one axis fewer
         r = b * s["r"] + (1 - b) * reduce(regulated, -1)
         col = b * s["c"] + (1 - b) * reduce(regulated, -2)
         if c["factored_moments"] == "mean":
-            v = expand(r / mean_over(r, -1, keepdims=True), -1) * expand(col, -2)
+            v = expand(r / mean(r, -1, keepdims=True), -1) * expand(col, -2)
         else:
             v = (expand(r, -1) * expand(col, -2)) / expand(sum_over(r, -1, keepdims=True), -1)
         out.update(r=r, c=col)
@@ -102,7 +108,7 @@ def update(ar, hp, c, s, g, t, lr):
         out.update(r=s["r"], c=s["c"])  # Keras's placeholders, never assigned
     u = g / sqrt(v)
     # Update Clipping section: U_hat = U / max(1, RMS(U) / d)
-    u_hat = u / maximum(one, rms(u) / ar.const(hp["clip_threshold"]))
+    u_hat = u / maximum(narrow(one), narrow(rms(u, mean) / ar.const(hp["clip_threshold"])))
     out.update(velocity=v, variable=w - alpha * u_hat)
     return out
 
