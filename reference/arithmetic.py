@@ -19,6 +19,7 @@ gamma_n = n u / (1 - n u):
 
     sum of n    e_z = sum e_i + gamma_{n-1} sum |x_i|
     max of n    e_z = max e_i                          (max is 1-Lipschitz)
+    max(x, y), min(x, y)   e_z = max(e_x, e_y)         (exact, 1-Lipschitz)
     A @ B       e_z = gamma_n |A| |B| + |A| e_B + e_A |B| + e_A e_B   (inner dimension n)
     |x|, transpose, reshape: exact (e_z = e_x)
 
@@ -57,7 +58,14 @@ class Precision:
         float32); Python operators on tensors and ops.divide keep it exact.
     min_max_float32: ops.minimum / ops.maximum of a tensor and a Python float
         compute in float32 (torch's dtype promotion there gives float32 for a
-        float64 tensor).
+        float64 tensor); so do those of two float64 tensors (the torch backend
+        converts both to Keras's result_type, which maps float64 to float32
+        on every backend but TensorFlow), and the result is a float32 tensor.
+    mean_float32: ops.mean of a float64 tensor rounds it to float32, averages in
+        float32 and casts the result back (the JAX and torch backends' mean takes
+        its compute dtype from Keras's result_type(x.dtype, "float32"), which maps
+        float64 to float32 on every backend but TensorFlow:
+        keras/src/backend/common/dtypes.py, BIT64_TO_BIT32_DTYPE).
     value_aliases_variable: a variable's `.value` kept before an assign to the
         variable reads the assigned value (TensorFlow's tf.Variable, torch's
         in-place tensor; JAX arrays are immutable).
@@ -73,6 +81,7 @@ class Precision:
     decay_factor_float32: bool = False
     operand_float32: bool = False
     min_max_float32: bool = False
+    mean_float32: bool = False
     value_aliases_variable: bool = False
     flushes_subnormals: bool = False
 
@@ -87,6 +96,7 @@ DESCRIPTIONS = {  # each setting as the reports state it, in this order
     "decay_factor_float32": "weight-decay factor (1 - wd*lr) computed in float32",
     "operand_float32": "Python-float operands of Keras ops round to float32 first",
     "min_max_float32": "ops.minimum/maximum with a Python float compute in float32",
+    "mean_float32": "ops.mean of a float64 tensor computes in float32",
     "value_aliases_variable": "a variable's .value read before an assign sees the assigned value",
     "flushes_subnormals": "subnormal results may be flushed to zero",
 }
@@ -94,9 +104,9 @@ DESCRIPTIONS = {  # each setting as the reports state it, in this order
 PRECISIONS = {
     "tensorflow": Precision("tensorflow", cast_rounds_to_float32=True, flushes_subnormals=True,
                             value_aliases_variable=True),
-    "jax": Precision("jax", flushes_subnormals=True),
+    "jax": Precision("jax", mean_float32=True, flushes_subnormals=True),
     "torch": Precision("torch", decay_factor_float32=True, operand_float32=True,
-                       min_max_float32=True, value_aliases_variable=True),
+                       min_max_float32=True, mean_float32=True, value_aliases_variable=True),
     # No rounding beyond the working dtype: the formulas as real-number math.
     "exact": Precision("exact", learning_rate_float32=False),
 }
@@ -337,6 +347,33 @@ def maximum(x: Tracked, y: Tracked) -> Tracked:
     return Tracked(z, np.maximum(x.e, y.e), x.ar, _either(x.tie, y.tie))
 
 
+def minimum(x: Tracked, y: Tracked) -> Tracked:
+    """min is 1-Lipschitz like max: the larger of the two bounds covers it."""
+    z = np.minimum(x.v, y.v)
+    if not x.ar.track:
+        return Tracked(z, None, x.ar)
+    return Tracked(z, np.maximum(x.e, y.e), x.ar, _either(x.tie, y.tie))
+
+
+def to_float32(x: Tracked) -> Tracked:
+    """x rounded to float32 (a float32 tensor inside a float64 computation, e.g.
+    torch's ops.maximum of float64 tensors): its rounding u32 |z|, and the float32
+    underflow below float32's normal range; in float32 it is x itself."""
+    if x.ar.dtype == np.float32:
+        return x
+    z = x.v.astype(np.float32).astype(x.ar.dtype)
+    if not x.ar.track:
+        return Tracked(z, None, x.ar)
+    f32 = np.finfo(np.float32)
+    az = np.abs(z.astype(np.float64))
+    e = x.e + az * (float(f32.eps) / 2)
+    if np.any(az < float(f32.smallest_normal)):
+        underflow = (float(f32.smallest_normal) if x.ar.precision.flushes_subnormals
+                     else float(f32.smallest_subnormal) / 2)
+        e = e + np.where((az < float(f32.smallest_normal)) & (x.v != 0), underflow, 0.0)
+    return Tracked(z, e, x.ar, x.tie)
+
+
 def gamma(n, u: float):
     """gamma_n = n u / (1 - n u) (Higham 2002, section 3.1, lemma 3.1)."""
     n = np.asarray(n, dtype=np.float64)
@@ -384,6 +421,38 @@ def mean_over(x: Tracked, axis=None, keepdims: bool = False) -> Tracked:
     axes = _axes(np.ndim(x.v), axis)
     n = int(np.prod([np.shape(x.v)[a] for a in axes]))
     return sum_over(x, axes, keepdims) / x.ar.const(float(n))
+
+
+def ops_mean(x: Tracked, axis=None, keepdims: bool = False) -> Tracked:
+    """Keras's ops.mean: `mean_over`, except that under the `mean_float32`
+    precision setting a float64 x is rounded to float32 and averaged in float32.
+
+    Then each term carries its float32 rounding u32 |x_i|, the float32 sum of n
+    terms gamma_{n-1}(u32) sum |x_i| (1 + u32) (Higham 2002, section 4.2, any
+    order), the division by n its rounding u32 |z|, and each float32 conversion
+    and addition the float32 underflow; the cast back to float64 is exact.
+    """
+    ar = x.ar
+    if not (ar.precision.mean_float32 and ar.dtype == np.float64):
+        return mean_over(x, axis, keepdims)
+    axes = _axes(np.ndim(x.v), axis)
+    n = int(np.prod([np.shape(x.v)[a] for a in axes]))
+    x32 = x.v.astype(np.float32)
+    z = (np.sum(x32, axis=axes, keepdims=keepdims, dtype=np.float32)
+         / np.float32(n)).astype(np.float64)
+    if not ar.track:
+        return Tracked(z, None, ar)
+    f32 = np.finfo(np.float32)
+    u32 = float(f32.eps) / 2
+    underflow32 = (float(f32.smallest_normal) if ar.precision.flushes_subnormals
+                   else float(f32.smallest_subnormal) / 2)
+    magnitude = np.sum(np.abs(x.v.astype(np.float64)), axis=axes, keepdims=keepdims)
+    propagated = np.sum(np.broadcast_to(x.e, np.shape(x.v)), axis=axes, keepdims=keepdims)
+    summed = (propagated + u32 * magnitude + gamma(max(n - 1, 0), u32) * (1 + u32) * magnitude
+              + np.where(magnitude > 0, (2 * n - 1) * underflow32, 0.0))
+    e = summed / n + u32 * np.abs(z)
+    e = e + np.where(np.abs(z) < float(f32.smallest_normal), underflow32, 0.0)
+    return Tracked(z, e, ar, _any_tie(x, axes, keepdims))
 
 
 def max_over(x: Tracked, axis=None, keepdims: bool = False) -> Tracked:

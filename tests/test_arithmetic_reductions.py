@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from reference import PRECISIONS, Arithmetic
-from reference.arithmetic import (gamma, matmul, max_over, mean_over, norm, sqrt,
+from reference.arithmetic import (gamma, matmul, max_over, maximum, mean_over, minimum,
+                                  norm, ops_mean, sqrt, to_float32,
                                   sum_over)
 
 F32 = Arithmetic("float32", PRECISIONS["exact"])
@@ -127,6 +128,57 @@ def test_max_is_within_the_largest_input_bound():
         moved = x + rng.uniform(-1, 1, x.shape) * e
         assert np.all(np.abs(m.v - moved.max(axis=1)) <= m.e)
     assert np.all(np.abs(m.v - (x.max(axis=1) + 2e-3)) > m.e)  # sensitivity
+
+
+@pytest.mark.parametrize("op,ref", [(minimum, np.minimum), (maximum, np.maximum)])
+def test_elementwise_min_max_are_within_the_larger_input_bound(op, ref):
+    """min(x, y) and max(x, y) are exact and 1-Lipschitz in each argument: moving
+    the inputs within their bounds moves the result by at most the larger bound,
+    including where x and y cross."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(200).astype(np.float32)
+    y = (x + rng.standard_normal(200) * 1e-3).astype(np.float32)  # many crossings
+    tx, ty = F32.exact(x), F32.exact(y)
+    tx.e, ty.e = np.full(200, 1e-3), rng.uniform(0, 2e-3, 200)
+    m = op(tx, ty)
+    assert np.array_equal(m.v, ref(x, y))
+    for _ in range(20):
+        mx = x + rng.uniform(-1, 1, 200) * tx.e
+        my = y + rng.uniform(-1, 1, 200) * ty.e
+        assert np.all(np.abs(m.v - ref(mx, my)) <= m.e)
+    assert np.all(np.abs(m.v - (ref(x, y) + 3e-3)) > m.e)  # sensitivity
+
+
+F64_MEAN32 = Arithmetic("float64", PRECISIONS["torch"])  # mean_float32, min_max_float32
+
+
+@pytest.mark.parametrize("n", [1, 7, 300])
+def test_ops_mean_in_float32_is_covered_and_only_under_its_setting(n):
+    """Keras's ops.mean of float64 on JAX and torch: inputs rounded to float32 and
+    averaged in float32; the bound covers it against the exact float64 mean, and
+    a float64 mean moved by a few float32 roundings is outside it."""
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((3, n)) * np.logspace(-3, 3, n)
+    m = ops_mean(F64_MEAN32.exact(x), axis=1)
+    assert np.array_equal(m.v, (x.astype(np.float32).sum(axis=1, dtype=np.float32)
+                                / np.float32(n)).astype(np.float64))
+    exact = np.array([exact_sum(r) / n for r in x])
+    assert np.all(np.abs(m.v - exact) <= m.e)
+    u32 = np.finfo(np.float32).eps / 2
+    assert np.all(m.e < 1.01 * (n + 2) * u32 * np.abs(x).mean(axis=1))  # float32-sized
+    # elsewhere a float64 mean, whose bound does not cover the float32 result
+    plain = ops_mean(Arithmetic("float64", PRECISIONS["tensorflow"]).exact(x), axis=1)
+    assert np.all(np.abs(plain.v - m.v) > 2 * plain.e)
+
+
+def test_to_float32_rounds_and_bounds_and_is_exact_in_float32():
+    x = np.array([1 / 3, -2e-40, 0.0, 1e30 / 7])
+    t = to_float32(F64_MEAN32.exact(x))
+    assert np.array_equal(t.v, x.astype(np.float32).astype(np.float64))
+    assert np.all(np.abs(t.v - x) <= t.e) and t.e[2] == 0
+    assert not np.all(np.abs(t.v - x * (1 + 1e-6)) <= t.e)  # sensitivity
+    y = F32.exact(np.float32([1 / 3]))
+    assert to_float32(y) is y
 
 
 @SETTINGS

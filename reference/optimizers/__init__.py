@@ -5,6 +5,7 @@ and its entry in OPTIMIZERS.
 """
 
 from reference.optimizers.adadelta import ADADELTA
+from reference.optimizers.adafactor import ADAFACTOR
 from reference.optimizers.adagrad import ADAGRAD
 from reference.optimizers.adam import ADAM, ADAMW
 from reference.optimizers.adamax import ADAMAX
@@ -18,4 +19,4 @@ from reference.optimizers.sgd import SGD
 
 OPTIMIZERS = {o.class_name: o for o in (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, NADAM, LION,
                                             ADAMAX, ADADELTA, FTRL, LAMB,
-                                            SCHEDULE_FREE_ADAMW)}
+                                            SCHEDULE_FREE_ADAMW, ADAFACTOR)}
