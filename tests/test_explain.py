@@ -13,6 +13,7 @@ from verify.explain import analyse, main, run_variants
 from verify.configurations import CONFIGURATIONS
 
 N, STEPS = 6, 8
+SHAPE = (2, 3)  # one matrix of N elements: Adafactor factors it, Muon orthogonalizes it
 # the configurations of issue 9, each with the pieces separating the paper from Keras
 NEW = {
     "adamax": [("epsilon", "none", "added")],
@@ -23,6 +24,7 @@ NEW = {
     "lamb": [("decay_form", "trust_ratio", "base_optimizer")],
     "schedule_free_adamw": [("epsilon", "hat", "plain"), ("averaging", "gamma_squared", "uniform"),
                             ("decay_form", "z_step", "base_optimizer")],
+    "adafactor": [("factored_moments", "sum", "mean"), ("relative_step", "configured", "always")],
 }
 
 
@@ -31,20 +33,20 @@ def variant_stream(class_name, config, choices, grads):
     rule = SPACES[class_name].rule(choices)
     hp = rule.hyperparameters(config)
     ar = Arithmetic("float64", PRECISIONS["jax"], track=False)
-    specs = rule.states(hp)
-    state = {"variable": np.linspace(-1, 1, N)}
+    specs = [sp for sp in rule.states(hp) if sp.shape_for(SHAPE, "s") is not None]
+    state = {"variable": np.linspace(-1, 1, N).reshape(SHAPE)}
     for spec in specs:
         state[spec.name] = (state["variable"].copy() if spec.copies_variable else
-                            np.full(N if spec.per_variable else 1, spec.initial))
-    history = [dict(state)]
+                            np.full(spec.shape_for(SHAPE, "s"), spec.initial))
+    history = [{k: np.ravel(v) for k, v in state.items()}]
     per_variable = {"variable"} | {sp.name for sp in specs if sp.per_variable}
     for t in range(STEPS):
-        tracked = {k: [ar.exact(v[None])] if k in per_variable else ar.exact(v)
+        tracked = {k: [ar.exact(v[None])] if k in per_variable else ar.exact(np.ravel(v))
                    for k, v in state.items()}
-        out = rule(ar, hp, tracked, [ar.exact(grads[t][None])], ar.step_count([float(t)]))
-        state = {k: np.ravel((v[0] if isinstance(v, list) else v).v).copy()
-                 for k, v in out.items()}
-        history.append(state)
+        out = rule(ar, hp, tracked, [ar.exact(grads[t].reshape(SHAPE)[None])],
+                   ar.step_count([float(t)]), ["s"])
+        state = {k: (v[0] if isinstance(v, list) else v).v[0].copy() for k, v in out.items()}
+        history.append({k: np.ravel(v) for k, v in state.items()})
     return history
 
 
@@ -54,7 +56,7 @@ def verdicts_against(class_name, config, history, grads):
         rule = REGISTRY[(family, class_name)]
         names = [n for n in history[0] if n != "variable"]
         c = compare.RunComparison(family, rule, config, "float64", PRECISIONS["jax"],
-                                  compare.Segments(["s"], [N]), grads, names)
+                                  compare.Segments(["s"], [SHAPE]), grads, names)
         batch = lambda hs: {n: np.stack([h[n] for h in hs]) for n in history[0]}
         c.start(batch(history[:1]), 0)
         c.feed(1, batch(history[1:]), np.arange(1, STEPS + 1))

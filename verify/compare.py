@@ -192,7 +192,12 @@ class RunComparison:
         self.family = family
         self.rule = rule
         self.hp = rule.hyperparameters(config)
-        self.specs = {s.name: s for s in rule.states(self.hp)}
+        # a slot that no variable of this run has (Muon's Adam velocity when every
+        # weight is Muon's) is not a state of the run, on either side
+        self.specs = {s.name: s for s in rule.states(self.hp)
+                      if not s.per_variable or any(
+                          s.shape_for(shape, path) is not None
+                          for shape, path in zip(segments.shapes, segments.names))}
         self.ref_states = ["variable"] + list(self.specs)
         self.keras_states = list(keras_states)
         self.names = list(dict.fromkeys(["variable"] + self.keras_states + self.ref_states))
