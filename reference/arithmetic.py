@@ -61,6 +61,12 @@ class Precision:
     value_aliases_variable: a variable's `.value` kept before an assign to the
         variable reads the assigned value (TensorFlow's tf.Variable, torch's
         in-place tensor; JAX arrays are immutable).
+    norm_float32: ops.norm of a float64 tensor casts it to float32 and computes
+        in float32 (Keras's `dtypes.result_type(x.dtype, float)` in the JAX and
+        torch backends' `linalg.norm` forces 64-bit types to 32-bit off
+        TensorFlow: BIT64_TO_BIT32_DTYPE in keras/src/backend/common/dtypes.py).
+        Only Muon uses ops.norm; not yet in DESCRIPTIONS, so that the reports'
+        precision strings (and the committed baseline's) are unchanged.
     flushes_subnormals: results below the smallest normal number may be
         flushed to zero (TensorFlow and XLA set FTZ/DAZ on CPU), so each
         operation's underflow error is up to the smallest normal number
@@ -74,6 +80,7 @@ class Precision:
     operand_float32: bool = False
     min_max_float32: bool = False
     value_aliases_variable: bool = False
+    norm_float32: bool = False
     flushes_subnormals: bool = False
 
     def describe(self) -> str:
@@ -94,9 +101,10 @@ DESCRIPTIONS = {  # each setting as the reports state it, in this order
 PRECISIONS = {
     "tensorflow": Precision("tensorflow", cast_rounds_to_float32=True, flushes_subnormals=True,
                             value_aliases_variable=True),
-    "jax": Precision("jax", flushes_subnormals=True),
+    "jax": Precision("jax", flushes_subnormals=True, norm_float32=True),
     "torch": Precision("torch", decay_factor_float32=True, operand_float32=True,
-                       min_max_float32=True, value_aliases_variable=True),
+                       min_max_float32=True, value_aliases_variable=True,
+                       norm_float32=True),
     # No rounding beyond the working dtype: the formulas as real-number math.
     "exact": Precision("exact", learning_rate_float32=False),
 }
