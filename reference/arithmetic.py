@@ -69,6 +69,10 @@ class Precision:
     value_aliases_variable: a variable's `.value` kept before an assign to the
         variable reads the assigned value (TensorFlow's tf.Variable, torch's
         in-place tensor; JAX arrays are immutable).
+    norm_float32: ops.norm of a float64 tensor casts it to float32 and computes
+        in float32 (Keras's `dtypes.result_type(x.dtype, float)` in the JAX and
+        torch backends' `linalg.norm` forces 64-bit types to 32-bit off
+        TensorFlow: BIT64_TO_BIT32_DTYPE in keras/src/backend/common/dtypes.py).
     flushes_subnormals: results below the smallest normal number may be
         flushed to zero (TensorFlow and XLA set FTZ/DAZ on CPU), so each
         operation's underflow error is up to the smallest normal number
@@ -83,6 +87,7 @@ class Precision:
     min_max_float32: bool = False
     mean_float32: bool = False
     value_aliases_variable: bool = False
+    norm_float32: bool = False
     flushes_subnormals: bool = False
 
     def describe(self) -> str:
@@ -95,8 +100,9 @@ DESCRIPTIONS = {  # each setting as the reports state it, in this order
     "cast_rounds_to_float32": "ops.cast(Python float) rounds to float32 first",
     "decay_factor_float32": "weight-decay factor (1 - wd*lr) computed in float32",
     "operand_float32": "Python-float operands of Keras ops round to float32 first",
-    "min_max_float32": "ops.minimum/maximum with a Python float compute in float32",
+    "min_max_float32": "ops.minimum/maximum of float64 compute in float32",
     "mean_float32": "ops.mean of a float64 tensor computes in float32",
+    "norm_float32": "ops.norm of a float64 tensor computes in float32",
     "value_aliases_variable": "a variable's .value read before an assign sees the assigned value",
     "flushes_subnormals": "subnormal results may be flushed to zero",
 }
@@ -104,9 +110,10 @@ DESCRIPTIONS = {  # each setting as the reports state it, in this order
 PRECISIONS = {
     "tensorflow": Precision("tensorflow", cast_rounds_to_float32=True, flushes_subnormals=True,
                             value_aliases_variable=True),
-    "jax": Precision("jax", mean_float32=True, flushes_subnormals=True),
+    "jax": Precision("jax", mean_float32=True, norm_float32=True, flushes_subnormals=True),
     "torch": Precision("torch", decay_factor_float32=True, operand_float32=True,
-                       min_max_float32=True, mean_float32=True, value_aliases_variable=True),
+                       min_max_float32=True, mean_float32=True, norm_float32=True,
+                       value_aliases_variable=True),
     # No rounding beyond the working dtype: the formulas as real-number math.
     "exact": Precision("exact", learning_rate_float32=False),
 }

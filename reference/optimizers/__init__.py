@@ -12,6 +12,7 @@ from reference.optimizers.adamax import ADAMAX
 from reference.optimizers.ftrl import FTRL
 from reference.optimizers.lamb import LAMB
 from reference.optimizers.lion import LION
+from reference.optimizers.muon import MUON
 from reference.optimizers.nadam import NADAM
 from reference.optimizers.rmsprop import RMSPROP
 from reference.optimizers.schedule_free_adamw import SCHEDULE_FREE_ADAMW
@@ -19,4 +20,4 @@ from reference.optimizers.sgd import SGD
 
 OPTIMIZERS = {o.class_name: o for o in (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, NADAM, LION,
                                             ADAMAX, ADADELTA, FTRL, LAMB,
-                                            SCHEDULE_FREE_ADAMW, ADAFACTOR)}
+                                            SCHEDULE_FREE_ADAMW, ADAFACTOR, MUON)}
