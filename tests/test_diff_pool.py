@@ -50,13 +50,14 @@ def test_one_key_never_runs_two_tasks_at_once():
 
 
 def test_a_failure_is_raised_and_later_tasks_are_skipped():
-    pool, ran = _OrderedPool(threads=2, budget=4), []
+    # one thread: the tasks submitted after `boom` start after it failed, whatever
+    # the timing (with two, "b" could run before "a" failed)
+    pool, ran = _OrderedPool(threads=1, budget=4), []
 
     def boom():
         raise ValueError("diff failed")
 
     pool.submit("a", boom)
-    time.sleep(0.2)
     pool.submit("a", ran.append, 1)
     pool.submit("b", ran.append, 2)
     with pytest.raises(ValueError, match="diff failed"):

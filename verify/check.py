@@ -57,8 +57,6 @@ COLUMNS = CELL + CLASS
 # selection flag -> key of the settings that lists its values, in run order
 LISTS = {"family": "families", "optimizer": "optimizers", "backend": "backends",
          "dtype": "dtypes", "mode": "modes", "scenario": "scenarios"}
-CELL_KEYS = {"family": "families", "optimizer": "optimizers", "backend": "backends",
-             "dtype": "dtypes", "mode": "modes", "scenario": "scenarios"}
 NUMBERS = ("steps", "size", "seed")
 REQUIRED_SETTINGS = tuple(LISTS.values()) + NUMBERS + (
     "configurations", "tolerance", "comparison", "precision")

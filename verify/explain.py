@@ -39,7 +39,7 @@ def analyse(space, verdicts: dict, config: dict) -> dict:
             "separating": [[(p, textbook[p], c[p]) for p in distance(c)] for c in nearest]}
 
 
-def sentence(opt_id: str, space, result: dict) -> str:
+def sentence(opt_id: str, result: dict) -> str:
     if not result["matching"]:
         return f"no combination of the pieces reproduces Keras's {opt_id}"
     if result["textbook_matches"]:
@@ -124,7 +124,7 @@ def main(argv) -> int:
             worst_scaled[name_of(choices)] = cell.max_scaled_error.max()
         result = analyse(space, verdicts, c.config)
         keras_point_ok.append(result["keras_matches"])
-        summary.append((c.id, c.describe(), sentence(c.id, space, result)))
+        summary.append((c.id, c.describe(), sentence(c.id, result)))
         table = [[*(choices[p] for p in space.pieces), verdicts[name_of(choices)],
                   f"{worst_scaled[name_of(choices)]:.3g}",
                   ", ".join(label for label, point in (("paper", space.paper(c.config)),
@@ -135,7 +135,7 @@ def main(argv) -> int:
                   tabulate(table, headers=[*space.pieces, "verdict", "max scaled error",
                                            "stated by"], tablefmt="github",
                            disable_numparse=True),
-                  "", f"Keras's {c.id} is {sentence(c.id, space, result)}.", ""]
+                  "", f"Keras's {c.id} is {sentence(c.id, result)}.", ""]
     headers = ["configuration", "Keras optimizer", "Keras computes"]
     text = "\n".join([
         "# Keras 3 vs the papers", "",

@@ -240,10 +240,6 @@ def _markdown(settings, versions, releases, worst, changes, df) -> str:
     return "\n".join(lines)
 
 
-SELECTION_FLAGS = {"backend": "backends", "dtype": "dtypes", "family": "families",
-                   "optimizer": "optimizers", "scenario": "scenarios", "mode": "modes"}
-
-
 def _selection_argv(sel, optimizers=None) -> list:
     argv = []
     lists = {"backend": sel.backends, "dtype": sel.dtypes, "family": sel.families,
@@ -311,21 +307,29 @@ def _run_child(python, output, argv) -> str | None:
 
 
 def run_columns(sel, python, out: Path) -> tuple:
-    """(cells by key, environment) of one release; a configuration the harness cannot
-    run on it gets `error` cells with the reason instead of stopping the release."""
+    """Run the selection `sel` on one Keras release, whose workers run on `python`,
+    in child processes writing under `out`; return (cells, environment, failed).
+
+    The whole selection runs first in one child (out/all).  If that child fails,
+    each configuration runs again in a child of its own (out/<id>), so that one
+    configuration the harness cannot run on this release does not take the others
+    with it.  `cells` maps each cell key (its values of check.CELL) to its baseline
+    columns (check.cell_class); the cells of a configuration that failed on its own
+    are `error` cells with the child's reason.  `environment` is the environment
+    block of the last summary.json read ({} when no child succeeded).  `failed`
+    maps the id of each configuration that failed on its own to that reason."""
     reason = _run_child(python, out / "all", _selection_argv(sel))
-    parts = [(out / "all", None)] if reason is None else []
+    done = [out / "all"] if reason is None else []
     failed = {}
     if reason is not None:  # isolate the configuration(s) that fail
         for c in sel.configurations:
             why = _run_child(python, out / c.id, _selection_argv(sel, [c.id]))
-            parts.append((out / c.id, None) if why is None else (None, c.id))
-            if why is not None:
+            if why is None:
+                done.append(out / c.id)
+            else:
                 failed[c.id] = why
     cells, environment = {}, {}
-    for path, _ in parts:
-        if path is None:
-            continue
+    for path in done:
         doc = json.loads((path / "summary.json").read_text())
         environment = doc["environment"]
         for c in map(check.cell_class, doc["rows"]):

@@ -134,8 +134,6 @@ MEASURES = {
 OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
        "between": lambda x, bounds: bounds[0] <= x <= bounds[1]}
 
-VERDICTS = ("holds", "holds on some seeds", "does not hold", "not measured")
-
 
 def epochs_to(loss: np.ndarray, threshold: float = NEAR_ZERO) -> float:
     below = np.flatnonzero(np.asarray(loss) < threshold)
