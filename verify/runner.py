@@ -323,9 +323,19 @@ class Runner:
     def _finish_error(self, run_id, family, reason, active):
         run = self.runs[run_id]
         active.pop((run_id, family), None)
+        not_stated = None
+        if family != "keras":  # a family that does not state it says so, run or not
+            try:
+                reference.get_rule(family, run.configuration.class_name).hyperparameters(
+                    run.configuration.config)
+            except reference.Unsupported as exc:
+                not_stated = str(exc)
         with self._lock:
             for scenario in self.sel.scenarios:
-                self.sink.row(family, run, scenario, error=reason)
+                if not_stated is not None:
+                    self.sink.row(family, run, scenario, not_stated=not_stated)
+                else:
+                    self.sink.row(family, run, scenario, error=reason)
 
 
 def _diff_threads() -> int:
