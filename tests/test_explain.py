@@ -12,8 +12,15 @@ from verify.cli import installed_backends
 from verify.explain import analyse, main, run_variants
 from verify.configurations import CONFIGURATIONS
 
-N, STEPS = 6, 8
-SHAPE = (2, 3)  # one matrix of N elements: Adafactor factors it, Muon orthogonalizes it
+STEPS = 8
+# a matrix (Adafactor factors it, Muon orthogonalizes it) and a vector (Muon's AdamW
+# branch), one scenario
+LAYOUT = compare.Segments(["s_matrix", "s_vector"], [(3, 2), (3,)], groups=[0, 0],
+                          group_count=1)
+N = LAYOUT.total
+# gradient scales near epsilon's, so that every piece changes the numbers: the matrix's
+# of the order of Muon's 1e-7 in ||x||_F + 1e-7, the vector's from 1e-7 to 1
+SCALE = np.concatenate([np.full(6, 3e-8), np.logspace(-7, 0, 3)])
 # the configurations of issue 9, each with the pieces separating the paper from Keras
 NEW = {
     "adamax": [("epsilon", "none", "added")],
@@ -25,28 +32,40 @@ NEW = {
     "schedule_free_adamw": [("epsilon", "hat", "plain"), ("averaging", "gamma_squared", "uniform"),
                             ("decay_form", "z_step", "base_optimizer")],
     "adafactor": [("factored_moments", "sum", "mean"), ("relative_step", "configured", "always")],
+    "muon": [("ns_normalisation", "frobenius", "frobenius_plus_1e-7"), ("adam_epsilon", "plain", "hat"),
+             ("adam_decay_lr", "adam_lr", "lr")],
 }
 
 
 def variant_stream(class_name, config, choices, grads):
-    """States after each step of one variant, as Keras would report them."""
+    """States after each step of one variant, as Keras would report them: each
+    state the variables' arrays laid end to end."""
     rule = SPACES[class_name].rule(choices)
     hp = rule.hyperparameters(config)
     ar = Arithmetic("float64", PRECISIONS["jax"], track=False)
-    specs = [sp for sp in rule.states(hp) if sp.shape_for(SHAPE, "s") is not None]
-    state = {"variable": np.linspace(-1, 1, N).reshape(SHAPE)}
-    for spec in specs:
-        state[spec.name] = (state["variable"].copy() if spec.copies_variable else
-                            np.full(spec.shape_for(SHAPE, "s"), spec.initial))
-    history = [{k: np.ravel(v) for k, v in state.items()}]
-    per_variable = {"variable"} | {sp.name for sp in specs if sp.per_variable}
+    weights = [ar.exact(p) for p in LAYOUT.split(np.linspace(-1, 1, N)[None])]
+    state = {"variable": weights}
+    for spec in rule.states(hp):
+        if not spec.per_variable:
+            state[spec.name] = ar.exact(np.full(1, spec.initial))
+            continue
+        shapes = [spec.shape_for(s, p) for s, p in zip(LAYOUT.shapes, LAYOUT.names)]
+        if all(s is None for s in shapes):
+            continue
+        state[spec.name] = [None if s is None else w if spec.copies_variable
+                            else ar.exact(np.full((1,) + s, spec.initial))
+                            for s, w in zip(shapes, weights)]
+
+    def flat(v):
+        parts = v if isinstance(v, list) else [v]
+        return np.concatenate([np.ravel(p.v) for p in parts if p is not None])
+
+    history = [{k: flat(v) for k, v in state.items()}]
     for t in range(STEPS):
-        tracked = {k: [ar.exact(v[None])] if k in per_variable else ar.exact(np.ravel(v))
-                   for k, v in state.items()}
-        out = rule(ar, hp, tracked, [ar.exact(grads[t].reshape(SHAPE)[None])],
-                   ar.step_count([float(t)]), ["s"])
-        state = {k: (v[0] if isinstance(v, list) else v).v[0].copy() for k, v in out.items()}
-        history.append({k: np.ravel(v) for k, v in state.items()})
+        out = rule(ar, hp, state, [ar.exact(p) for p in LAYOUT.split(grads[t][None])],
+                   ar.step_count([float(t)]), LAYOUT.names)
+        state = {k: out[k] for k in state}
+        history.append({k: flat(v) for k, v in state.items()})
     return history
 
 
@@ -56,7 +75,7 @@ def verdicts_against(class_name, config, history, grads):
         rule = REGISTRY[(family, class_name)]
         names = [n for n in history[0] if n != "variable"]
         c = compare.RunComparison(family, rule, config, "float64", PRECISIONS["jax"],
-                                  compare.Segments(["s"], [SHAPE]), grads, names)
+                                  LAYOUT, grads, names)
         batch = lambda hs: {n: np.stack([h[n] for h in hs]) for n in history[0]}
         c.start(batch(history[:1]), 0)
         c.feed(1, batch(history[1:]), np.arange(1, STEPS + 1))
@@ -86,8 +105,7 @@ def same_math(a: dict, b: dict) -> bool:
                          ids=[f"{c[0]}-{name_of(c[2])}" for c in CASES])
 def test_a_known_variant_is_recovered_and_only_it(class_name, config, choices):
     rng = np.random.default_rng(0)
-    # gradients near epsilon's scale, so that every piece changes the numbers
-    grads = rng.standard_normal((STEPS, N)) * np.logspace(-7, 0, N)
+    grads = rng.standard_normal((STEPS, N)) * SCALE
     history = variant_stream(class_name, config, choices, grads)
     verdicts = verdicts_against(class_name, config, history, grads)
     result = analyse(SPACES[class_name], verdicts, config)
