@@ -29,10 +29,14 @@ def test_every_cell_is_present(verification, backends):
 @pytest.mark.parametrize("optimizer", list(CONFIGURATIONS))
 def test_keras_family_matches_real_keras_everywhere(verification, optimizer):
     got = rows(verification, family="keras", optimizer=optimizer)
-    bad = got[~got.verdict.isin(["exact", "match"])]
+    # where Keras itself raises (Muon on TensorFlow float64 in Keras 3.15.1) there is no
+    # math to compare: an error cell with Keras's message; everywhere else it must match
+    refused = got[(got.verdict == "error") & got.reason.str.startswith("Keras raises ")]
+    ran = got.drop(refused.index)
+    bad = ran[~ran.verdict.isin(["exact", "match"])]
     assert bad.empty, bad[["backend", "dtype", "mode", "scenario", "verdict",
                            "first_divergent_step", "divergent_state", "reason"]].to_string()
-    assert (got.max_scaled_error <= 16).all()
+    assert len(ran) and (ran.max_scaled_error <= 16).all()
 
 
 SENSITIVITY = [(family, optimizer) for family, ids in perturbations.PERTURBED.items()

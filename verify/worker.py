@@ -282,6 +282,16 @@ class Run:
                             "seconds": {"step": time.process_time() - start}})
 
 
+def raised_in_keras(exc, keras) -> bool:
+    """Did Keras raise it (the harness called into Keras, and the exception came
+    from there or from the backend below it, not from the harness)?"""
+    frames = traceback.extract_tb(exc.__traceback__)
+    harness = os.path.dirname(os.path.abspath(__file__))
+    keras_dir = os.path.dirname(os.path.abspath(keras.__file__))
+    return (bool(frames) and not frames[-1].filename.startswith(harness)
+            and any(f.filename.startswith(keras_dir) for f in frames))
+
+
 def gradient_digest():
     """A digest of gradients: each step's arrays in the variables' order, in the
     working dtype, C order (the runner's rows of the same steps hash alike)."""
@@ -353,6 +363,8 @@ def main(job_path: str) -> int:
             for line in traceback.format_exc().splitlines():  # not taken for a fatal error
                 print(f"run {spec['id']}: {line}", file=sys.stderr)
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            if raised_in_keras(exc, keras):
+                reason = f"Keras raises {reason}"
             write_message(out, {"type": "run_error", "id": spec["id"], "reason": reason})
     write_message(out, {"type": "bye", "build_seconds": build, "startup_seconds": startup,
                         "cpu_seconds": time.process_time(),
