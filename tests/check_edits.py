@@ -4,6 +4,7 @@ installed keras package (put first on the workers' import path by
 
 Each edit names the (optimizer, backend) pairs whose cells it must change;
 an edit that only reassociates an operation must change no math class.
+Edits of disjoint optimizers may run `together`, in one copy.
 Edits are plain text replacements that must match exactly once, so a Keras
 whose source moved makes the test fail loudly instead of passing vacuously.
 """
@@ -26,34 +27,71 @@ class Edit:
     # dtypes in which every cell of those pairs must fail; in the others a cell may
     # stay within rounding (a change far below float32's resolution of the weights)
     always: tuple = ("float32", "float64")
+    # backends the edit must be seen on: those of `changes`, or for an edit that changes
+    # no pair (a reassociation), the backends that run the edited code
+    runs_on: tuple = ()
+    parts: tuple = ()              # the edits `together` combined into this one
+
+    @property
+    def needs(self) -> set:
+        return set(self.runs_on) | {b for _, b in self.changes}
+
+    def must_fail_in(self, optimizer, backend) -> tuple:
+        """The dtypes in which every cell of (optimizer, backend) must fail."""
+        for part in self.parts:
+            if (optimizer, backend) in part.changes:
+                return part.always
+        return self.always
 
 
 def _pairs(optimizers, backends):
     return frozenset((o, b) for o in optimizers for b in backends)
 
 
-ADAM = "src/optimizers/adam.py"
-TORCH_ADAM = "src/backend/torch/optimizers/torch_adam.py"
+def together(name, *edits) -> Edit:
+    """Edits of disjoint optimizers applied to one copy of Keras: one check run
+    (about 30 s, mostly starting the workers) instead of one each.  Each part
+    keeps its own pairs and `always`; what no part names must still not move."""
+    seen = set()
+    for e in edits:
+        optimizers = {o for o, _ in e.changes}
+        assert optimizers and not optimizers & seen, f"{name}: {e.name} shares an optimizer"
+        seen |= optimizers
+    return Edit(name, sum((e.replacements for e in edits), ()),
+                frozenset().union(*(e.changes for e in edits)), parts=edits)
 
+
+ADAM = "src/optimizers/adam.py"
+TORCH = "src/backend/torch/optimizers/"
+TORCH_ADAM = TORCH + "torch_adam.py"
+ADAMAX = "src/optimizers/adamax.py"
+ADADELTA = "src/optimizers/adadelta.py"
+FTRL = "src/optimizers/ftrl.py"
+LAMB = "src/optimizers/lamb.py"
+ALL = ("tensorflow", "jax", "torch")
+
+# adam_amsgrad is Keras's Adam class (amsgrad=True, beta_2=0.99 given): Adam's update
+# step and torch kernel are its code too.
 EDITS = [
-    # AdamW passes its own beta_2 to Adam.__init__: only Adam's cells change.
+    # AdamW passes its own beta_2 to Adam.__init__ and adam_amsgrad sets beta_2: only
+    # Adam's cells change.
     Edit("changed-default", ((ADAM, "beta_2=0.999,", "beta_2=0.99,"),),
-         _pairs(["adam"], ["tensorflow", "jax", "torch"])),
+         _pairs(["adam"], ALL)),
     # The torch backend has its own Adam kernel; AdamW inherits Adam's update.
     Edit("epsilon-inside-sqrt",
          ((ADAM, "ops.add(ops.sqrt(v), self.epsilon)", "ops.sqrt(ops.add(v, self.epsilon))"),),
-         _pairs(["adam", "adamw"], GENERIC),
+         _pairs(["adam", "adamw", "adam_amsgrad"], GENERIC),
          # for |g| ~ 1 the denominator moves by ~5e-5 relative and the weights by ~5e-7:
          # float32 rounding of the weights; the `tiny` scenario shows it in float32 too
          always=("float64",)),
     Edit("off-by-one-step",
          ((ADAM, "local_step = ops.cast(self.iterations + 1, variable.dtype)",
            "local_step = ops.cast(self.iterations + 2, variable.dtype)"),),
-         _pairs(["adam", "adamw"], GENERIC)),
+         _pairs(["adam", "adamw", "adam_amsgrad"], GENERIC)),
     Edit("torch-only",
          ((TORCH_ADAM, "alpha = lr * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)",
            "alpha = lr * (1 - beta_2_power) / (1 - beta_1_power)"),),
-         _pairs(["adam", "adamw"], ["torch"])),
+         _pairs(["adam", "adamw", "adam_amsgrad"], ["torch"])),
     # Same math, other rounding: (lr * s) / d -> lr * (s / d), and the moment's
     # m + (g - m)(1 - b1) -> b1 m + (1 - b1) g (the torch kernels' form).
     Edit("reassociated",
@@ -62,7 +100,75 @@ EDITS = [
           (ADAM, "self.assign_add(\n            m, ops.multiply(ops.subtract(gradient, m), "
                  "1 - self.beta_1)\n        )",
            "self.assign(\n            m, ops.add(ops.multiply(m, self.beta_1), "
-           "ops.multiply(gradient, 1 - self.beta_1))\n        )"))),
+           "ops.multiply(gradient, 1 - self.beta_1))\n        )")),
+         runs_on=GENERIC),
+]
+
+# --- the optimizers issue 9 added: a constant, two placements, three branches --------
+# Torch has its own kernels for Adamax, Adadelta and Adam (amsgrad included); they
+# inherit __init__ (the defaults) from the generic class.  Ftrl and Lamb have none:
+# their generic file runs on torch as well.
+
+# constant: Adamax's default epsilon (the adamax configuration does not set it).  The
+# torch kernel reads the self.epsilon the generic __init__ sets: torch changes too.
+# u ~ |g| ~ 1 in `gaussian` and `sparse`: the step moves by ~1e-6 relative, the weights
+# by ~1e-8, below float32's resolution; in `tiny` epsilon dominates u and float32 fails.
+ADAMAX_DEFAULT_EPSILON = Edit(
+    "adamax-default-epsilon", ((ADAMAX, "epsilon=1e-7,", "epsilon=1e-6,"),),
+    _pairs(["adamax"], ALL), always=("float64",))
+# placement: Adadelta's epsilon outside the square root, sqrt(x + eps) -> sqrt(x) + eps,
+# in both kernels.  RMS[dx]_0 = sqrt(1e-6) = 1e-3 becomes 1e-6: the first steps shrink
+# a thousandfold, in every dtype.
+ADADELTA_EPSILON_OUTSIDE_SQRT = Edit(
+    "adadelta-epsilon-outside-sqrt",
+    ((ADADELTA, "return ops.sqrt(ops.add(x, self.epsilon))",
+      "return ops.add(ops.sqrt(x), self.epsilon)"),
+     (TORCH + "torch_adadelta.py",
+      "return torch._foreach_sqrt(torch._foreach_add(x, self.epsilon))",
+      "return torch._foreach_add(torch._foreach_sqrt(x), self.epsilon)")),
+    _pairs(["adadelta"], ALL))
+# placement: Lamb's epsilon inside the square root, sqrt(v_hat) + eps -> sqrt(v_hat +
+# eps); one file, all three backends.  As for Adam's: ~1e-7 relative for |g| ~ 1 (and
+# the trust ratio rescales the step to lr * ||w||): float32 rounding except in `tiny`.
+LAMB_EPSILON_INSIDE_SQRT = Edit(
+    "lamb-epsilon-inside-sqrt",
+    ((LAMB, "ops.add(\n            ops.sqrt(ops.divide(v, (1.0 - beta_2_power))), "
+            "self.epsilon\n        )",
+      "ops.sqrt(\n            ops.add(ops.divide(v, (1.0 - beta_2_power)), "
+      "self.epsilon)\n        )"),),
+    _pairs(["lamb"], ALL), always=("float64",))
+
+# branch: FTRL without its L1 threshold: w = 0 where |z| <= l1 is never taken, the other
+# branch (sign(z) l1 - z) / quadratic always is.  Every scenario has such entries (in
+# `tiny` and `sparse` most z stay far below l1 = 0.1).
+FTRL_NO_L1_THRESHOLD = Edit(
+    "ftrl-no-l1-threshold",
+    ((FTRL, "linear_clipped = ops.clip(\n            linear,\n"
+            "            -self.l1_regularization_strength,\n"
+            "            self.l1_regularization_strength,\n        )",
+      "linear_clipped = ops.multiply(\n            ops.sign(linear), "
+      "self.l1_regularization_strength\n        )"),),
+    _pairs(["ftrl"], ALL))
+# branch: AMSGrad without its running maximum (v_hat = v), in Adam's generic update and
+# in the torch kernel; Adam and AdamW (amsgrad=False) must not move.
+AMSGRAD_WITHOUT_MAX = Edit(
+    "amsgrad-without-max",
+    ((ADAM, "self.assign(v_hat, ops.maximum(v_hat, v))", "self.assign(v_hat, v)"),
+     (TORCH_ADAM, "torch._foreach_maximum_(v_hat_list, v_list)",
+      "torch._foreach_copy_(v_hat_list, v_list)")),
+    _pairs(["adam_amsgrad"], ALL))
+# branch: Adamax's max(beta_2 u, |g|) takes g, not |g|: for a negative gradient the
+# decayed u is kept.  Generic file only: torch's own kernel must not move.
+ADAMAX_MAX_WITHOUT_ABS = Edit(
+    "adamax-max-without-abs",
+    ((ADAMAX, "ops.maximum(ops.multiply(self.beta_2, u), ops.abs(gradient))",
+      "ops.maximum(ops.multiply(self.beta_2, u), gradient)"),),
+    _pairs(["adamax"], GENERIC))
+
+EDITS += [
+    together("epsilons", ADAMAX_DEFAULT_EPSILON, ADADELTA_EPSILON_OUTSIDE_SQRT,
+             LAMB_EPSILON_INSIDE_SQRT),
+    together("branches", FTRL_NO_L1_THRESHOLD, AMSGRAD_WITHOUT_MAX, ADAMAX_MAX_WITHOUT_ABS),
 ]
 
 
