@@ -70,6 +70,15 @@ def test_an_unsupported_release_is_a_column_and_changes_skip_it(tmp_path):
     assert "| 3.1 -> 3.3 |" in md and "pip install failed" in md
 
 
+def test_a_class_a_release_lacks_is_unsupported_there_not_an_error(tmp_path):
+    missing = dict(cell("error"), reason="unsupported: keras.optimizers has no class Adam "
+                                         "(Keras 3.1)")
+    failed = dict(cell("error"), reason="Keras raises ValueError: something")
+    md, csv = report(tmp_path, {"3.1": column(missing), "3.2": column(cell("match")),
+                                "3.3": column(failed)})
+    assert list(csv.iloc[0][["3.1", "3.2", "3.3"]]) == [matrix.UNSUPPORTED, "match", "error"]
+
+
 @pytest.mark.parametrize("argv", [["matrix"], ["matrix", "--keras", ","],
                                   ["matrix", "--keras", "3.15.1", "--backend", "theano"]],
                          ids=["no-releases", "empty-release-list", "unknown-backend"])

@@ -32,7 +32,7 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
-from verify import check, compare, html_report
+from verify import check, compare, html_report, worker
 from verify.cli import (UsageError, build_parser, interruptible, run, selection_from_args,
                         selection_parser, settings_of)
 from verify.output import MARKER, OutputRefused, add_files, check_folder, write_marker
@@ -121,8 +121,8 @@ def cell_text(c: dict) -> str:
     """Compact class of a cell for the matrix."""
     if c["verdict"] == "mismatch":
         text = f"mismatch@{c['first_divergent_step']} {c['divergent_state']} {c['magnitude']}"
-    elif c["verdict"] == "error":
-        return "error"
+    elif c["verdict"] == "error":  # a class this release does not have is not an error
+        return UNSUPPORTED if c["reason"].startswith(worker.UNSUPPORTED) else "error"
     else:
         text = c["verdict"]
     return text + (" (+states)" if c["reason"] else "")

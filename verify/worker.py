@@ -96,11 +96,19 @@ def _state_layout(optimizer, variables):
     return layout
 
 
+class ClassMissing(ValueError):
+    """The installed Keras has no such optimizer class (an older release)."""
+
+
+UNSUPPORTED = "unsupported: "  # how a run error that is a missing class begins
+
+
 def build_optimizer(keras, class_name, config):
     """The optimizer from its class, as a user writes it."""
     cls = getattr(keras.optimizers, class_name, None)
     if not isinstance(cls, type):
-        raise ValueError(f"keras.optimizers has no class {class_name} (Keras {keras.__version__})")
+        raise ClassMissing(f"keras.optimizers has no class {class_name} "
+                           f"(Keras {keras.__version__})")
     return cls(**config)
 
 
@@ -363,7 +371,9 @@ def main(job_path: str) -> int:
             for line in traceback.format_exc().splitlines():  # not taken for a fatal error
                 print(f"run {spec['id']}: {line}", file=sys.stderr)
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            if raised_in_keras(exc, keras):
+            if isinstance(exc, ClassMissing):
+                reason = f"{UNSUPPORTED}{exc}"
+            elif raised_in_keras(exc, keras):
                 reason = f"Keras raises {reason}"
             write_message(out, {"type": "run_error", "id": spec["id"], "reason": reason})
     write_message(out, {"type": "bye", "build_seconds": build, "startup_seconds": startup,
