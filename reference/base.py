@@ -130,10 +130,14 @@ def global_norm(ar: Arithmetic, grads: list) -> Tracked:
     """sqrt(sum over variables of sum(g**2)) (`base_optimizer.global_norm`:
     the per-variable sums stacked and summed), shaped [k]."""
     sums = [sum_over(square(g), _axes(g)) for g in grads]
+    ties = None
+    if any(s.tie is not None for s in sums):
+        ties = np.stack([np.broadcast_to(False if s.tie is None else s.tie, np.shape(s.v))
+                         for s in sums], axis=-1)
     stacked = Tracked(np.stack([s.v for s in sums], axis=-1),
-                      None if ar.track is False else np.stack(
+                      None if not ar.track else np.stack(
                           [np.broadcast_to(s.e, np.shape(s.v)) for s in sums], axis=-1),
-                      ar, None)
+                      ar, ties)
     return sqrt(sum_over(stacked, -1))
 
 
