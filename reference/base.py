@@ -1,19 +1,46 @@
 """Keras's base optimizer: the stages around every optimizer's own update.
 
-`BaseOptimizer.apply` (keras/src/optimizers/base_optimizer.py) runs the same
-pipeline for every optimizer class; the `keras` point of every optimizer goes
-through it, stated once here.  Stages run over all variables and gradients at
-once (lists of Tracked, one per variable), before or after the per-variable
-update:
+`BaseOptimizer.apply` (keras/src/optimizers/base_optimizer.py, Keras 3.15.1)
+runs the same pipeline for every optimizer class; the `keras` point of every
+optimizer goes through it, stated once here (`run`), in Keras's order:
 
-    before the update:  weight decay (`_apply_weight_decay`, called in
-                        `_backend_apply_gradients`)
-    the optimizer's own update (`_backend_update_step`: `update_step` per variable)
+  1. unscale: g = g / loss_scale_factor (`apply`, a Python operator);
+  2. accumulate (`gradient_accumulation_steps` = n, `_backend_apply_gradients`):
+     on the step where (_iterations + 1) % n == 0 the gradients are
+     (g + accumulator) / n and steps 3-5 run, the accumulators reset to 0;
+     on every other step the accumulators become accumulator + g and the
+     weights and every optimizer slot stay as they are.  The optimizer's own
+     step sees `iterations` = _iterations // n (the property), so its bias
+     corrections count updates, not calls;
+  3. clip (`_clip_gradients`): clipnorm per variable, or global_clipnorm
+     over all variables together, or clipvalue;
+  4. weight decay (`_apply_weight_decay`), on the weights;
+  5. the optimizer's own update (`_backend_update_step`: `update_step` per
+     variable);
+  6. EMA (`use_ema`, `_update_model_variables_moving_average`), on every
+     call: average = m * average + (1 - m) * w with m = ema_momentum, but
+     m = 0 while `iterations` (the property) is 0; then, with
+     `ema_overwrite_frequency` f, the weights are overwritten by the new
+     average where (iterations + 1) % f == 0;
+  7. `_iterations` += 1 (the harness reads it; a rule returns no iteration).
 
-Keras's other stages (loss-scale unscaling, gradient accumulation, clipnorm /
-clipvalue / global_clipnorm, the EMA of the weights) are not modelled yet: a
-configuration that turns them on is refused (reference/rule.py,
-NEUTRAL_BASE_ARGUMENTS).
+A rule's `iteration` argument is Keras's stored counter `_iterations` (the
+number of calls to `apply` so far), which is what the `iterations` property
+returns unless gradients are accumulated.
+
+The three backends were read for each stage.  JAX overrides step 2 and the
+overwrite of step 6 (keras/src/backend/jax/optimizer.py): it runs steps 3-5
+on every call, on the raw gradients where it is not an update step, and then
+keeps the old values of the weights and of every optimizer variable through
+`jax.lax.cond`; it overwrites with average * 1 + w * 0.  Both are the same
+numbers as the `ops.cond` of the other backends for finite values.  torch
+resets the accumulators with accumulator * 0.0 and increments them with
+`_foreach_add_(alpha=1.0)` (keras/src/backend/torch/optimizers/
+torch_parallel_optimizer.py), again the same numbers.  TensorFlow clips by
+norm with `tf.clip_by_norm` (keras/src/backend/tensorflow/optimizer.py), the
+same formula as Keras's `_clip_by_norm`.  Where the backends round
+differently (torch's Python-float operands and minimum/maximum in float32)
+the precision settings of reference/arithmetic.py say so.
 """
 
 from __future__ import annotations
@@ -23,12 +50,143 @@ from typing import Callable
 
 import numpy as np
 
-from reference.arithmetic import Arithmetic, Tracked
+from reference.arithmetic import (Arithmetic, Tracked, maximum, sqrt, square,
+                                  sum_over)
 
-# hyperparameters of the base optimizer that every Keras optimizer takes
-DEFAULTS = {"weight_decay": None}
+# hyperparameters of the base optimizer that every Keras optimizer takes, at
+# Keras's defaults (BaseOptimizer.__init__)
+DEFAULTS = {"weight_decay": None, "clipnorm": None, "clipvalue": None,
+            "global_clipnorm": None, "use_ema": False, "ema_momentum": 0.99,
+            "ema_overwrite_frequency": None, "loss_scale_factor": None,
+            "gradient_accumulation_steps": None}
 
 
+# --- exact selections and float32 results ---------------------------------
+def where(condition, a: Tracked, b: Tracked) -> Tracked:
+    """a where the (exactly known) condition holds, else b, each with its bound."""
+    tie = None
+    if a.tie is not None or b.tie is not None:
+        tie = np.where(condition, False if a.tie is None else a.tie,
+                       False if b.tie is None else b.tie)
+    e = None if a.e is None else np.where(condition, a.e, b.e)
+    return Tracked(np.where(condition, a.v, b.v), e, a.ar, tie)
+
+
+def per_row(mask: np.ndarray, x: Tracked) -> np.ndarray:
+    """A [k] mask shaped [k, 1, ..., 1] to broadcast against x [k, *shape]."""
+    return np.reshape(mask, (-1,) + (1,) * (np.ndim(x.v) - 1))
+
+
+def rounded_to_float32(x: Tracked) -> Tracked:
+    """x stored as a float32 tensor (torch's ops.minimum / ops.maximum with a
+    Python float, `min_max_float32`): the value rounded, its bound grown by
+    the rounding."""
+    if x.ar.dtype == np.float32:
+        return x
+    rounded = x.v.astype(np.float32).astype(x.ar.dtype)
+    e = None if x.e is None else x.e + np.abs(rounded.astype(np.float64)
+                                              - x.v.astype(np.float64))
+    return Tracked(rounded, e, x.ar, x.tie)
+
+
+def min_max_result(ar: Arithmetic, x: Tracked) -> Tracked:
+    """The result of ops.minimum / ops.maximum of a tensor and a Python float."""
+    return rounded_to_float32(x) if ar.precision.min_max_float32 else x
+
+
+# --- 1. unscale ------------------------------------------------------------
+def unscale(ar: Arithmetic, hp: dict, grads: list) -> list:
+    """g / loss_scale_factor (`BaseOptimizer.apply`: `g / scale`, a Python
+    operator, so the factor enters in the working dtype on every backend)."""
+    scale = hp["loss_scale_factor"]
+    if scale is None:
+        return grads
+    return [g / ar.const(scale) for g in grads]
+
+
+# --- 3. clip ---------------------------------------------------------------
+def _axes(x: Tracked) -> tuple:
+    """Every axis of one variable (the leading axis is the batch of steps)."""
+    return tuple(range(1, np.ndim(x.v)))
+
+
+def clip_by_norm(ar: Arithmetic, g: Tracked, clipnorm: float) -> Tracked:
+    """`BaseOptimizer._clip_by_norm` (and `tf.clip_by_norm`, the same lines):
+    g * c / max(||g||, c) over all axes of the variable.
+
+    Pascanu, Mikolov and Bengio 2013, "On the difficulty of training recurrent
+    neural networks", ICML, Algorithm 1: g <- (c / ||g||) g where ||g|| >= c.
+    Keras writes it as one expression for every g, so where ||g|| <= c it is
+    g * c / c (two roundings, not g itself).
+    """
+    l2sum = sum_over(square(g), _axes(g), keepdims=True)
+    # where(l2sum > 0, sqrt(l2sum), l2sum): sqrt(0) = 0 = l2sum, the same value
+    l2norm = where(l2sum.v > 0, sqrt(l2sum), l2sum)
+    c = ar.operand(clipnorm)  # ops.multiply / ops.maximum receive the Python float
+    return (g * c) / min_max_result(ar, maximum(l2norm, c))
+
+
+def global_norm(ar: Arithmetic, grads: list) -> Tracked:
+    """sqrt(sum over variables of sum(g**2)) (`base_optimizer.global_norm`:
+    the per-variable sums stacked and summed), shaped [k]."""
+    sums = [sum_over(square(g), _axes(g)) for g in grads]
+    ties = None
+    if any(s.tie is not None for s in sums):
+        ties = np.stack([np.broadcast_to(False if s.tie is None else s.tie, np.shape(s.v))
+                         for s in sums], axis=-1)
+    stacked = Tracked(np.stack([s.v for s in sums], axis=-1),
+                      None if not ar.track else np.stack(
+                          [np.broadcast_to(s.e, np.shape(s.v)) for s in sums], axis=-1),
+                      ar, ties)
+    return sqrt(sum_over(stacked, -1))
+
+
+def clip_by_global_norm(ar: Arithmetic, grads: list, clip_norm: float) -> list:
+    """`base_optimizer.clip_by_global_norm`: every g * scale with
+    scale = c * min(1 / ||g||, 1 / c) + (||g|| - ||g||) (the last term is 0,
+    or NaN when the norm is not finite; exact either way).
+
+    Pascanu et al. 2013, Algorithm 1, with ||g|| the norm of all parameters'
+    gradients together.
+    """
+    use_norm = global_norm(ar, grads)
+    smaller = min_max_result(ar, _minimum(1.0 / use_norm, ar.const(1.0 / clip_norm)))
+    if ar.precision.min_max_float32 and ar.dtype != np.float32:
+        # the minimum is a float32 tensor, so c * minimum is a float32 product
+        f32 = Arithmetic("float32", ar.precision, track=ar.track)
+        product = f32.const(clip_norm) * Tracked(smaller.v.astype(np.float32), smaller.e,
+                                                 f32, smaller.tie)
+        scale = Tracked(product.v.astype(ar.dtype), product.e, ar, product.tie)
+    else:
+        scale = ar.const(clip_norm) * smaller
+    with np.errstate(invalid="ignore"):
+        scale = scale + ar.exact(use_norm.v - use_norm.v)
+    return [g * scale.reshape((-1,) + (1,) * (np.ndim(g.v) - 1)) for g in grads]
+
+
+def _minimum(x: Tracked, y: Tracked) -> Tracked:
+    return -maximum(-x, -y)
+
+
+def clip_by_value(ar: Arithmetic, g: Tracked, clipvalue: float) -> Tracked:
+    """ops.clip(g, -v, v): the Python-float bounds as Keras ops receive them."""
+    lo, hi = ar.operand(-clipvalue), ar.operand(clipvalue)
+    return _minimum(maximum(g, lo), hi)
+
+
+def clip(ar: Arithmetic, hp: dict, grads: list) -> list:
+    """`BaseOptimizer._clip_gradients`: the first of clipnorm, global_clipnorm,
+    clipvalue that is set and positive (Keras allows at most one)."""
+    if hp["clipnorm"] and hp["clipnorm"] > 0:
+        return [clip_by_norm(ar, g, hp["clipnorm"]) for g in grads]
+    if hp["global_clipnorm"] and hp["global_clipnorm"] > 0:
+        return clip_by_global_norm(ar, grads, hp["global_clipnorm"])
+    if hp["clipvalue"] and hp["clipvalue"] > 0:
+        return [clip_by_value(ar, g, hp["clipvalue"]) for g in grads]
+    return grads
+
+
+# --- 4. weight decay --------------------------------------------------------
 def decoupled_weight_decay(ar: Arithmetic, w: Tracked, weight_decay: float,
                            lr: Tracked) -> Tracked:
     """w = w - w * wd * lr (`BaseOptimizer._apply_weight_decay`).
@@ -62,17 +220,123 @@ def weight_decay(ar: Arithmetic, hp: dict, c: dict, variables: list, grads: list
     return [decoupled_weight_decay(ar, w, hp["weight_decay"], scale) for w in variables], grads
 
 
+# --- 2. accumulate ----------------------------------------------------------
+def accumulate(ar, hp, c, state, grads, t, lr, step) -> tuple:
+    """Gradient accumulation over n = gradient_accumulation_steps calls.
+
+    Returns the states after the call and the iteration the optimizer saw
+    (`iterations` = _iterations // n)."""
+    n = int(hp["gradient_accumulation_steps"])
+    accumulators = state["gradient_accumulator"]
+    summed = [g + a for g, a in zip(grads, accumulators)]
+    averaged = [s / ar.const(n) for s in summed]  # `/ steps`, a Python int
+    t_opt = ar.step_count(np.floor_divide(np.asarray(t.v, np.float64), n))
+    is_update = (np.asarray(t.v, np.float64) + 1) % n == 0
+    out = update(ar, hp, c, state, averaged, t_opt, lr, step)
+    kept = {}
+    for name, value in out.items():
+        if isinstance(value, list):
+            kept[name] = [None if v is None else where(per_row(is_update, v), v, state[name][i])
+                          for i, v in enumerate(value)]
+        else:
+            kept[name] = where(is_update, value, state[name])
+    kept["gradient_accumulator"] = [
+        where(per_row(is_update, s), ar.exact(np.zeros_like(s.v)), s) for s in summed]
+    return kept, t_opt
+
+
+# --- 3-5: clip, weight decay, the optimizer's own step ----------------------
+def update(ar, hp, c, state, grads, t, lr, step) -> dict:
+    """Clip, weight decay (before or after, by the point's pieces) and the
+    optimizer's own step `step(state, grads, t)` -> {state: value}."""
+    grads = clip(ar, hp, grads)
+    variables = list(state["variable"])
+    for stage in stages(c, "before"):
+        variables, grads = stage.apply(ar, hp, c, variables, grads, lr)
+    out = step({**state, "variable": variables}, grads, t)
+    for stage in stages(c, "after"):
+        out["variable"], grads = stage.apply(ar, hp, c, out["variable"], grads, lr)
+    return out
+
+
+# --- 6. EMA ------------------------------------------------------------------
+def moving_average(ar, hp, state, out, t_opt) -> dict:
+    """The EMA of the weights after the step, and its overwrite of them.
+
+    Keras: average = m * average + (1 - m) * w, m = ema_momentum (through
+    ops.multiply, so a Python-float operand), 0 while `iterations` is 0 (the
+    average then starts as the weights); with f = ema_overwrite_frequency, the
+    weights become the new average where (iterations + 1) % f == 0.
+    Polyak and Juditsky 1992 ("Acceleration of stochastic approximation by
+    averaging", SIAM J. Control Optim. 30(4)) average the iterates uniformly,
+    w_bar_t = (1/t) sum w_i, and never feed the average back into the
+    iteration; Keras's average is exponential, and it may overwrite the weights.
+    """
+    first = np.asarray(t_opt.v, np.float64) == 0
+    momentum = where(first, ar.exact(np.zeros(np.shape(first))),
+                     ar.operand(hp["ema_momentum"]))
+    rest = ar.const(1.0) - momentum  # ops.subtract(1, momentum): an int 1, exact
+    averages = []
+    for a, w in zip(state["average"], out["variable"]):
+        m, r = momentum.reshape(per_row(first, w).shape), rest.reshape(per_row(first, w).shape)
+        averages.append(m * a + r * w)
+    out = dict(out)
+    f = hp["ema_overwrite_frequency"]
+    if f:
+        overwrite = (np.asarray(t_opt.v, np.float64) + 1) % f == 0
+        out["variable"] = [where(per_row(overwrite, w), a, w)
+                           for a, w in zip(averages, out["variable"])]
+    out["average"] = averages
+    return out
+
+
+# --- the pipeline -------------------------------------------------------------
+def run(ar: Arithmetic, hp: dict, c: dict, state: dict, grads: list, t: Tracked,
+        lr: Tracked, step: Callable) -> dict:
+    """One call of `BaseOptimizer.apply` around `step(state, grads, t)`, the
+    optimizer's own update of all variables (-> {state name: value})."""
+    hp = {**DEFAULTS, **hp}
+    grads = unscale(ar, hp, grads)
+    if hp["gradient_accumulation_steps"]:
+        out, t_opt = accumulate(ar, hp, c, state, grads, t, lr, step)
+    else:
+        out, t_opt = update(ar, hp, c, state, grads, t, lr, step), t
+    if hp["use_ema"]:
+        out = moving_average(ar, hp, state, out, t_opt)
+    return out
+
+
+def states(hp: dict) -> list:
+    """The optimizer variables the base pipeline adds, named as the harness
+    reads Keras's (`<variable path>_<name>`, in lists indexed like the weights):
+    `average` (build: add_optimizer_variables(variables, "average")) and
+    `gradient_accumulator` (add_variable_from_reference), both zeros."""
+    from reference.rule import StateSpec  # reference.rule reads DEFAULTS from here
+
+    out = []
+    if hp.get("use_ema"):
+        out.append(StateSpec("average", 0.0))
+    if hp.get("gradient_accumulation_steps"):
+        out.append(StateSpec("gradient_accumulator", 0.0))
+    return out
+
+
+def elementwise(hp: dict, c: dict) -> bool:
+    """True when every stage that runs treats each element on its own: the
+    norms of clipnorm (per variable) and global_clipnorm (over all) do not."""
+    return not ((hp.get("clipnorm") and hp["clipnorm"] > 0)
+                or (hp.get("global_clipnorm") and hp["global_clipnorm"] > 0))
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
     apply: Callable  # (ar, hp, c, variables, grads, lr) -> (variables, grads)
     # the point's pieces -> "before" or "after" the optimizer's update
     when: Callable[[dict], str]
-    # True when the stage treats every element on its own, so that the
-    # variables may be evaluated as one flat array (reference/optimizer.py)
-    elementwise: bool = True
 
 
+# the stages whose place around the update a point's pieces choose
 PIPELINE = (
     Stage("weight_decay", weight_decay,
           lambda c: "after" if c.get("decay_order") == "after_step" else "before"),

@@ -9,16 +9,16 @@ optimizer lists in `explained`, keeping the others at Keras's choice.
 
 A step of a point (`Optimizer.rule`):
   1. the learning rate, from Keras's float32 variable (`ar.learning_rate`);
-  2. for the `keras` point, the base optimizer's stages before the update
-     (reference/base.py), over all variables;
+  2. for the `keras` point, Keras's base-optimizer pipeline (reference/base.py,
+     `base.run`) around steps 3 and 4: unscaling, gradient accumulation,
+     clipping and weight decay before, the EMA of the weights after;
   3. `prepare`, once per step, over all variables: the optimizer-wide states
      (Nadam's u_product; Keras's `_backend_update_step`);
   4. `update`, once per variable (Keras's `update_step`), which sees the
      optimizer-wide states and the iteration shaped to broadcast against its
      variable ([k] -> [k, 1, ..., 1]), and the variable's path as s["path"]
      (a str); a slot the variable does not have is absent from s, and the
-     update leaves it out of what it returns;
-  5. the base optimizer's stages after the update.
+     update leaves it out of what it returns.
 A rule says whether it is elementwise for given hyperparameters (the update
 and every stage used treat each element on its own); the comparison then
 evaluates all variables as one flat [k, N] variable, the same numbers with one
@@ -69,35 +69,38 @@ class Optimizer:
     def rule(self, family: str) -> Rule:
         point = self.points[family]
         defaults = {**base.DEFAULTS, **self.defaults} if point.keras_base else dict(self.defaults)
-        return Rule(family, self.class_name, defaults,
-                    lambda hp: self.states(hp, point.resolve(hp)), self._step(point),
-                    point.source, point.notes, point.doc, point.unstated,
-                    lambda hp: self.elementwise and all(
-                        s.elementwise for s in self._stages(point, point.resolve(hp))))
 
-    @staticmethod
-    def _stages(point: Point, c: dict) -> tuple:
-        if not point.keras_base:
-            return ()
-        return base.stages(c, "before") + base.stages(c, "after")
+        def states(hp):
+            own = self.states(hp, point.resolve(hp))
+            return own + base.states(hp) if point.keras_base else own
+
+        return Rule(family, self.class_name, defaults, states, self._step(point),
+                    point.source, point.notes, point.doc, point.unstated,
+                    lambda hp: self.elementwise and (
+                        not point.keras_base or base.elementwise(hp, point.resolve(hp))))
 
     def _step(self, point: Point):
         def step(ar, hp, state, grads, t, paths):
             c = point.resolve(hp)
             lr = ar.learning_rate(hp["learning_rate"])
-            before = base.stages(c, "before") if point.keras_base else ()
-            after = base.stages(c, "after") if point.keras_base else ()
-            return self._apply(ar, hp, c, state, grads, t, lr, before, after, paths)
+
+            def own(state, grads, t):
+                return self._apply(ar, hp, c, state, grads, t, lr, paths)
+
+            if point.keras_base:
+                return base.run(ar, hp, c, state, grads, t, lr, own)
+            return own(state, grads, t)
         return step
 
-    def _apply(self, ar, hp, c, state, grads, t, lr, before, after, paths):
-        variables, grads = list(state["variable"]), list(grads)
-        for stage in before:
-            variables, grads = stage.apply(ar, hp, c, variables, grads, lr)
+    def _apply(self, ar, hp, c, state, grads, t, lr, paths):
+        """The optimizer's own step over all variables: `prepare`, then `update`
+        per variable (Keras's `_backend_update_step`)."""
         shared = self.prepare(ar, hp, c, state, grads, t) if self.prepare else {}
-        per_variable = [n for n, v in state.items() if isinstance(v, list) and n != "variable"]
+        own = {s.name for s in self.states(hp, c)}
+        per_variable = [n for n, v in state.items()
+                        if isinstance(v, list) and n != "variable" and n in own]
         results = []
-        for i, (w, g) in enumerate(zip(variables, grads)):
+        for i, (w, g) in enumerate(zip(state["variable"], grads)):
             s = {n: state[n][i] for n in per_variable if state[n][i] is not None}
             s["variable"] = w
             s["path"] = paths[i]
@@ -105,8 +108,6 @@ class Optimizer:
             results.append(self.update(ar, hp, c, s, g, broadcastable(t, w), lr))
         names = list(dict.fromkeys(n for r in results for n in r)) or ["variable"]
         out = {n: [r.get(n) for r in results] for n in names}
-        for stage in after:
-            out["variable"], grads = stage.apply(ar, hp, c, out["variable"], grads, lr)
         out.update(shared)
         return out
 

@@ -14,7 +14,10 @@ The interface: `rule(ar, hp, state, grads, iteration, paths)` where
                slot), for a per-variable state, and one Tracked [k] for an
                optimizer-wide state;
   grads        is the list of the variables' gradients, each [k, *shape];
-  iteration    is Keras's `iterations` before the step, a Tracked [k];
+  iteration    is Keras's stored counter `_iterations` before the step (the
+               calls to `apply` so far; what the `iterations` property
+               returns unless gradients are accumulated, reference/base.py),
+               a Tracked [k];
   paths        is the list of the variables' paths (Keras's `variable.path`:
                Muon and Adafactor branch on it and on the rank).
 It returns the states after the step in the same form.  One call evaluates k
@@ -27,21 +30,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from reference import base
 from reference.arithmetic import Arithmetic, Tracked
 
-# Base-optimizer arguments a rule accepts only at their neutral values, until
-# a stage of the base pipeline models them (clipping, EMA, loss scaling,
-# accumulation; see reference/base.py).
+# Base-optimizer arguments a rule accepts only at their neutral values.  A
+# `keras` point runs Keras's base-optimizer pipeline (reference/base.py) and
+# takes every argument that pipeline models (base.DEFAULTS: weight decay,
+# clipping, EMA, loss scaling, accumulation) as a hyperparameter; a point
+# without that pipeline (textbook, article) accepts those at their neutral
+# values only (None, False; base.DEFAULTS's value), and `name` always.
 NEUTRAL_BASE_ARGUMENTS = {
     "name": None,
-    "clipnorm": None,
-    "clipvalue": None,
-    "global_clipnorm": None,
-    "use_ema": False,
-    "ema_momentum": None,
-    "ema_overwrite_frequency": None,
-    "loss_scale_factor": None,
-    "gradient_accumulation_steps": None,
 }
 
 
@@ -97,12 +96,14 @@ class Rule:
         for key, value in config.items():
             if key in hp:
                 hp[key] = value
-            elif key in NEUTRAL_BASE_ARGUMENTS:
-                neutral = NEUTRAL_BASE_ARGUMENTS[key]
+            elif key in NEUTRAL_BASE_ARGUMENTS or key in base.DEFAULTS:
+                neutral = NEUTRAL_BASE_ARGUMENTS.get(key, base.DEFAULTS.get(key))
                 if value not in (neutral, None, False) and key not in (
                         "name", "ema_momentum"):
                     raise Unsupported(
-                        f"{self.family}/{self.class_name} does not model {key}={value!r}")
+                        f"{self.family}/{self.class_name} does not model {key}={value!r}"
+                        + (" (it does not run Keras's base-optimizer pipeline)"
+                           if key in base.DEFAULTS else ""))
             else:
                 raise Unsupported(
                     f"{self.family}/{self.class_name} has no hyperparameter {key!r}")
