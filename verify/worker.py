@@ -48,7 +48,7 @@ def _state_layout(optimizer, variables):
     that suffix, else its own name, or the list's attribute name where it is
     named after its weight."""
     own = {id(v) for v in optimizer.variables}
-    skip = {id(optimizer.iterations)}
+    skip = {id(iteration_variable(optimizer))}
     lr = getattr(optimizer, "_learning_rate", None)
     if id(lr) in own:
         skip.add(id(lr))
@@ -101,6 +101,15 @@ class ClassMissing(ValueError):
 
 
 UNSUPPORTED = "unsupported: "  # how a run error that is a missing class begins
+
+
+def iteration_variable(optimizer):
+    """The variable counting `apply` calls: `_iterations` (with gradient accumulation
+    `optimizer.iterations` is computed from it), or `iterations` in releases
+    without it."""
+    own = {id(v) for v in optimizer.variables}
+    counter = getattr(optimizer, "_iterations", None)
+    return counter if id(counter) in own else optimizer.iterations
 
 
 def build_optimizer(keras, class_name, config):
@@ -201,7 +210,7 @@ class Run:
 
         def read_variables():
             return ([to_numpy(v.value) for _, _, v in self.state_vars],
-                    int(to_numpy(opt.iterations.value)))
+                    int(to_numpy(iteration_variable(opt).value)))
 
         if mode == "eager" or backend == "torch":
             # torch has no compiled training step: model.fit runs it eagerly.
@@ -235,7 +244,8 @@ class Run:
                         values.append(np.asarray(holder["trainable"][i]))
                     else:
                         values.append(np.asarray(holder["opt"][index[id(v)]]))
-                return values, int(np.asarray(holder["opt"][index[id(opt.iterations)]]))
+                return values, int(np.asarray(
+                    holder["opt"][index[id(iteration_variable(opt))]]))
 
             return step, read
         raise ValueError(f"unknown mode {mode}")
