@@ -117,9 +117,9 @@ def _header(f):
     return shape, dtype, f.tell()
 
 
-def _checked_header(path, f, length, where=""):
+def _checked_header(path, f, length, max_bytes, where=""):
     """The header of one array, refused unless it is real numbers [steps, ...]
-    that the stored bytes can hold."""
+    within `max_bytes` as float64 that the stored bytes can hold."""
     try:
         shape, dtype, offset = _header(f)
     except (OSError, ValueError, EOFError) as exc:
@@ -127,6 +127,9 @@ def _checked_header(path, f, length, where=""):
     if dtype.kind not in "fiu" or dtype.hasobject:
         raise GradientFileError(f"gradient file {path}{where} holds {dtype}, not real numbers")
     count = int(np.prod(shape, dtype=object))
+    if count * 8 > max_bytes:
+        raise GradientFileError(f"gradient file {path}{where} claims shape {shape}: more than "
+                                f"{max_bytes // 1024 ** 3} GiB as float64")
     actual = length - offset
     if actual != count * dtype.itemsize:
         raise GradientFileError(f"gradient file {path}{where} claims shape {shape} of {dtype} "
@@ -157,15 +160,12 @@ def load_gradient_file(path, max_bytes: int) -> tuple:
         return _load_archive(path, max_bytes)
     try:
         with open(path, "rb") as f:
-            shape, count = _checked_header(path, f, os.path.getsize(path))
+            shape, count = _checked_header(path, f, os.path.getsize(path), max_bytes)
     except OSError as exc:
         raise GradientFileError(f"cannot read gradient file {path}: {exc}") from None
     if len(shape) != 2 or min(shape, default=0) < 1:
         raise GradientFileError(
             f"gradient file {path} must hold an array of shape [steps, size], got shape {shape}")
-    if count * 8 > max_bytes:
-        raise GradientFileError(f"gradient file {path} claims shape {shape}: more than "
-                                f"{max_bytes // 1024 ** 3} GiB as float64")
     try:
         g = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
@@ -192,7 +192,7 @@ def _load_archive(path, max_bytes: int) -> tuple:
                     "underscores (they become Keras variable names)")
             try:
                 with archive.open(m) as f:
-                    shape, count = _checked_header(path, f, m.file_size, where)
+                    shape, count = _checked_header(path, f, m.file_size, max_bytes, where)
             except (OSError, zipfile.BadZipFile) as exc:
                 raise GradientFileError(f"cannot read gradient file {path}{where}: "
                                         f"{exc}") from None
