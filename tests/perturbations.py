@@ -19,24 +19,24 @@ _EPS_INSIDE_SQRT_ADAM = reference.SPACES["Adam"].rule({"epsilon_placement": "ins
 
 def _shifted(rule, key, delta):
     """Shift a hyperparameter the configuration uses (a zero momentum stays 0)."""
-    def step(ar, hp, s, g, t):
-        return rule.step(ar, {**hp, key: hp[key] + delta} if hp[key] else hp, s, g, t)
+    def step(ar, hp, s, g, t, paths):
+        return rule.step(ar, {**hp, key: hp[key] + delta} if hp[key] else hp, s, g, t, paths)
     return step
 
 
 def _learning_rate_as_given(rule):
-    def step(ar, hp, s, g, t):
+    def step(ar, hp, s, g, t, paths):
         exact = Arithmetic(ar.dtype, replace(ar.precision, learning_rate_float32=False),
                            track=ar.track, tie_width=ar.tie_width)
-        return rule.step(exact, hp, s, g, t)
+        return rule.step(exact, hp, s, g, t, paths)
     return step
 
 
 def _without_running_max(rule):
     """AMSGrad's v_hat = max(v_hat, v) taken from 0, i.e. v_hat = v (the branch lost)."""
-    def step(ar, hp, s, g, t):
+    def step(ar, hp, s, g, t, paths):
         zeros = [ar.exact(np.zeros(np.shape(v.v))) for v in s["velocity_hat"]]
-        return rule.step(ar, hp, {**s, "velocity_hat": zeros}, g, t)
+        return rule.step(ar, hp, {**s, "velocity_hat": zeros}, g, t, paths)
     return step
 
 
