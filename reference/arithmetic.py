@@ -510,3 +510,13 @@ def matmul(a: Tracked, b: Tracked) -> Tracked:
         tb = np.broadcast_to(False if b.tie is None else b.tie, np.shape(b.v)).astype(float)
         tie = (np.matmul(ta, np.ones_like(abs_b)) + np.matmul(np.ones_like(abs_a), tb)) > 0
     return Tracked(z, e, a.ar, tie)
+
+
+def where(condition, a: Tracked, b: Tracked) -> Tracked:
+    """a where the (exactly known) condition holds, else b, each with its bound."""
+    tie = None
+    if a.tie is not None or b.tie is not None:
+        tie = np.where(condition, False if a.tie is None else a.tie,
+                       False if b.tie is None else b.tie)
+    e = None if a.e is None else np.where(condition, a.e, b.e)
+    return Tracked(np.where(condition, a.v, b.v), e, a.ar, tie)

@@ -50,7 +50,7 @@ from typing import Callable
 
 import numpy as np
 
-from reference.arithmetic import (Arithmetic, Tracked, maximum, sqrt, square,
+from reference.arithmetic import (Arithmetic, Tracked, maximum, sqrt, square, where,
                                   sum_over)
 
 # hyperparameters of the base optimizer that every Keras optimizer takes, at
@@ -62,16 +62,6 @@ DEFAULTS = {"weight_decay": None, "clipnorm": None, "clipvalue": None,
 
 
 # --- exact selections and float32 results ---------------------------------
-def where(condition, a: Tracked, b: Tracked) -> Tracked:
-    """a where the (exactly known) condition holds, else b, each with its bound."""
-    tie = None
-    if a.tie is not None or b.tie is not None:
-        tie = np.where(condition, False if a.tie is None else a.tie,
-                       False if b.tie is None else b.tie)
-    e = None if a.e is None else np.where(condition, a.e, b.e)
-    return Tracked(np.where(condition, a.v, b.v), e, a.ar, tie)
-
-
 def per_row(mask: np.ndarray, x: Tracked) -> np.ndarray:
     """A [k] mask shaped [k, 1, ..., 1] to broadcast against x [k, *shape]."""
     return np.reshape(mask, (-1,) + (1,) * (np.ndim(x.v) - 1))

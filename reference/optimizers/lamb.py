@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from reference.arithmetic import Tracked, norm, sqrt, square
+from reference.arithmetic import norm, sqrt, square, where
 from reference.optimizer import Optimizer, Point
 from reference.pieces import ema, hyperparameter
 from reference.rule import slots
@@ -33,16 +33,6 @@ PIECES = {
 
 def states(hp, c):
     return slots("momentum", "velocity")
-
-
-def where(condition, a: Tracked, b: Tracked) -> Tracked:
-    """a where the (exactly known) condition holds, else b, each with its bound."""
-    tie = None
-    if a.tie is not None or b.tie is not None:
-        tie = np.where(condition, False if a.tie is None else a.tie,
-                       False if b.tie is None else b.tie)
-    e = None if a.e is None else np.where(condition, a.e, b.e)
-    return Tracked(np.where(condition, a.v, b.v), e, a.ar, tie)
 
 
 def update(ar, hp, c, s, g, t, lr):

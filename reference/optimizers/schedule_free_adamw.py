@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from reference.arithmetic import Tracked, gamma, maximum, sqrt, square
+from reference.arithmetic import Tracked, gamma, minimum, sqrt, square
 from reference.optimizer import Optimizer, Point
 from reference.pieces import hyperparameter
 from reference.rule import StateSpec, slots
@@ -45,10 +45,6 @@ PIECES = {
 
 def states(hp, c):
     return [StateSpec("momentum", 0.0, copies_variable=True)] + slots("velocity")
-
-
-def minimum(x: Tracked, y: Tracked) -> Tracked:
-    return -maximum(-x, -y)
 
 
 def warmup(ar, hp, step, how="python"):
