@@ -5,6 +5,7 @@ import json
 
 from reference.rule import REGISTRY
 from verify import check, cli
+from verify.configurations import CONFIGURATIONS, Configuration
 from verify.cli import installed_backends
 
 TINY = ["--optimizer", "sgd", "--dtype", "float32", "--mode", "eager", "--scenario",
@@ -59,3 +60,18 @@ def test_n_a_is_its_own_class_in_check_and_not_a_change_in_keras():
         assert check.unverified(changes[0])  # the harness changed, not Keras: exit 2
     changes = check.compare_cells([cell("match")], [cell("mismatch")])
     assert not check.unverified(changes[0])
+
+
+def test_a_configuration_keras_refuses_is_reported_not_a_harness_failure(
+        monkeypatch, tmp_path, capsys):
+    # Keras's base optimizer raises ValueError when two clip arguments are given
+    monkeypatch.setitem(CONFIGURATIONS, "two_clips", Configuration(
+        "two_clips", "SGD", {"learning_rate": 0.01, "clipnorm": 1.0, "clipvalue": 0.5}))
+    code = cli.main(["--backend", fast_backend(), "--family", "keras", *TINY,
+                     "--optimizer", "two_clips", "--output", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 0 and "note: 1 keras-family comparison(s) could not run" in err, err
+    by_optimizer = {r["optimizer"]: r for r in rows(tmp_path / "r")}
+    assert by_optimizer["two_clips"]["verdict"] == "error"
+    assert by_optimizer["two_clips"]["reason"].startswith("Keras raises ValueError")
+    assert by_optimizer["sgd"]["verdict"] in ("exact", "match")
