@@ -356,6 +356,9 @@ def _restrict(args, settings) -> None:
                              f"({', '.join(allowed)})")
         values = [x for x in allowed if x in chosen] if chosen else list(allowed)
         setattr(args, flag, [",".join(values)])
+    if args.full:
+        raise UsageError("a check re-runs the baseline's --steps and --size; --full is for "
+                         "--update-baseline")
     for k in NUMBERS:
         given = getattr(args, k)
         if given is not None and given != settings[k]:
@@ -373,7 +376,7 @@ def _defaults_from(args, settings) -> None:
                 values = [b for b in values if b in installed_backends()]
             setattr(args, flag, [",".join(values)] if values else [])
     for k in NUMBERS:
-        if getattr(args, k) is None:
+        if getattr(args, k) is None and not (args.full and k in ("steps", "size")):
             setattr(args, k, settings[k])
 
 
