@@ -125,7 +125,8 @@ def ns_lipschitz(hp, x: np.ndarray) -> np.ndarray:
     perturbation in the singular bases by the divided differences f[s_i, s_j],
     (f(s_i) + f(s_j)) / (s_i + s_j) = f[-s_j, s_i] and f(s_i) / s_i (Noferini
     2017, "A formula for the Frechet derivative of a generalized matrix
-    function", SIAM J. Matrix Anal. Appl. 38(2), Theorem 3.3), so their largest
+    function", SIAM J. Matrix Anal. Appl. 38(2): its analogue of the
+    Daleckii-Krein theorem), so their largest
     modulus bounds it.  For the polynomial they are polynomials of the singular
     values (no division).
     """
