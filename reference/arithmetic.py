@@ -12,6 +12,9 @@ z = fl(x op y) with u the unit roundoff (eps / 2):
     x / y    e_z = (e_x + |z| e_y) / |y| + u|z|
     sqrt x   e_z = min(e_x / z, sqrt(e_x)) + u|z|
     x ** t   e_z = |t z / x| e_x + u|z| (1 + |t ln x|)   (pow through exp/log)
+    cos x    e_z = |sin x| e_x + 2u|z|       (within one ulp: SLEEF u10, Eigen, libm)
+    log x    e_z = e_x / |x| + 2u|z|         (the same)
+    floor x, ceil x   exact integers; a tie where an integer lies within the bound
 
 plus, for every operation, the absolute error of underflow (eq. 2.8).
 Over whole axes (section 3.1; section 3.5 for matrix products), with
@@ -73,6 +76,12 @@ class Precision:
         in float32 (Keras's `dtypes.result_type(x.dtype, float)` in the JAX and
         torch backends' `linalg.norm` forces 64-bit types to 32-bit off
         TensorFlow: BIT64_TO_BIT32_DTYPE in keras/src/backend/common/dtypes.py).
+    schedule_float64: a learning-rate schedule computes in float64 in float64
+        runs (JAX, whose x64 mode the harness enables exactly for float64 work,
+        converts the schedule's Python floats to float64 tensors; elsewhere they
+        become float32, Keras's floatx), except ops.cos, which computes in
+        float32 (result_type(x.dtype, float) maps float64 to float32 off
+        TensorFlow, as for mean_float32), its result a float32 tensor.
     flushes_subnormals: results below the smallest normal number may be
         flushed to zero (TensorFlow and XLA set FTZ/DAZ on CPU), so each
         operation's underflow error is up to the smallest normal number
@@ -88,6 +97,7 @@ class Precision:
     mean_float32: bool = False
     value_aliases_variable: bool = False
     norm_float32: bool = False
+    schedule_float64: bool = False
     flushes_subnormals: bool = False
 
     def describe(self) -> str:
@@ -104,13 +114,16 @@ DESCRIPTIONS = {  # each setting as the reports state it, in this order
     "mean_float32": "ops.mean of a float64 tensor computes in float32",
     "norm_float32": "ops.norm of a float64 tensor computes in float32",
     "value_aliases_variable": "a variable's .value read before an assign sees the assigned value",
+    "schedule_float64": "learning-rate schedules compute in float64 in float64 runs "
+                        "(ops.cos in float32)",
     "flushes_subnormals": "subnormal results may be flushed to zero",
 }
 
 PRECISIONS = {
     "tensorflow": Precision("tensorflow", cast_rounds_to_float32=True, flushes_subnormals=True,
                             value_aliases_variable=True),
-    "jax": Precision("jax", mean_float32=True, norm_float32=True, flushes_subnormals=True),
+    "jax": Precision("jax", mean_float32=True, norm_float32=True, schedule_float64=True,
+                     flushes_subnormals=True),
     "torch": Precision("torch", decay_factor_float32=True, operand_float32=True,
                        min_max_float32=True, mean_float32=True, norm_float32=True,
                        value_aliases_variable=True),
@@ -331,6 +344,61 @@ def sqrt(x: Tracked) -> Tracked:
     # out of the domain beyond rounding: NaN is the exact answer (bound 0)
     e = np.where(negative, 0.0, e)
     return Tracked(z, e, x.ar, _either(x.tie, tie if np.any(tie) else None))
+
+
+def cos(x: Tracked) -> Tracked:
+    """cos(x): the argument's bound times |sin x|, and one ulp of the result."""
+    z = np.cos(x.v)
+    if not x.ar.track:
+        return Tracked(z, None, x.ar)
+    return x._new(z, lambda: np.abs(np.sin(x.v.astype(np.float64))) * x.e
+                  + x.ar.u * np.abs(z.astype(np.float64)), x)
+
+
+def log(x: Tracked) -> Tracked:
+    """log(x) for x > 0: the argument's relative bound, and one ulp of the result."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.log(x.v)
+        if not x.ar.track:
+            return Tracked(z, None, x.ar)
+        return x._new(z, lambda: x.e / np.abs(x.v.astype(np.float64))
+                      + x.ar.u * np.abs(z.astype(np.float64)), x)
+
+
+def _rounded_integer(x: Tracked, z) -> Tracked:
+    """An integer-valued z = floor(x) or ceil(x): exact, except that where the
+    exact x may lie on the other side of an integer (within tie_width times its
+    bound) either neighbouring integer is legitimate, a tie."""
+    if not x.ar.track:
+        return Tracked(z, None, x.ar)
+    v = x.v.astype(np.float64)
+    reach = x.ar.tie_width * np.broadcast_to(x.e, np.shape(v))
+    tie = (reach > 0) & ((np.abs(v - np.round(v)) <= reach))
+    return Tracked(z, np.zeros(np.shape(z)), x.ar, _either(x.tie, tie if np.any(tie) else None))
+
+
+def floor(x: Tracked) -> Tracked:
+    return _rounded_integer(x, np.floor(x.v))
+
+
+def ceil(x: Tracked) -> Tracked:
+    return _rounded_integer(x, np.ceil(x.v))
+
+
+def quotient(x: Tracked, y: Tracked) -> Tracked:
+    """x / y, exact where both are exact integers and y divides x (the quotient
+    is then an integer no larger than |x|, representable, and IEEE division is
+    correctly rounded): a step count over a number of steps."""
+    z = x / y
+    if x.ar.track:
+        xv, yv = x.v.astype(np.float64), y.v.astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            exact = ((np.broadcast_to(x.e, np.shape(z.v)) == 0)
+                     & (np.broadcast_to(y.e, np.shape(z.v)) == 0)
+                     & (xv == np.round(xv)) & (yv == np.round(yv)) & (yv != 0)
+                     & (np.fmod(xv, yv) == 0))
+        z.e = np.where(exact, 0.0, z.e)
+    return z
 
 
 def square(x: Tracked) -> Tracked:

@@ -184,11 +184,13 @@ def decoupled_weight_decay(ar: Arithmetic, w: Tracked, weight_decay: float,
     With the `decay_factor_float32` precision setting the factor (1 - wd*lr)
     is formed in float32 and then multiplies the weights (torch backend).
     """
+    if np.ndim(lr.v):  # a schedule's value per step [k]
+        lr = lr.reshape(np.shape(per_row(lr.v, w)))
     if ar.precision.decay_factor_float32:
         # torch: 1 - wd * lr on a float32 scalar tensor, every step rounded to
         # float32 and known exactly, so it carries no error bound of its own.
         f32 = Arithmetic("float32", ar.precision, track=False)
-        factor = 1 - f32.const(weight_decay) * f32.learning_rate(float(lr.v))
+        factor = 1 - f32.const(weight_decay) * f32.exact(np.float32(lr.v))
         return w * ar.exact(np.asarray(factor.v))
     return w - w * ar.cast(weight_decay) * lr
 

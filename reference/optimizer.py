@@ -8,7 +8,8 @@ choice of every piece plus where it comes from; the families `keras`,
 optimizer lists in `explained`, keeping the others at Keras's choice.
 
 A step of a point (`Optimizer.rule`):
-  1. the learning rate, from Keras's float32 variable (`ar.learning_rate`);
+  1. the learning rate, from Keras's float32 variable, or a schedule's float32
+     value at the stored iteration (reference/schedules.py);
   2. for the `keras` point, Keras's base-optimizer pipeline (reference/base.py,
      `base.run`) around steps 3 and 4: unscaling, gradient accumulation,
      clipping and weight decay before, the EMA of the weights after;
@@ -33,7 +34,7 @@ from typing import Callable
 
 import numpy as np
 
-from reference import base
+from reference import base, schedules
 from reference.arithmetic import Tracked
 from reference.rule import REGISTRY, Rule
 
@@ -74,15 +75,24 @@ class Optimizer:
             own = self.states(hp, point.resolve(hp))
             return own + base.states(hp) if point.keras_base else own
 
+        def unstated(hp):
+            if schedules.is_schedule(hp["learning_rate"]):
+                if not point.keras_base:
+                    return (f"{family} states a constant learning rate, not Keras's "
+                            f"{hp['learning_rate'].get('class_name')} schedule")
+                if reason := schedules.unsupported(hp["learning_rate"]):
+                    return reason
+            return point.unstated(hp) if point.unstated else None
+
         return Rule(family, self.class_name, defaults, states, self._step(point),
-                    point.source, point.notes, point.doc, point.unstated,
+                    point.source, point.notes, point.doc, unstated,
                     lambda hp: self.elementwise and (
                         not point.keras_base or base.elementwise(hp, point.resolve(hp))))
 
     def _step(self, point: Point):
         def step(ar, hp, state, grads, t, paths):
             c = point.resolve(hp)
-            lr = ar.learning_rate(hp["learning_rate"])
+            lr = schedules.learning_rate(ar, hp["learning_rate"], t)
 
             def own(state, grads, t):
                 return self._apply(ar, hp, c, state, grads, t, lr, paths)
@@ -105,7 +115,8 @@ class Optimizer:
             s["variable"] = w
             s["path"] = paths[i]
             s.update({n: broadcastable(x, w) for n, x in shared.items()})
-            results.append(self.update(ar, hp, c, s, g, broadcastable(t, w), lr))
+            results.append(self.update(ar, hp, c, s, g, broadcastable(t, w),
+                                       broadcastable(lr, w)))
         names = list(dict.fromkeys(n for r in results for n in r)) or ["variable"]
         out = {n: [r.get(n) for r in results] for n in names}
         out.update(shared)
@@ -117,8 +128,11 @@ class Optimizer:
 
 
 def broadcastable(x: Tracked, w: Tracked) -> Tracked:
-    """A [k] value (iteration, optimizer-wide state) shaped [k, 1, ..., 1] to
-    broadcast against the variable w [k, *shape]."""
+    """A [k] value (iteration, optimizer-wide state, scheduled learning rate)
+    shaped [k, 1, ..., 1] to broadcast against the variable w [k, *shape]; a
+    scalar (a constant learning rate) stays as it is."""
+    if np.ndim(x.v) == 0:
+        return x
     return x.reshape((-1,) + (1,) * (np.ndim(w.v) - 1))
 
 

@@ -165,7 +165,26 @@ ADAMAX_MAX_WITHOUT_ABS = Edit(
       "ops.maximum(ops.multiply(self.beta_2, u), gradient)"),),
     _pairs(["adamax"], GENERIC))
 
+# schedule: the base optimizer calls its learning-rate schedule with _iterations + 1,
+# the rate of the next step (`_get_current_learning_rate`, which every backend's
+# update and weight decay read).  Every configuration with a schedule changes, on
+# every backend; those with a constant rate must not.  Adagrad's staircase rate
+# differs only at its steps 4, 9: in `tiny` the weights then move by ~3e-8, and its
+# accumulator does not see the rate, so float32 keeps them within rounding there.
+SCHEDULED = ["sgd_momentum_exponential_decay", "adam_cosine_decay_restarts",
+             "adamw_piecewise_constant", "rmsprop_polynomial_decay",
+             "adagrad_inverse_time_decay", "lion_cosine_decay_warmup"]
+SCHEDULE_READ_ONE_ITERATION_LATE = together(
+    "schedule-read-one-iteration-late",
+    Edit("schedule-late", (("src/optimizers/base_optimizer.py",
+                            "return self._learning_rate(self._iterations)",
+                            "return self._learning_rate(self._iterations + 1)"),),
+         _pairs([o for o in SCHEDULED if o != "adagrad_inverse_time_decay"], ALL)),
+    Edit("schedule-late-adagrad", (), _pairs(["adagrad_inverse_time_decay"], ALL),
+         always=("float64",)))
+
 EDITS += [
+    SCHEDULE_READ_ONE_ITERATION_LATE,
     together("epsilons", ADAMAX_DEFAULT_EPSILON, ADADELTA_EPSILON_OUTSIDE_SQRT,
              LAMB_EPSILON_INSIDE_SQRT),
     together("branches", FTRL_NO_L1_THRESHOLD, AMSGRAD_WITHOUT_MAX, ADAMAX_MAX_WITHOUT_ABS),
@@ -194,6 +213,15 @@ def edited_keras(edit: Edit, root: Path) -> Path:
 BASE = "src/optimizers/base_optimizer.py"
 # Serialization (what model.save writes) loses half the learning rate: every
 # optimizer rebuilt from it computes differently, while the class itself does not.
+# A serialized schedule loses half its initial rate (PiecewiseConstantDecay: its values).
+SERIALIZED_SCHEDULE = ("            learning_rate = learning_rate_schedule.serialize(\n"
+                       "                self._learning_rate\n            )\n")
 SAVED_HALF_LEARNING_RATE = Edit(
     "saved-half-learning-rate",
-    ((BASE, '"learning_rate": learning_rate,\n', '"learning_rate": learning_rate * 0.5,\n'),))
+    ((BASE, '"learning_rate": learning_rate,\n',
+      '"learning_rate": learning_rate if isinstance(learning_rate, dict) '
+      'else learning_rate * 0.5,\n'),
+     (BASE, SERIALIZED_SCHEDULE, SERIALIZED_SCHEDULE
+      + '            learning_rate["config"] = {k: v * 0.5 if k == "initial_learning_rate" '
+        'else [x * 0.5 for x in v] if k == "values" else v '
+        'for k, v in learning_rate["config"].items()}\n')))

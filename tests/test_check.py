@@ -15,10 +15,10 @@ from verify.cli import installed_backends, settings_of
 from conftest import make_selection
 
 # Adam and the classes that share its code (AdamW, and adam_amsgrad: Adam with
-# amsgrad), the optimizers issue 9 added that check_edits.EDITS edit, and SGD
-# with momentum, which no edit touches.
+# amsgrad), the optimizers issue 9 added that check_edits.EDITS edit, SGD
+# with momentum, which no edit touches, and the configurations with a schedule.
 OPTIMIZERS = ["adam", "adamw", "adam_amsgrad", "adamax", "adadelta", "ftrl", "lamb",
-              "sgd_momentum"]
+              "sgd_momentum"] + check_edits.SCHEDULED
 SCENARIOS = ["gaussian", "tiny", "sparse"]
 SMALL = ["--family", "keras", "--optimizer", ",".join(OPTIMIZERS), "--scenario",
          ",".join(SCENARIOS), "--steps", "12", "--size", "8", "--quiet"]

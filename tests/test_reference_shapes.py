@@ -54,7 +54,11 @@ def flat(xs):
     """Variables [K, *shape] laid end to end as one [K, N] variable."""
     v = np.concatenate([np.reshape(x.v, (K, -1)) for x in xs], axis=1)
     e = np.concatenate([np.broadcast_to(x.e, np.shape(x.v)).reshape(K, -1) for x in xs], axis=1)
-    return Tracked(v, e, xs[0].ar)
+    tie = None
+    if any(x.tie is not None for x in xs):  # a tied step (a schedule's restart)
+        tie = np.concatenate([np.broadcast_to(False if x.tie is None else x.tie,
+                                              np.shape(x.v)).reshape(K, -1) for x in xs], axis=1)
+    return Tracked(v, e, xs[0].ar, tie)
 
 
 @pytest.mark.parametrize("family,opt_id", CELLS, ids=[f"{f}-{c}" for f, c in CELLS])

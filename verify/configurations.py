@@ -19,8 +19,14 @@ class Configuration:
         return {"class_name": self.class_name, "config": dict(self.config)}
 
     def describe(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
-        return f"{self.class_name}({args})"
+        return _call(self.class_name, self.config)
+
+
+def _call(class_name: str, config: dict) -> str:
+    """Class(arg=value, ...); a serialized object (a schedule) written the same way."""
+    def value(v):
+        return _call(v["class_name"], v.get("config", {})) if isinstance(v, dict) else repr(v)
+    return f"{class_name}({', '.join(f'{k}={value(v)}' for k, v in config.items())})"
 
 
 def load(path: Path = CONFIG_FILE) -> dict:

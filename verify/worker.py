@@ -118,6 +118,9 @@ def build_optimizer(keras, class_name, config):
     if not isinstance(cls, type):
         raise ClassMissing(f"keras.optimizers has no class {class_name} "
                            f"(Keras {keras.__version__})")
+    if isinstance(config.get("learning_rate"), dict):  # a serialized schedule
+        config = {**config, "learning_rate": keras.optimizers.schedules.deserialize(
+            config["learning_rate"])}
     return cls(**config)
 
 
