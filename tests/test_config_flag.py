@@ -56,6 +56,10 @@ def test_serialized_config_is_taken_whole_and_its_id_is_stable():
     # any change of the config changes the id
     assert from_keras({**SERIALIZED_ADAM, "config": {**c.config, "beta_2": 0.99}}).id != c.id
     assert from_keras({**SERIALIZED_ADAM, "id": "ours"}).id == "ours"
+    # a backend's subclass, as serialize gives it for an optimizer built under torch
+    torch_adam = {**SERIALIZED_ADAM, "registered_name": "Adam",
+                  "module": "keras.src.backend.torch.optimizers.torch_adam"}
+    assert from_keras(torch_adam) == c
 
 
 def test_a_keras_2_config_key_at_its_neutral_value_is_dropped():
@@ -101,6 +105,8 @@ BAD = [
     (["--config", '{"class_name": "Adam", "config": {"clipnorm": "1"}}'],
      "clipnorm=\"1\" is a string, expected a number or a list or null"),
     (["--config", '{"class_name": "Adam", "config": {}, "registered_name": "Custom>A"}'],
+     "not a built-in Keras optimizer"),
+    (["--config", '{"class_name": "Adam", "config": {}, "module": "mylib"}'],
      "not a built-in Keras optimizer"),
     (["--config", '{"class_name": "Adam", "config": {}, "extra": 1}'], "unknown key 'extra'"),
     (["--config", '[{"class_name": "Adam", "id": "a"}, {"class_name": "SGD", "id": "a"}]'],

@@ -25,8 +25,10 @@ import reference
 CONFIG_FILE = Path(__file__).with_name("configurations.toml")
 MAX_FILE_BYTES = 1024 ** 2
 ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-# what keras.optimizers.serialize puts around the config
-ENVELOPE = {"module": "keras.optimizers", "registered_name": None}
+# what keras.optimizers.serialize puts around the config: a built-in class has a
+# module of keras (keras.optimizers; a backend's subclass under keras.src, whose
+# registered name is then its class name)
+ENVELOPE = ("module", "registered_name")
 # keys a tf.keras (Keras 2) optimizer's get_config emits that Keras 3 does not take,
 # at the only value that means the same optimizer in Keras 3
 DROPPED = {"is_legacy_optimizer": False}
@@ -142,11 +144,13 @@ def from_keras(obj, where="--config", explicit_id=None) -> Configuration:
     class_name = obj.get("class_name")
     if not isinstance(class_name, str):
         raise ConfigError(f"{where}: class_name must be a string naming a Keras optimizer")
-    for key, value in ENVELOPE.items():
-        if key in obj and obj[key] != value:
-            raise ConfigError(f"{where}: {key} {json.dumps(obj[key])[:60]}: not a built-in "
-                              f"Keras optimizer ({key} {json.dumps(value)}), which alone "
-                              "have a reference")
+    module, registered = obj.get("module", "keras.optimizers"), obj.get("registered_name")
+    if registered not in (None, class_name) or not (isinstance(module, str)
+                                                    and module.split(".")[0] == "keras"):
+        raise ConfigError(f"{where}: module {json.dumps(module)[:60]}, registered_name "
+                          f"{json.dumps(registered)[:60]}: not a built-in Keras optimizer "
+                          "(a module of keras, registered_name null or the class name), "
+                          "which alone have a reference")
     if class_name not in reference.OPTIMIZERS:
         raise ConfigError(f"{where}: unknown optimizer class {class_name!r}: the reference "
                           f"models {', '.join(sorted(reference.OPTIMIZERS))}")
