@@ -247,3 +247,21 @@ def test_a_schedule_reaches_the_worker_as_serialized(tmp_path):
         assert set(rows.verdict) == {"error"}
         assert all("Keras raises" in r and "'class_name': 'ExponentialDecay'" in r
                    for r in rows.reason), rows.reason.tolist()
+
+
+def test_matrix_hands_a_user_config_to_its_per_release_runs(tmp_path):
+    """matrix runs each release in a child process from flags: a user's configuration
+    must reach it whole, alone or beside built-in ones, and one at a time."""
+    from verify import matrix
+    parser = cli.build_parser()
+    for extra in ([], ["--optimizer", "sgd"]):
+        args = parser.parse_args(extra + ["--config", json.dumps(SCHEDULED_ADAM), "--backend",
+                                          fast_backend(), "--steps", "2", "--size", "2",
+                                          "--output", str(tmp_path / "o")])
+        sel, _, _ = cli.selection_from_args(args)
+        for only in (None, ["adam_scheduled"]):
+            child = parser.parse_args(matrix._selection_argv(sel, only) + ["--output",
+                                                                           str(tmp_path / "c")])
+            again, _, _ = cli.selection_from_args(child)
+            assert again.configurations == [c for c in sel.configurations
+                                            if only is None or c.id in only]
