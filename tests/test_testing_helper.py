@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-import perturbations  # noqa: F401  (registers the eps-inside-sqrt family)
+import perturbations
 from reference.rule import REGISTRY
 from verify.configurations import ConfigError
 from verify.testing import assert_matches_keras_reference
@@ -42,6 +42,7 @@ def test_fails_at_the_first_divergent_step_when_the_formula_differs(monkeypatch)
     """The reference's Adam with epsilon inside the square root (tests/perturbations.py)
     stands in for the keras family: Keras is unchanged, so every cell must fail at
     step 1 in the weights, and the message must say where and by how much."""
+    assert "eps-inside-sqrt" in perturbations.FAMILIES
     monkeypatch.setitem(REGISTRY, ("keras", "Adam"),
                         replace(REGISTRY[("eps-inside-sqrt", "Adam")], family="keras"))
     with pytest.raises(AssertionError) as failure:

@@ -25,8 +25,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 import reference
-from verify import compare, scenarios
-from verify import configurations
+from verify import compare, configurations, scenarios
 from verify.configurations import CONFIGURATIONS
 from verify.report import pivot
 from verify.output import OutputRefused, check_folder
