@@ -42,7 +42,7 @@ import pandas as pd
 from tabulate import tabulate
 
 import reference
-from verify import compare, html_report, scenarios
+from verify import compare, configurations, html_report, scenarios
 from verify.cli import (UsageError, build_parser, installed_backends, one_line, run,
                         selection_from_args, selection_parser)
 from verify.configurations import CONFIGURATIONS
@@ -368,8 +368,11 @@ def _restrict(args, settings) -> None:
 
 
 def _defaults_from(args, settings) -> None:
-    """Unset selection flags take the settings' values (for --update-baseline)."""
+    """Unset selection flags take the settings' values (for --update-baseline);
+    --config or --config-file replace its configurations."""
     for flag, key in LISTS.items():
+        if flag == "optimizer" and (args.config or args.config_file):
+            continue
         if not _names(getattr(args, flag)):
             values = settings[key]
             if flag == "backend":
@@ -380,9 +383,18 @@ def _defaults_from(args, settings) -> None:
             setattr(args, k, settings[k])
 
 
+def recorded(settings, path) -> dict:
+    """The baseline's own configurations (given with --config when it was written)."""
+    try:
+        return {i: configurations.from_keras(c, f"configuration {i!r}", explicit_id=i)
+                for i, c in settings["configurations"].items() if i not in CONFIGURATIONS}
+    except configurations.ConfigError as exc:
+        raise _bad(path, str(exc)) from None
+
+
 def _reproducible(settings, sel) -> None:
     """Raise UsageError unless this checkout computes what the baseline recorded."""
-    ids = [c.id for c in sel.configurations]
+    ids = [c.id for c in sel.configurations if c.id in CONFIGURATIONS]
     for i in ids:
         recorded = settings["configurations"].get(i)
         if recorded != CONFIGURATIONS[i].keras_config():
@@ -423,11 +435,16 @@ def plan(argv_or_args):
                          "supported")
     if args.update_baseline:
         raise UsageError("plan() is for checks, not --update-baseline")
+    if args.config or args.config_file:
+        raise UsageError("a check re-runs the baseline's configurations; --config and "
+                         "--config-file are for --update-baseline")
     args.inputs = _inputs(args)
     baseline = load_baseline(args.baseline)
     s = baseline.settings
+    args.recorded = recorded(s, baseline.path)
     for key, known, what in (("families", reference.FAMILIES, "family"),
-                             ("optimizers", list(CONFIGURATIONS), "configuration"),
+                             ("optimizers", [*CONFIGURATIONS, *args.recorded],
+                              "configuration"),
                              ("scenarios", list(scenarios.SCENARIOS), "scenario")):
         unknown = [x for x in s[key] if x not in known]
         if unknown:
@@ -618,11 +635,11 @@ def update(args, console=None) -> int:
     except OutputRefused as exc:
         raise UsageError(str(exc)) from None
     args.inputs = _inputs(args)
-    previous = None
     try:
         previous = load_baseline(args.baseline)
+        args.recorded = recorded(previous.settings, previous.path)
     except UsageError:
-        pass
+        previous = None
     if previous is not None:
         _defaults_from(args, previous.settings)
     if args.seed is None:

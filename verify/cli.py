@@ -22,15 +22,14 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 from tabulate import tabulate
 
 import reference
-from verify import compare, scenarios
+from verify import compare, configurations, scenarios
 from verify.configurations import CONFIGURATIONS
-from verify.report import Sink, pivot
-from verify.output import OutputRefused, check_folder, replacing_folder
-from verify.runner import Runner, Selection
+from verify.report import pivot
+from verify.output import OutputRefused, check_folder
+from verify.runner import Selection
 
 BACKENDS = ("tensorflow", "jax", "torch")
 DTYPES = ("float32", "float64")
@@ -47,7 +46,7 @@ FULL_STEPS, FULL_SIZE = 1000, 1024
 MAX_GRADIENT_BYTES = 2 * 1024 ** 3  # the scenario arrays the run holds and hands out
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """Bad input: reported as one line, exit code 2."""
 
 
@@ -112,7 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", action="append", default=[],
                    help=f"{', '.join(reference.FAMILIES)} (default all)")
     p.add_argument("--optimizer", action="append", default=[],
-                   help="configuration ids (default all; see `list`)")
+                   help="configuration ids (default all, or none when --config or "
+                        "--config-file is given; see `list`)")
+    p.add_argument("--config", action="append", default=[], metavar="JSON|FILE.json",
+                   help="your own configuration, as keras.optimizers.serialize(optimizer) "
+                        "returns it (an optional \"id\" names it), inline or in a file "
+                        "holding one or a list; repeatable. Alone it replaces the built-in "
+                        "configurations; with --optimizer it joins those")
+    p.add_argument("--config-file", action="append", default=[], metavar="FILE.toml",
+                   help="configurations in verify/configurations.toml's format (the table "
+                        "names are the ids); as --config")
     p.add_argument("--scenario", action="append", default=[],
                    help="gradient scenarios (default all; see `list`)")
     p.add_argument("--mode", action="append", default=[], help="eager, compiled (default both)")
@@ -163,8 +171,10 @@ def selection_from_args(args, replace_output=True) -> tuple:
     backends = chosen_backends(args.backend)
     dtypes = _choices(args.dtype, DTYPES, "dtype") or list(DTYPES)
     families = _choices(args.family, reference.FAMILIES, "family") or list(reference.FAMILIES)
-    optimizer_ids = _choices(args.optimizer, list(CONFIGURATIONS), "optimizer") or list(
-        CONFIGURATIONS)
+    user = user_configurations(args)
+    known = {**CONFIGURATIONS, **getattr(args, "recorded", {})}
+    optimizer_ids = _choices(args.optimizer, list(known), "optimizer") or (
+        [] if user else list(CONFIGURATIONS))
     modes = _choices(args.mode, MODES, "mode") or list(MODES)
     formats = _choices(args.format, FORMATS, "format") or list(FORMATS)
     if args.full and (args.steps is not None or args.size is not None or args.gradients):
@@ -198,10 +208,21 @@ def selection_from_args(args, replace_output=True) -> tuple:
     output = claim_output(args.output, [("the gradient file", args.gradients)]
                           + list(getattr(args, "inputs", [])), replace=replace_output)
     sel = Selection(backends=backends, dtypes=dtypes, families=families,
-                    configurations=[CONFIGURATIONS[i] for i in optimizer_ids],
+                    configurations=[known[i] for i in optimizer_ids
+                                    if i not in {c.id for c in user}] + user,
                     scenarios=names, modes=modes, steps=steps, size=size, seed=args.seed,
                     gradients=gradients, weights=weights)
     return sel, output, formats
+
+
+def user_configurations(args) -> list:
+    """--config and --config-file, checked (UsageError)."""
+    try:
+        return configurations.user_selection(
+            [c for text in args.config for c in configurations.parse_json(text, "--config")]
+            + [c for path in args.config_file for c in configurations.parse_toml(path)])
+    except configurations.ConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def check_run_size(steps: int, size: int, scenario_count: int, seed: int) -> None:
@@ -264,47 +285,37 @@ def timing_of(runner, harness_cpu: float) -> dict:
             "workers": t["workers"]}
 
 
+@contextmanager
+def progress_display(total: int, quiet: bool):
+    """A progress callback for the Runner (None when quiet): a bar on a terminal,
+    a line per tenth of the work in a log."""
+    if quiet:
+        yield None
+    elif not sys.stderr.isatty():  # a CI log: a plain line at every tenth of the work
+        yield LineProgress(total, time.perf_counter(), sys.stderr)
+    else:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.console import Console
+        with Progress(TextColumn("optimizer steps"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), TimeRemainingColumn(),
+                      console=Console(stderr=True)) as bar:
+            task = bar.add_task("steps", total=total)
+            yield lambda n: bar.advance(task, n)
+
+
 def run(sel: Selection, output: Path, formats, *, quiet=False, console=None, finish=None,
         command="run"):
     """Run the selection and write the reports to `output` atomically;
     `finish(folder)` may add files to the report before it appears."""
+    from verify import api  # (it imports this module)
+
     console = console or sys.stdout
-    with replacing_folder(output, command) as tmp:
-        settings = settings_of(sel, formats)
-        order = {"family": sel.families, "optimizer": [c.id for c in sel.configurations],
-                 "backend": sel.backends, "dtype": sel.dtypes, "mode": sel.modes,
-                 "scenario": sel.scenarios}
-        sink = Sink(tmp, formats, settings, order)
-        total = len(sel.backends) * len(sel.dtypes) * len(sel.modes) * len(
-            sel.configurations) * sel.steps
-        started, cpu = time.perf_counter(), time.process_time()
-        if quiet:
-            runner = Runner(sel, sink)
-            runner.run()
-        elif not sys.stderr.isatty():  # a CI log: a plain line at every tenth of the work
-            runner = Runner(sel, sink, progress=LineProgress(total, started, sys.stderr))
-            runner.run()
-        else:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
-            from rich.console import Console
-            with Progress(TextColumn("optimizer steps"), BarColumn(), MofNCompleteColumn(),
-                          TimeElapsedColumn(), TimeRemainingColumn(),
-                          console=Console(stderr=True)) as bar:
-                task = bar.add_task("steps", total=total)
-                runner = Runner(sel, sink, progress=lambda n: bar.advance(task, n))
-                runner.run()
-        environment = {"python": sys.version.split()[0], "numpy": np.__version__,
-                       "backends": runner.environment["backends"],
-                       "pinned": runner.environment["pinned"],
-                       "user_settings_not_used": runner.environment["user_settings_not_used"],
-                       "wall_seconds": round(time.perf_counter() - started, 1)}
-        environment["timing"] = timing_of(runner, time.process_time() - cpu)
-        keras_versions = sorted({b["keras"] for b in runner.environment["backends"].values()})
-        environment["keras"] = ", ".join(keras_versions)
-        df = sink.write(environment)
-        if finish is not None:
-            finish(tmp)
+    total = len(sel.backends) * len(sel.dtypes) * len(sel.modes) * len(
+        sel.configurations) * sel.steps
+    with progress_display(total, quiet) as progress:
+        df = api.execute(sel, output, formats, progress=progress, finish=finish,
+                         command=command).rows
     print(pivot(df), file=console)
     counts = df.groupby(["family", "verdict"]).size()
     print("\n" + ", ".join(f"{fam} {verdict}: {n}" for (fam, verdict), n in counts.items()),

@@ -1,12 +1,41 @@
-"""Optimizer configurations: data, not code (configurations.toml)."""
+"""Optimizer configurations: data, not code (configurations.toml), and the
+user's own, as `keras.optimizers.serialize(optimizer)` returns them.
+
+A user configuration is checked here, before any run: its class must be one
+the reference models (reference.OPTIMIZERS), every key of its config one of
+that class's arguments (the `keras` rule's defaults: the class's own and the
+base optimizer's, reference/base.py) or `name`, each value of the kind of its
+default; `learning_rate` may also be a serialized object (a schedule), kept as
+it is for the worker to deserialize.  Its id is the object's "id", else the
+class name and a hash of the canonical config.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+import reference
+
 CONFIG_FILE = Path(__file__).with_name("configurations.toml")
+MAX_FILE_BYTES = 1024 ** 2
+ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# what keras.optimizers.serialize puts around the config: a built-in class has a
+# module of keras (keras.optimizers; a backend's subclass under keras.src, whose
+# registered name is then its class name)
+ENVELOPE = ("module", "registered_name")
+# keys a tf.keras (Keras 2) optimizer's get_config emits that Keras 3 does not take,
+# at the only value that means the same optimizer in Keras 3
+DROPPED = {"is_legacy_optimizer": False}
+
+
+class ConfigError(ValueError):
+    """A user configuration that cannot be verified (bad input: one line, exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -37,3 +66,206 @@ def load(path: Path = CONFIG_FILE) -> dict:
 
 
 CONFIGURATIONS = load()
+
+
+def canonical(class_name: str, config: dict) -> str:
+    return json.dumps({"class_name": class_name, "config": config}, sort_keys=True,
+                      separators=(",", ":"))
+
+
+def derived_id(class_name: str, config: dict) -> str:
+    """e.g. adam_3f2a9c1d: the same for the same config, whatever its key order."""
+    digest = hashlib.sha256(canonical(class_name, config).encode()).hexdigest()[:8]
+    return f"{class_name.lower()}_{digest}"
+
+
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return "null" if value is None else type(value).__name__
+
+
+def _plain(value, where):
+    """ConfigError unless `value` is JSON data with finite numbers (TOML has dates, NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value} is not a finite number")
+    if isinstance(value, list):
+        for item in value:
+            _plain(item, where)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _plain(item, f"{where}: {key}")
+    elif not (value is None or isinstance(value, (bool, int, float, str))):
+        raise ConfigError(f"{where}: {value} is {type(value).__name__}, not JSON data")
+
+
+def _serialized_object(value, where) -> None:
+    """A nested Keras object as serialize writes it (a schedule): class_name, config."""
+    extra = set(value) - {"class_name", "config", "module", "registered_name"}
+    if extra:
+        raise ConfigError(f"{where}: unknown key {sorted(extra)[0]!r} in a serialized object "
+                          "(expected class_name, config, module, registered_name)")
+    if not isinstance(value.get("class_name"), str) or not isinstance(value.get("config"),
+                                                                      dict):
+        raise ConfigError(f"{where}: a serialized object needs a string class_name and an "
+                          "object config")
+
+
+def _check_value(key, value, default, where):
+    what = f"{where}: {key}={json.dumps(value)[:60]}"
+    if key == "learning_rate" and isinstance(value, dict):
+        _serialized_object(value, what)
+        return
+    if isinstance(value, dict):
+        raise ConfigError(f"{what} is an object, expected {_kind(default)}")
+    if value is None and (default is None or key == "name"):
+        return
+    allowed = {"a boolean": ("a boolean",), "a number": ("a number",),
+               "a string": ("a string",), "null": ("a number", "a list")}[_kind(default)]
+    if _kind(value) not in allowed:
+        raise ConfigError(f"{what} is {_kind(value)}, expected {' or '.join(allowed)}"
+                          + (" or null" if default is None else ""))
+    if isinstance(value, list) and not all(isinstance(x, str) for x in value):
+        raise ConfigError(f"{what}: expected a list of strings")
+
+
+def from_keras(obj, where="--config", explicit_id=None) -> Configuration:
+    """A configuration from `keras.optimizers.serialize`'s dict (optionally with
+    "id"), checked against the reference; ConfigError naming the problem."""
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{where}: expected an object with class_name and config, got "
+                          f"{_kind(obj)}")
+    extra = set(obj) - {"class_name", "config", "id", *ENVELOPE}
+    if extra:
+        raise ConfigError(f"{where}: unknown key {sorted(extra)[0]!r} (expected class_name, "
+                          "config, and optionally id, module, registered_name)")
+    class_name = obj.get("class_name")
+    if not isinstance(class_name, str):
+        raise ConfigError(f"{where}: class_name must be a string naming a Keras optimizer")
+    module, registered = obj.get("module", "keras.optimizers"), obj.get("registered_name")
+    if registered not in (None, class_name) or not (isinstance(module, str)
+                                                    and module.split(".")[0] == "keras"):
+        raise ConfigError(f"{where}: module {json.dumps(module)[:60]}, registered_name "
+                          f"{json.dumps(registered)[:60]}: not a built-in Keras optimizer "
+                          "(a module of keras, registered_name null or the class name), "
+                          "which alone have a reference")
+    if class_name not in reference.OPTIMIZERS:
+        raise ConfigError(f"{where}: unknown optimizer class {class_name!r}: the reference "
+                          f"models {', '.join(sorted(reference.OPTIMIZERS))}")
+    config = obj.get("config", {})
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where}: config must be an object, got {_kind(config)}")
+    where = f"{where} ({class_name})"
+    _plain(config, where)
+    defaults = {"name": "", **reference.get_rule("keras", class_name).defaults}
+    kept = {}
+    for key, value in config.items():
+        if key in DROPPED and key not in defaults:
+            if value != DROPPED[key]:
+                raise ConfigError(f"{where}: {key}={json.dumps(value)} is not a Keras 3 "
+                                  "optimizer")
+            continue
+        if key not in defaults:
+            raise ConfigError(f"{where}: unknown argument {key!r} (it takes "
+                              f"{', '.join(sorted(defaults))})")
+        _check_value(key, value, defaults[key], where)
+        kept[key] = value
+    given = obj.get("id", explicit_id)
+    if given is None:
+        given = derived_id(class_name, kept)
+    elif not (isinstance(given, str) and ID.fullmatch(given)):
+        raise ConfigError(f"{where}: id {json.dumps(given)[:70]} must be 1 to 64 letters, "
+                          "digits, '_', '.' or '-', starting with a letter or digit")
+    return Configuration(given, class_name, kept)
+
+
+def _no_duplicate_keys(pairs):
+    keys = [k for k, _ in pairs]
+    for k in keys:
+        if keys.count(k) > 1:
+            raise ConfigError(f"key {k!r} given twice in one object")
+    return dict(pairs)
+
+
+def _reject_constant(name):
+    raise ConfigError(f"{name} is not JSON")
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise ConfigError(f"{what} {path}: larger than {MAX_FILE_BYTES // 1024} KiB")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path}: no such file (give a JSON object, or the path of "
+                          "a file holding one or a list of them)") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot be read: {exc.strerror or exc}") from None
+
+
+def parse_json(text: str, where: str) -> list:
+    """--config's value, inline JSON or the path of a .json file -> Configurations."""
+    stripped = text.lstrip()
+    if stripped[:1] in ("{", "["):
+        source, raw = f"{where} {stripped[:40]}", stripped
+    else:
+        source = f"{where} {text}"
+        try:
+            raw = _read(Path(text), where).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{source}: not UTF-8 text") from None
+    try:
+        doc = json.loads(raw, object_pairs_hook=_no_duplicate_keys,
+                         parse_constant=_reject_constant)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source}: invalid JSON: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid JSON: nested too deeply") from None
+    items = doc if isinstance(doc, list) else [doc]
+    if not items:
+        raise ConfigError(f"{source}: an empty list")
+    return [from_keras(item, source if len(items) == 1 else f"{source} item {i + 1}")
+            for i, item in enumerate(items)]
+
+
+def parse_toml(path: str, where: str = "--config-file") -> list:
+    """A file in configurations.toml's format -> Configurations, ids its table names."""
+    source = f"{where} {path}"
+    try:
+        data = tomllib.loads(_read(Path(path), where).decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    if not data:
+        raise ConfigError(f"{source}: no configurations in it")
+    out = []
+    for key, entry in data.items():
+        if isinstance(entry, dict) and "id" in entry:
+            raise ConfigError(f"{source} [{key}]: the table name is the id; drop `id`")
+        out.append(from_keras(entry, f"{source} [{key}]", explicit_id=key))
+    return out
+
+
+def user_selection(configurations: list, known=CONFIGURATIONS) -> list:
+    """ConfigError for an id given twice or clashing with a built-in's."""
+    seen = set()
+    for c in configurations:
+        if c.id in known:
+            raise ConfigError(f"configuration id {c.id!r} is a built-in configuration's; give "
+                              "yours another \"id\"")
+        if c.id in seen:
+            raise ConfigError(f"configuration id {c.id!r} given twice (ids must differ; the "
+                              "same config given twice has the same derived id)")
+        seen.add(c.id)
+    return configurations

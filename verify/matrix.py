@@ -35,6 +35,7 @@ from tabulate import tabulate
 from verify import check, compare, html_report, worker
 from verify.cli import (UsageError, build_parser, interruptible, run, selection_from_args,
                         selection_parser, settings_of)
+from verify.configurations import CONFIGURATIONS
 from verify.output import MARKER, OutputRefused, add_files, check_folder, write_marker
 
 DEFAULT_OUTPUT = "reports/matrix"
@@ -241,12 +242,16 @@ def _markdown(settings, versions, releases, worst, changes, df) -> str:
 
 
 def _selection_argv(sel, optimizers=None) -> list:
+    chosen = [c for c in sel.configurations if optimizers is None or c.id in optimizers]
     argv = []
     lists = {"backend": sel.backends, "dtype": sel.dtypes, "family": sel.families,
-             "optimizer": optimizers or [c.id for c in sel.configurations],
+             "optimizer": [c.id for c in chosen if c.id in CONFIGURATIONS],
              "scenario": sel.scenarios, "mode": sel.modes}
     for flag, values in lists.items():
-        argv += [f"--{flag}", ",".join(values)]
+        argv += [f"--{flag}", ",".join(values)] if values else []
+    for c in chosen:  # the user's own (--config)
+        if c.id not in CONFIGURATIONS:
+            argv += ["--config", json.dumps({"id": c.id, **c.keras_config()})]
     return argv + ["--steps", str(sel.steps), "--size", str(sel.size), "--seed", str(sel.seed),
                    "--quiet"]
 

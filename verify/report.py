@@ -40,16 +40,22 @@ def _num(x):
 
 
 class Sink:
-    """Collects summary rows; writes each per-step table as soon as it is final."""
+    """Collects summary rows; writes each per-step table as soon as it is final
+    (into `out_dir`; None: nowhere), and keeps them with `keep_tables` (for
+    `tables` and a later `replay` into a folder)."""
 
-    def __init__(self, out_dir: Path, formats, settings: dict, order: dict):
-        self.out_dir = Path(out_dir)
-        self.formats = set(formats)
+    def __init__(self, out_dir: Path | None, formats, settings: dict, order: dict,
+                 keep_tables=False):
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.formats = set(formats) if out_dir is not None else set()
         self.settings = settings
         self.order = order  # field -> list giving the row order
         self.rows = []
         self.excerpts = {}
         self.traces = {}  # cell -> html_report.Trace of a mismatching comparison
+        self.keep_tables = keep_tables
+        self.tables = {}  # cell -> its per-step table, with keep_tables
+        self._divergences = {}  # cell -> (state, step) of its first divergence
 
     def row(self, family, run, scenario, comparison=None, index=None, error=None,
             not_stated=None):
@@ -90,18 +96,35 @@ class Sink:
         })
         table = pd.DataFrame(comparison.step_table(index))
         key = (family, run.configuration.id, run.backend, run.dtype, run.mode, scenario)
-        if "csv" in self.formats:
-            path = self.out_dir / "steps" / family / run.configuration.id / (
-                f"{run.backend}-{run.dtype}-{run.mode}-{scenario}.csv.gz")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            table.to_csv(path, index=False,
-                         compression={"method": "gzip", "mtime": 0, "compresslevel": 6})
-        if d is not None and "html" in self.formats:
-            from verify.html_report import trace  # (it imports this module)
-            self.traces[key] = trace(table, d.state, d.step)
+        divergence = (d.state, d.step) if d is not None else None
+        if self.keep_tables:
+            self.tables[key] = table
+            self._divergences[key] = divergence
+        self._table_files(key, table, divergence)
         if d is not None:
             lo = max(0, d.step - 1)
             self.excerpts[key] = table[(table.step >= lo) & (table.step < lo + EXCERPT_STEPS)]
+
+    def _table_files(self, key, table, divergence):
+        if "csv" in self.formats:
+            family, optimizer, backend, dtype, mode, scenario = key
+            path = self.out_dir / "steps" / family / optimizer / (
+                f"{backend}-{dtype}-{mode}-{scenario}.csv.gz")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            table.to_csv(path, index=False,
+                         compression={"method": "gzip", "mtime": 0, "compresslevel": 6})
+        if divergence is not None and "html" in self.formats:
+            from verify.html_report import trace  # (it imports this module)
+            self.traces[key] = trace(table, *divergence)
+
+    def replay(self, out_dir: Path, formats, environment: dict) -> pd.DataFrame:
+        """Write the reports of a finished run (its tables kept) into `out_dir`."""
+        if not self.keep_tables:
+            raise ValueError("the run did not keep its per-step tables")
+        self.out_dir, self.formats, self.traces = Path(out_dir), set(formats), {}
+        for key, table in self.tables.items():
+            self._table_files(key, table, self._divergences[key])
+        return self.write(environment)
 
     # --- final files --------------------------------------------------------
     def frame(self) -> pd.DataFrame:
