@@ -114,6 +114,7 @@ class Runner:
         sel = self.sel
         with tempfile.TemporaryDirectory(prefix="verify-inputs-") as tmp:
             tmp = Path(tmp)
+            self.spill = tmp / "steps"  # per-step tables the report does not keep
             inputs = {"initial": str(tmp / "initial.npy"), "scenarios": {}}
             np.save(inputs["initial"], sel.initial)
             for name in sel.scenarios:
@@ -300,6 +301,8 @@ class Runner:
                                   reference.PRECISIONS[run.backend], self.segments,
                                   self.all_gradients, keras_states)
         if c is not None:
+            c.on_table = self.sink.step_files(family, run, self.sel.scenarios,
+                                              self.spill / f"{run_id}-{family}")
             c.error = run.problem
             _guarded(c, c.start, states, iteration, layout)
         active[run_id, family] = c if c is not None else reason
@@ -311,6 +314,8 @@ class Runner:
 
     def _finish(self, run_id, family, active):
         run, c = self.runs[run_id], active.pop((run_id, family))
+        if not isinstance(c, str):
+            c.on_table.close()
         with self._lock:
             for s, scenario in enumerate(self.sel.scenarios):
                 if isinstance(c, str) and family == "keras":  # the harness must state Keras
@@ -318,11 +323,16 @@ class Runner:
                 elif isinstance(c, str):
                     self.sink.row(family, run, scenario, not_stated=c)
                 else:
-                    self.sink.row(family, run, scenario, comparison=c, index=s)
+                    self.sink.row(family, run, scenario, comparison=c, index=s,
+                                  steps=c.on_table.paths[s])
+        if not isinstance(c, str) and (c.error or c.on_table.temporary):
+            c.on_table.remove()  # an error row has no per-step table
 
     def _finish_error(self, run_id, family, reason, active):
         run = self.runs[run_id]
-        active.pop((run_id, family), None)
+        c = active.pop((run_id, family), None)
+        if isinstance(c, compare.RunComparison):
+            c.on_table.remove()
         not_stated = None
         if family != "keras":  # a family that does not state it says so, run or not
             try:
