@@ -171,8 +171,7 @@ class Sink:
         excerpt = []
 
         def pieces():
-            with pd.read_csv(path, compression="gzip", chunksize=STEP_ROWS,
-                             float_precision="round_trip") as tables:
+            with pd.read_csv(path, compression="gzip", chunksize=STEP_ROWS) as tables:
                 for table in tables:
                     excerpt.append(table[(table.step >= lo) & (table.step < lo + EXCERPT_STEPS)])
                     yield table

@@ -3,7 +3,8 @@
 One worker process per backend (per backend and x64 setting for JAX), all
 started at once; a reader thread per worker queues its messages, the main
 thread hands them to a pool of diff threads, each run's in order.  Only
-per-step statistics are kept.
+running statistics are kept: each comparison's per-step tables go to files as
+they come (report.StepFiles).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Selection:
     python_path: list = field(default_factory=list)  # put first on the workers' sys.path
     jax_x64: bool | None = None  # None: on exactly for float64 work (tests may force it)
     weights: dict | None = None  # name -> shape; None: scenarios.weight_shapes(size)
+    shard: tuple | None = None  # (K, N): the K-th of N shards of the runs (runs())
 
     def __post_init__(self):
         if self.weights is None:
@@ -59,6 +61,19 @@ class Selection:
                               for n in self.scenarios}
         if self.initial is None:
             self.initial = scenarios.initial_weights(count, self.seed)
+
+    def runs(self, every=False) -> list:
+        """(configuration, backend, dtype, mode) of each run, in run order.  A run
+        is the unit of sharding: one worker stream that every family and scenario
+        share.  Shard (K, N) takes the K-th run and every N-th after it, so that
+        the shards share out every backend and dtype evenly and each run is in
+        exactly one shard."""
+        runs = [(c, b, d, m) for b in self.backends for d in self.dtypes
+                for c in self.configurations for m in self.modes]
+        if every or self.shard is None:
+            return runs
+        k, n = self.shard
+        return runs[k - 1::n]
 
     def variables(self) -> list:
         """(path, weight name, shape, scenario index) of every variable, in order:
@@ -123,19 +138,22 @@ class Runner:
                 inputs["scenarios"][name] = str(path)
             started, run_id = [], 0
             self.runs = {}
+            chosen = sel.runs()
             for backend, x64, dtypes in _worker_groups(sel):
                 specs = []
-                for configuration in sel.configurations:
-                    for dtype in dtypes:
-                        for mode in sel.modes:
-                            run = RunSpec(run_id, configuration, backend, dtype, mode)
-                            self.runs[run_id] = run
-                            specs.append({"id": run_id, "class_name": configuration.class_name,
-                                          "config": configuration.config, "dtype": dtype,
-                                          "mode": mode, "scenarios": sel.scenarios,
-                                          "weights": [[n, list(shape)] for n, shape
-                                                      in sel.weights.items()]})
-                            run_id += 1
+                for configuration, b, dtype, mode in chosen:
+                    if b != backend or dtype not in dtypes:
+                        continue
+                    run = RunSpec(run_id, configuration, backend, dtype, mode)
+                    self.runs[run_id] = run
+                    specs.append({"id": run_id, "class_name": configuration.class_name,
+                                  "config": configuration.config, "dtype": dtype,
+                                  "mode": mode, "scenarios": sel.scenarios,
+                                  "weights": [[n, list(shape)] for n, shape
+                                              in sel.weights.items()]})
+                    run_id += 1
+                if not specs:  # no run of this shard on this backend and dtype
+                    continue
                 job = {"backend": backend, "x64": x64, "steps": sel.steps, "chunk": CHUNK,
                        "inputs": inputs, "runs": specs, "python_path": sel.python_path,
                        "floor": self.floor}
