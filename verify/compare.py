@@ -192,7 +192,7 @@ class RunComparison:
     """
 
     def __init__(self, family, rule, config, dtype, precision, segments: Segments,
-                 gradients: np.ndarray, keras_states, on_table=None):
+                 gradients: np.ndarray, keras_states):
         self.family = family
         self.rule = rule
         self.hp = rule.hyperparameters(config)
@@ -234,9 +234,10 @@ class RunComparison:
         self.divergence: list = [None] * S
         self.mismatch_steps = np.zeros(S, int)
         # each chunk's per-step table {"step": [k], "drift": [k,S], (state, metric): [k,S]}
-        # goes to on_table (report.Sink writes it out as it comes); without one it is kept
+        # goes to on_table: kept in `tables`, unless the runner sends it to the report's
+        # files as it comes (report.StepFiles)
         self.tables: list = []
-        self.on_table = self.tables.append if on_table is None else on_table
+        self.on_table = self.tables.append
         # over all steps so far, per scenario: the largest error of each metric over the
         # states, the largest and the last drift
         self.largest = {m: np.full(S, -np.inf) for m in METRICS}
@@ -414,8 +415,14 @@ class RunComparison:
         return "exact" if self.exact[s] else "match"
 
     def step_table(self, s: int) -> dict:
-        """Per-step maxima for scenario s (kept without on_table): column name -> 1-D array."""
-        return step_columns(self.tables, self.names, s)
+        """Per-step maxima for scenario s, of the tables kept: column name -> 1-D array."""
+        columns = {"step": np.concatenate([t["step"] for t in self.tables])}
+        columns["drift"] = np.concatenate([t["drift"][:, s] for t in self.tables])
+        for name in self.names:
+            for metric in METRICS:
+                columns[f"{name}_{metric}"] = np.concatenate(
+                    [t[(name, metric)][:, s] for t in self.tables])
+        return columns
 
     def summary(self, s: int) -> dict:
         return {
@@ -428,24 +435,13 @@ class RunComparison:
         }
 
 
-def step_columns(tables, names, s: int) -> dict:
-    """Chunk tables (RunComparison.on_table) -> scenario s's per-step table:
-    column name -> 1-D array."""
-    columns = {"step": np.concatenate([t["step"] for t in tables])}
-    columns["drift"] = np.concatenate([t["drift"][:, s] for t in tables])
-    for name in names:
-        for metric in METRICS:
-            columns[f"{name}_{metric}"] = np.concatenate([t[(name, metric)][:, s] for t in tables])
-    return columns
-
-
 def build(family, rule_lookup, configuration, dtype, precision, segments, gradients,
-          keras_states, on_table=None):
+          keras_states):
     """A RunComparison, or the reason the rule cannot model this configuration."""
     try:
         rule = rule_lookup(family, configuration.class_name)
         comparison = RunComparison(family, rule, configuration.config, dtype, precision,
-                                   segments, gradients, keras_states, on_table)
+                                   segments, gradients, keras_states)
         return comparison, None
     except Unsupported as exc:
         return None, str(exc)
