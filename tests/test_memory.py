@@ -4,6 +4,7 @@ per-step tables go to their files chunk by chunk (report.StepFiles) and the
 figures' traces are binned as they are read (html_report.Bins), which must give
 what the whole table gives."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import ROOT, fast_backend
 from verify import html_report, scenarios
+from verify.report import StepFiles
 
 STEPS, SIZE = 100_000, 128
 ELEMENTS = scenarios.element_count(scenarios.weight_shapes(SIZE))  # 119: five weights
@@ -91,3 +93,57 @@ def test_binning_in_pieces_catches_a_changed_bin_size():
     bins = html_report.Bins(2000)
     bins.add(step, values)
     assert not np.array_equal(bins.result()[0], _bin_max_whole(step, values)[0])
+
+
+def _chunk_tables(steps, names, chunk, seed=0):
+    """Per-chunk tables as RunComparison hands them on, 2 scenarios."""
+    rng = np.random.default_rng(seed)
+    tables = []
+    for start in range(0, steps, chunk):
+        k = min(chunk, steps - start)
+        t = {"step": np.arange(start, start + k), "drift": rng.uniform(0, 1, (k, 2))}
+        for name in names:
+            for metric in ("abs", "rel", "scaled"):
+                t[(name, metric)] = np.where(rng.uniform(size=(k, 2)) < 0.01, np.inf,
+                                             rng.lognormal(0, 20, (k, 2)))
+        tables.append(t)
+    return tables
+
+
+def _whole_table_bytes(tables, s, folder, name) -> bytes:
+    """What pandas writes for scenario s's whole table, as the file `name`."""
+    whole = pd.DataFrame({"_".join(k) if isinstance(k, tuple) else k:
+                          np.concatenate([t[k] if k == "step" else t[k][:, s] for t in tables])
+                          for k in tables[0]})
+    folder.mkdir(exist_ok=True)
+    whole.to_csv(folder / name, index=False,
+                 compression={"method": "gzip", "mtime": 0, "compresslevel": 6})
+    return (folder / name).read_bytes()
+
+
+def test_step_files_written_in_chunks_are_the_bytes_of_the_whole_table(tmp_path):
+    """The per-step files the harness streams are those pandas wrote for the whole
+    table (so reports stay byte-identical)."""
+    tables = _chunk_tables(2345, ["variable", "momentum"], 50)
+    paths = [tmp_path / f"{s}.csv.gz" for s in (0, 1)]
+    files = StepFiles(paths, temporary=False)
+    for t in tables:
+        files(t)
+    files.close()
+    for s, path in enumerate(paths):
+        assert path.read_bytes() == _whole_table_bytes(tables, s, tmp_path / "pandas",
+                                                       path.name), s
+
+
+def test_step_files_closed_without_pandas_flush_would_differ(tmp_path):
+    """Sensitivity of the test above: the same rows closed without the flush pandas
+    does are other bytes (the same text), which the comparison sees."""
+    tables = _chunk_tables(300, ["variable"], 50)
+    path = tmp_path / "0.csv.gz"
+    files = StepFiles([path], temporary=False)
+    for t in tables:
+        files(t)
+    files.streams[0].close()
+    expected = _whole_table_bytes(tables, 0, tmp_path / "pandas", path.name)
+    assert path.read_bytes() != expected
+    assert gzip.decompress(path.read_bytes()) == gzip.decompress(expected)
