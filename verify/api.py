@@ -26,8 +26,8 @@ import pandas as pd
 import reference
 from verify import scenarios as scenario_module
 from verify.cli import (DEFAULT_SIZE, DEFAULT_STEPS, DTYPES, FORMATS, MODES, UsageError,
-                        _choices, check_run_size, chosen_backends, settings_of,
-                        timing_of)
+                        _choices, check_run_size, chosen_backends, report_order,
+                        settings_of, timing_of, write_shard_file)
 from verify.configurations import (CONFIGURATIONS, ConfigError, Configuration, from_keras,
                                    user_selection)
 from verify.output import check_folder, replacing_folder
@@ -115,9 +115,7 @@ def execute(sel: Selection, output=None, formats=FORMATS, *, progress=None, fini
     """Run `sel`; with `output`, write the reports there atomically (`finish(folder)`
     may add files before the folder appears)."""
     settings = settings_of(sel, formats)
-    order = {"family": sel.families, "optimizer": [c.id for c in sel.configurations],
-             "backend": sel.backends, "dtype": sel.dtypes, "mode": sel.modes,
-             "scenario": sel.scenarios}
+    order = report_order(settings)
     if output is None:
         sink = Sink(None, (), settings, order, keep_tables=keep_tables)
         environment = _run(sel, sink, progress)
@@ -127,6 +125,8 @@ def execute(sel: Selection, output=None, formats=FORMATS, *, progress=None, fini
             sink = Sink(tmp, formats, settings, order, keep_tables=keep_tables)
             environment = _run(sel, sink, progress)
             rows = sink.write(environment)
+            if sel.shard:
+                write_shard_file(tmp, sel, settings)
             if finish is not None:
                 finish(tmp)
     return Result(rows, sink.tables, settings, environment, sink)

@@ -43,10 +43,10 @@ from tabulate import tabulate
 
 import reference
 from verify import compare, configurations, html_report, scenarios
-from verify.cli import (UsageError, build_parser, installed_backends, one_line, run,
-                        selection_from_args, selection_parser)
+from verify.cli import (UsageError, add_shard_flag, build_parser, installed_backends, one_line,
+                        run, selection_from_args, selection_parser)
 from verify.configurations import CONFIGURATIONS
-from verify.output import OutputRefused, check_folder, replacing_folder
+from verify.output import OutputRefused, add_files, check_folder, replacing_folder
 
 FORMAT = 1
 DEFAULT_BASELINE = "reports/baseline"
@@ -328,7 +328,7 @@ def _parser():
                          "selection flags choose) and compare it cell by cell. Exit 0 no change, "
                          "1 a cell's math changed, 2 usage, baseline or environment error, or "
                          "cells that could not be verified.", DEFAULT_OUTPUT)
-    p.set_defaults(seed=None)
+    p.set_defaults(seed=None, output=None)
     p.add_argument("--baseline", default=DEFAULT_BASELINE,
                    help="baseline folder (default %(default)s)")
     p.add_argument("--update-baseline", action="store_true",
@@ -338,7 +338,18 @@ def _parser():
                    help="also fail on exact <-> match (rounding-only) changes")
     p.add_argument("--keras-path", action="append", default=[], metavar="DIR",
                    help="put DIR first on the workers' import path (e.g. an edited keras)")
+    add_shard_flag(p)
+    p.add_argument("--from", dest="from_run", metavar="DIR",
+                   help="compare the run report in DIR (e.g. `verify-optimizers merge` of the "
+                        "shards of `check --shard K/N`) with the baseline instead of running, "
+                        "and add the check's files to DIR; with --update-baseline, write it as "
+                        "the baseline. No selection flags: DIR's settings are the selection")
     return p
+
+
+# flags that choose or place a run, which --from takes from the run's report
+RUN_FLAGS = ("backend", "dtype", "family", "optimizer", "scenario", "mode", "steps", "size",
+             "seed", "gradients", "full", "keras_path", "shard", "output", "format")
 
 
 def _names(values) -> list:
@@ -438,6 +449,7 @@ def plan(argv_or_args):
     if args.config or args.config_file:
         raise UsageError("a check re-runs the baseline's configurations; --config and "
                          "--config-file are for --update-baseline")
+    args.output = args.output or DEFAULT_OUTPUT
     args.inputs = _inputs(args)
     baseline = load_baseline(args.baseline)
     s = baseline.settings
@@ -595,23 +607,19 @@ def _check_files(text, changes, html=None) -> dict:
 
 
 # --- the subcommand -----------------------------------------------------------
-def check(args, console=None) -> int:
-    console = console or sys.stdout
-    args, baseline, sel, output, formats, cells = plan(args)
-    result = {}
+def _conclude(args, baseline, cells, folder, now, environment, formats, shown) -> dict:
+    """The comparison of a run (its cells `now`, report in `folder`) with the
+    baseline's `cells`: its text, exit code, changes and check files."""
+    changes = compare_cells(cells, now, strict=args.strict)
+    text, code = report(baseline, cells, environment, changes, folder, args.strict, shown=shown)
+    html = ((head(baseline, cells, environment),
+             outcome(baseline, cells, environment, changes, args.strict), folder, formats)
+            if "html" in formats else None)
+    return {"text": text, "code": code, "changes": changes,
+            "files": _check_files(text, changes, html)}
 
-    def finish(folder, now, environment):
-        changes = compare_cells(cells, now, strict=args.strict)
-        text, code = report(baseline, cells, environment, changes, folder, args.strict,
-                            shown=output)
-        html = ((head(baseline, cells, environment),
-                 outcome(baseline, cells, environment, changes, args.strict), folder, formats)
-                if "html" in formats else None)
-        for name, content in _check_files(text, changes, html).items():
-            (folder / name).write_text(content)
-        result.update(text=text, code=code, changes=changes)
 
-    execute(sel, output, formats, quiet=args.quiet, finish=finish)
+def _announce(result, output, formats, console) -> int:
     print(result["text"], file=console)
     if result["changes"]:
         print(f"\nReport: {output}/check.md, changes.csv"
@@ -626,8 +634,124 @@ def check(args, console=None) -> int:
     return result["code"]
 
 
+def check(args, console=None) -> int:
+    console = console or sys.stdout
+    args, baseline, sel, output, formats, cells = plan(args)
+    if sel.shard is not None:
+        return _shard(sel, output, formats, args.quiet, console)
+    result = {}
+
+    def finish(folder, now, environment):
+        result.update(_conclude(args, baseline, cells, folder, now, environment, formats,
+                                output))
+        for name, content in result["files"].items():
+            (folder / name).write_text(content)
+
+    execute(sel, output, formats, quiet=args.quiet, finish=finish)
+    return _announce(result, output, formats, console)
+
+
+def _shard(sel, output, formats, quiet, console) -> int:
+    """A shard of a check or of a baseline refresh: its run report only; the
+    comparison or the baseline waits for all the shards (merge, then --from)."""
+    run(sel, output, formats, quiet=quiet, console=io.StringIO(), command="check")
+    k, n = sel.shard
+    print(f"shard {k}/{n} written to {output}/; when all {n} are done: `verify-optimizers "
+          f"merge DIR... --output MERGED`, then `verify-optimizers check --from MERGED`"
+          " (with --update-baseline to accept it)", file=console)
+    return 0
+
+
+def read_run(args) -> tuple:
+    """--from DIR: (folder, settings, environment, cells, formats) of a complete run
+    report; UsageError for selection flags beside it or a folder that is not one."""
+    given = [f for f in RUN_FLAGS if getattr(args, f) not in (None, [], False)]
+    if given:
+        raise UsageError(f"--from takes the selection from the run in "
+                         f"{args.from_run}; do not give --{given[0].replace('_', '-')}")
+    folder = Path(args.from_run)
+    try:
+        doc = json.loads((folder / "summary.json").read_text())
+        settings, environment, rows = doc["settings"], doc["environment"], doc["rows"]
+        cells = [cell_class(r) for r in rows]
+        missing = [k for k in REQUIRED_SETTINGS if k not in settings]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise UsageError(f"--from {folder} is not a run report (no readable "
+                         "summary.json)") from None
+    if missing:
+        raise UsageError(f"--from {folder}: its settings lack `{missing[0]}`")
+    if "shard" in settings:
+        raise UsageError(f"--from {folder} is shard {settings['shard']} only: merge the shards "
+                         "first (`verify-optimizers merge`)")
+    formats = [f for f, name in (("md", "summary.md"), ("csv", "summary.csv"),
+                                 ("json", "summary.json"), ("html", "report.html"))
+               if (folder / name).is_file()]
+    return folder, settings, environment, cells, formats
+
+
+def check_from(args, console=None) -> int:
+    """Compare an existing run report with the baseline, as a check of its selection."""
+    console = console or sys.stdout
+    folder, settings, environment, now, formats = read_run(args)
+    try:
+        check_folder(folder, inputs=[("--baseline", args.baseline)], what="--from",
+                     replace=False)
+    except OutputRefused as exc:
+        raise UsageError(str(exc)) from None
+    baseline = load_baseline(args.baseline)
+    b = baseline.settings
+    for key in LISTS.values():
+        outside = [x for x in settings[key] if x not in b[key]]
+        if outside:
+            raise UsageError(f"--from {folder}: its {key} {outside[0]!r} is not in the baseline")
+    differ = [k for k in NUMBERS + ("tolerance", "comparison", "weights") if settings.get(k) != b.get(k)]
+    differ += [f"configuration {i}" for i in settings["optimizers"]
+               if settings["configurations"].get(i) != b["configurations"].get(i)]
+    differ += [f"{x} precision" for x in settings["backends"]
+               if settings["precision"].get(x) != b["precision"].get(x)]
+    if differ:
+        raise UsageError(f"--from {folder} ran other settings than the baseline ({differ[0]} "
+                         "differs): a check compares the baseline's settings")
+    chosen = {flag: set(settings[key]) for flag, key in LISTS.items()}
+    cells = [c for c in baseline.cells if all(c[f] in chosen[f] for f in LISTS)]
+    result = _conclude(args, baseline, cells, folder, now, environment, formats, folder)
+    add_files(folder, result["files"], "check")
+    return _announce(result, folder, formats, console)
+
+
+def update_from(args, console=None) -> int:
+    """--update-baseline --from DIR: the run report in DIR becomes the baseline."""
+    console = console or sys.stdout
+    folder, settings, environment, now, _ = read_run(args)
+    try:
+        check_folder(args.baseline, inputs=[("--from", folder)], what="--baseline")
+    except OutputRefused as exc:
+        raise UsageError(str(exc)) from None
+    _write_new_baseline(args, settings, environment, now, console)
+    return 0
+
+
+def _write_new_baseline(args, settings, environment, now, console) -> None:
+    previous = None
+    try:
+        previous = load_baseline(args.baseline)
+    except UsageError:
+        pass
+    if previous is not None and all(previous.settings[k] == settings[k] for k in NUMBERS):
+        keys = {tuple(c[k] for k in CELL) for c in now}
+        old = [c for c in previous.cells if tuple(c[k] for k in CELL) in keys]
+        changes = compare_cells(old, now, strict=True)
+        if changes:
+            print(f"Changes from the previous baseline ({_versions(previous.environment)}):\n\n"
+                  + changes_table(changes) + "\n", file=console)
+    write_baseline(args.baseline, settings, environment, now)
+    print(f"baseline written: {args.baseline}/cells.csv ({len(now)} cells), baseline.json; "
+          f"{_versions(environment)}, {environment.get('wall_seconds')} s", file=console)
+
+
 def update(args, console=None) -> int:
     console = console or sys.stdout
+    args.output = args.output or DEFAULT_OUTPUT
     if args.gradients:
         raise UsageError("a baseline records seeded scenarios; --gradients is not supported")
     try:
@@ -647,20 +771,15 @@ def update(args, console=None) -> int:
     sel, output, formats = selection_from_args(args)
     sel.python_path = [str(Path(p).resolve()) for p in args.keras_path]
     formats = sorted(set(formats) | {"csv", "json"})
+    if sel.shard is not None:
+        return _shard(sel, output, formats, args.quiet, console)
     now, environment, settings = execute(sel, output, formats, quiet=args.quiet)
-    if previous is not None and all(previous.settings[k] == settings[k] for k in NUMBERS):
-        keys = {tuple(c[k] for k in CELL) for c in now}
-        old = [c for c in previous.cells if tuple(c[k] for k in CELL) in keys]
-        changes = compare_cells(old, now, strict=True)
-        if changes:
-            print(f"Changes from the previous baseline ({_versions(previous.environment)}):\n\n"
-                  + changes_table(changes) + "\n", file=console)
-    write_baseline(args.baseline, settings, environment, now)
-    print(f"baseline written: {args.baseline}/cells.csv ({len(now)} cells), baseline.json; "
-          f"{_versions(environment)}, {environment.get('wall_seconds')} s", file=console)
+    _write_new_baseline(args, settings, environment, now, console)
     return 0
 
 
 def main(argv) -> int:
     args = _parser().parse_args(list(argv))
+    if args.from_run is not None:
+        return update_from(args) if args.update_baseline else check_from(args)
     return update(args) if args.update_baseline else check(args)

@@ -12,7 +12,9 @@ SIGTERM.  Only 0 and 1 come with a report.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
+import json
 import resource
 import signal
 import sys
@@ -22,6 +24,7 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 from tabulate import tabulate
 
 import reference
@@ -100,7 +103,25 @@ def _choices(values, allowed, what):
     return chosen
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_shard_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shard", metavar="K/N",
+                   help="run only the K-th of N deterministic parts of the runs (a run: "
+                        "configuration x backend x dtype x mode, with every family and "
+                        "scenario); `verify-optimizers merge` joins the N shard reports into "
+                        "the report of the whole selection")
+
+
+def parse_shard(text) -> tuple | None:
+    """--shard K/N -> (K, N), or None without it."""
+    if text is None:
+        return None
+    k, slash, n = text.partition("/")
+    if not (slash and k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+        raise UsageError(f"--shard must be K/N with 1 <= K <= N (got {text!r})")
+    return int(k), int(n)
+
+
+def build_parser(shard=True) -> argparse.ArgumentParser:
     p = _Parser(prog="verify-optimizers", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog="Subcommand: `verify-optimizers list` prints configurations, "
@@ -142,12 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true",
                    help="print the traceback of an internal error (default: to a log file)")
+    if shard:
+        add_shard_flag(p)
     return p
 
 
 def selection_parser(command: str, description: str, output: str) -> argparse.ArgumentParser:
-    """The main command's selection flags, for a subcommand that runs a selection."""
-    p = build_parser()
+    """The main command's selection flags, for a subcommand that runs a selection
+    (--shard is the main command's and check's only)."""
+    p = build_parser(shard=False)
     p.prog = f"verify-optimizers {command}"
     p.description = description
     p.epilog = None
@@ -205,13 +229,20 @@ def selection_from_args(args, replace_output=True) -> tuple:
         size = args.size if args.size is not None else FULL_SIZE if args.full else DEFAULT_SIZE
         gradients, weights = None, None
     check_run_size(steps, size, len(names), args.seed)
+    shard = parse_shard(getattr(args, "shard", None))
+    if shard is not None and not {"csv", "json"} <= set(formats):
+        raise UsageError("a shard report needs the csv and json formats (merge reads them)")
     output = claim_output(args.output, [("the gradient file", args.gradients)]
                           + list(getattr(args, "inputs", [])), replace=replace_output)
     sel = Selection(backends=backends, dtypes=dtypes, families=families,
                     configurations=[known[i] for i in optimizer_ids
                                     if i not in {c.id for c in user}] + user,
                     scenarios=names, modes=modes, steps=steps, size=size, seed=args.seed,
-                    gradients=gradients, weights=weights)
+                    gradients=gradients, weights=weights, shard=shard)
+    if shard is not None and shard[1] > len(sel.runs(every=True)):
+        raise UsageError(f"--shard {shard[0]}/{shard[1]}: the selection has only "
+                         f"{len(sel.runs(every=True))} runs (configuration x backend x dtype x "
+                         "mode) to share out")
     return sel, output, formats
 
 
@@ -255,7 +286,35 @@ def settings_of(sel: Selection, formats) -> dict:
         "weights": {name: list(shape) for name, shape in sel.weights.items()},
         "seed": sel.seed, "tolerance": compare.TOLERANCE, "comparison": "lockstep",
         "precision": {b: reference.PRECISIONS[b].describe() for b in sel.backends},
+        **({"shard": f"{sel.shard[0]}/{sel.shard[1]}"} if sel.shard else {}),
     }
+
+
+def inputs_digest(sel: Selection) -> str:
+    """SHA-256 of the initial weights and every scenario's gradients: shards to be
+    merged must have verified the same numbers (a gradient file is not in the
+    settings)."""
+    digest = hashlib.sha256(np.ascontiguousarray(sel.initial, dtype=np.float64).tobytes())
+    for name in sel.scenarios:
+        digest.update(name.encode() + b"\0")
+        digest.update(np.ascontiguousarray(sel.gradients[name], dtype=np.float64).tobytes())
+    return digest.hexdigest()
+
+
+def write_shard_file(folder: Path, sel: Selection, settings: dict) -> None:
+    """shard.json of a shard report, what `merge` needs beyond summary.json: the
+    part, the inputs' digest, and the settings in their order (summary.json sorts
+    its keys)."""
+    doc = {"part": settings["shard"], "inputs": inputs_digest(sel),
+           "settings": {k: v for k, v in settings.items() if k != "shard"}}
+    (folder / "shard.json").write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def report_order(settings: dict) -> dict:
+    """Row field -> its values in report order (report.Sink)."""
+    return {"family": settings["families"], "optimizer": settings["optimizers"],
+            "backend": settings["backends"], "dtype": settings["dtypes"],
+            "mode": settings["modes"], "scenario": settings["scenarios"]}
 
 
 class LineProgress:
@@ -311,11 +370,14 @@ def run(sel: Selection, output: Path, formats, *, quiet=False, console=None, fin
     from verify import api  # (it imports this module)
 
     console = console or sys.stdout
-    total = len(sel.backends) * len(sel.dtypes) * len(sel.modes) * len(
-        sel.configurations) * sel.steps
-    with progress_display(total, quiet) as progress:
+    with progress_display(len(sel.runs()) * sel.steps, quiet) as progress:
         df = api.execute(sel, output, formats, progress=progress, finish=finish,
                          command=command).rows
+    return conclude(df, output, formats, console)
+
+
+def conclude(df, output, formats, console) -> int:
+    """Print a report's verdicts; the main command's exit code for its rows."""
     print(pivot(df), file=console)
     counts = df.groupby(["family", "verdict"]).size()
     print("\n" + ", ".join(f"{fam} {verdict}: {n}" for (fam, verdict), n in counts.items()),
@@ -358,6 +420,7 @@ SUBCOMMANDS = {
     "check": "verify.check:main",
     "matrix": "verify.matrix:main",
     "bench": "verify.bench:main",
+    "merge": "verify.merge:main",
     "convergence": "verify.convergence.cli:main",
 }
 

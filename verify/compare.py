@@ -233,7 +233,16 @@ class RunComparison:
         self.exact = np.ones(S, bool)
         self.divergence: list = [None] * S
         self.mismatch_steps = np.zeros(S, int)
-        self.tables: list = []  # per chunk: {"step": [k], "drift": [k,S], (state, metric): [k,S]}
+        # each chunk's per-step table {"step": [k], "drift": [k,S], (state, metric): [k,S]}
+        # goes to on_table: kept in `tables`, unless the runner sends it to the report's
+        # files as it comes (report.StepFiles)
+        self.tables: list = []
+        self.on_table = self.tables.append
+        # over all steps so far, per scenario: the largest error of each metric over the
+        # states, the largest and the last drift
+        self.largest = {m: np.full(S, -np.inf) for m in METRICS}
+        self.drift = np.full(S, -np.inf)
+        self.final_drift = np.full(S, np.nan)
         self.error = None
 
     def _reduce(self, name: str, values: np.ndarray) -> np.ndarray:
@@ -371,7 +380,13 @@ class RunComparison:
                     table[(name, metric)] = np.full((k, S), np.inf)
             scaled_by_state[name] = table[(name, "scaled")]
             over |= scaled_by_state[name] > TOLERANCE
-        self.tables.append(table)
+        for metric in METRICS:
+            for name in self.names:
+                self.largest[metric] = np.maximum(self.largest[metric],
+                                                  table[(name, metric)].max(axis=0))
+        self.drift = np.maximum(self.drift, drift.max(axis=0))
+        self.final_drift = drift[-1].copy()
+        self.on_table(table)
         self.mismatch_steps += over.sum(axis=0)
         for s in range(S):
             if self.divergence[s] is not None or not over[:, s].any():
@@ -400,7 +415,7 @@ class RunComparison:
         return "exact" if self.exact[s] else "match"
 
     def step_table(self, s: int) -> dict:
-        """Per-step maxima for scenario s: column name -> 1-D array."""
+        """Per-step maxima for scenario s, of the tables kept: column name -> 1-D array."""
         columns = {"step": np.concatenate([t["step"] for t in self.tables])}
         columns["drift"] = np.concatenate([t["drift"][:, s] for t in self.tables])
         for name in self.names:
@@ -410,21 +425,13 @@ class RunComparison:
         return columns
 
     def summary(self, s: int) -> dict:
-        table = self.step_table(s) if self.tables else {}
-
-        def mx(metric):
-            cols = [table[f"{n}_{metric}"] for n in self.names if f"{n}_{metric}" in table]
-            return float(np.max(np.concatenate(cols))) if cols else float("nan")
-
         return {
             "verdict": self.verdict(s),
             "divergence": self.divergence[s],
             "mismatch_steps": int(self.mismatch_steps[s]),
-            "max_abs_error": mx("abs"),
-            "max_rel_error": mx("rel"),
-            "max_scaled_error": mx("scaled"),
-            "drift": float(np.max(table["drift"])) if table else float("nan"),
-            "final_drift": float(table["drift"][-1]) if table else float("nan"),
+            **{f"max_{m}_error": float(self.largest[m][s]) for m in METRICS},
+            "drift": float(self.drift[s]),
+            "final_drift": float(self.final_drift[s]),
         }
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from verify import compare, htmlkit
-from verify.report import FINDING_HEADERS, finding_groups
+from verify.report import FINDING_HEADERS, finding_groups, steps_path
 
 POINTS = 250
 CELL = ("family", "optimizer", "backend", "dtype", "mode", "scenario")
@@ -56,24 +56,42 @@ def cell_id(key) -> str:
     return "-".join(str(k) for k in key)
 
 
-def steps_path(key) -> str:
-    family, optimizer, backend, dtype, mode, scenario = key
-    return f"steps/{family}/{optimizer}/{backend}-{dtype}-{mode}-{scenario}.csv.gz"
-
-
 # --- per-step traces ----------------------------------------------------------
 def bin_max(step, values, points: int = POINTS) -> tuple:
     """(steps, values) reduced to the largest value of each of at most `points`
     bins of consecutive steps, at the step where it occurs; NaN counts as inf."""
-    step, values = np.asarray(step), np.asarray(values, dtype=np.float64)
-    values = np.where(np.isnan(values), np.inf, values)
-    if len(values) <= points:
-        return step, values
-    size = -(-len(values) // points)
-    padded = np.full(-(-len(values) // size) * size, -np.inf)
-    padded[:len(values)] = values
-    at = np.argmax(padded.reshape(-1, size), axis=1) + np.arange(0, len(padded), size)
-    return step[at], values[at]
+    bins = Bins(len(values), points)
+    bins.add(step, values)
+    return bins.result()
+
+
+class Bins:
+    """bin_max of a series of known length fed in consecutive pieces: it holds
+    the bins, never the series."""
+
+    def __init__(self, length: int, points: int = POINTS):
+        self.size = 1 if length <= points else -(-length // points)
+        self.seen = 0
+        self.steps, self.values = [], []
+
+    def add(self, step, values) -> None:
+        step, values = np.asarray(step), np.asarray(values, dtype=np.float64)
+        values = np.where(np.isnan(values), np.inf, values)
+        i = 0
+        while i < len(values):
+            at = self.seen % self.size
+            n = min(self.size - at, len(values) - i)
+            j = i + int(np.argmax(values[i:i + n]))
+            if at == 0:
+                self.steps.append(step[j])
+                self.values.append(values[j])
+            elif values[j] > self.values[-1]:  # the first of equal values stays
+                self.steps[-1], self.values[-1] = step[j], values[j]
+            i += n
+            self.seen += n
+
+    def result(self) -> tuple:
+        return np.asarray(self.steps), np.asarray(self.values, dtype=np.float64)
 
 
 @dataclass
@@ -92,15 +110,21 @@ class Trace:
 
 def trace(table: pd.DataFrame, state=None, first_step=None) -> Trace:
     """A comparison's per-step table (report.Sink, steps/*.csv.gz) -> its Trace."""
-    step = table["step"].to_numpy()
-    scaled = table[[c for c in table.columns if c.endswith("_scaled")]].to_numpy(
-        dtype=np.float64).max(axis=1)
-    first = None
-    if first_step is not None and (step == first_step).any():
-        first = (int(first_step), float(scaled[step == first_step][0]))
-    s_step, s_val = bin_max(step, scaled)
-    d_step, d_val = bin_max(step, table["drift"].to_numpy(dtype=np.float64))
-    return Trace(state, s_step, s_val, d_step, d_val, first)
+    return trace_of([table], len(table), state, first_step)
+
+
+def trace_of(tables, length: int, state=None, first_step=None) -> Trace:
+    """trace() of a per-step table of `length` rows given as consecutive pieces."""
+    scaled_bins, drift_bins, first = Bins(length), Bins(length), None
+    for table in tables:
+        step = table["step"].to_numpy()
+        scaled = table[[c for c in table.columns if c.endswith("_scaled")]].to_numpy(
+            dtype=np.float64).max(axis=1)
+        if first_step is not None and (step == first_step).any():
+            first = (int(first_step), float(scaled[step == first_step][0]))
+        scaled_bins.add(step, scaled)
+        drift_bins.add(step, table["drift"].to_numpy(dtype=np.float64))
+    return Trace(state, *scaled_bins.result(), *drift_bins.result(), first)
 
 
 def _bins_note(steps: int) -> str:

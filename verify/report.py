@@ -6,6 +6,7 @@ same inputs give byte-identical files.
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from pathlib import Path
@@ -25,6 +26,64 @@ ROW_FIELDS = [
     "drift", "final_drift", "precision", "reason", "serialization", "explanation",
 ]
 EXCERPT_STEPS = 6  # steps shown around a divergence in the markdown excerpts
+STEP_ROWS = 10_000  # rows of a per-step table read at once
+
+
+def steps_path(key) -> str:
+    """A cell's per-step table in a report folder."""
+    family, optimizer, backend, dtype, mode, scenario = key
+    return f"steps/{family}/{optimizer}/{backend}-{dtype}-{mode}-{scenario}.csv.gz"
+
+
+class _Appending:
+    """A file object that opens its file only to append each write (no descriptor
+    held between chunks, however many comparisons are open)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, data) -> None:
+        if len(data):
+            with open(self.path, "ab") as f:
+                f.write(data)
+
+    def flush(self) -> None:
+        pass  # every write is already on disk
+
+
+class StepFiles:
+    """RunComparison.on_table: each chunk's per-step table appended as CSV rows to
+    one gzip stream per scenario (the columns of RunComparison.step_table), so that the
+    harness keeps no per-step table in memory.  The files hold the bytes pandas'
+    to_csv(compression={"method": "gzip", "mtime": 0, "compresslevel": 6}) writes
+    for the whole table: deflate's output does not depend on how its input is cut,
+    and pandas flushes (Z_SYNC_FLUSH) once before closing, as close() does."""
+
+    def __init__(self, paths: list, temporary: bool):
+        self.paths, self.temporary = paths, temporary  # temporary: not part of the report
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self.streams = [gzip.GzipFile(filename=str(p), fileobj=_Appending(p), mode="wb",
+                                      compresslevel=6, mtime=0) for p in paths]
+        self.header = True
+
+    def __call__(self, table: dict) -> None:
+        for s, stream in enumerate(self.streams):
+            columns = {"_".join(k) if isinstance(k, tuple) else k: v if k == "step" else v[:, s]
+                       for k, v in table.items()}
+            stream.write(pd.DataFrame(columns).to_csv(header=self.header, index=False).encode())
+        self.header = False
+
+    def close(self) -> None:
+        for stream in self.streams:
+            if not stream.closed:
+                stream.flush()
+                stream.close()
+
+    def remove(self) -> None:
+        self.close()
+        for path in self.paths:
+            path.unlink(missing_ok=True)
 
 
 def _num(x):
@@ -58,7 +117,8 @@ class Sink:
         self._divergences = {}  # cell -> (state, step) of its first divergence
 
     def row(self, family, run, scenario, comparison=None, index=None, error=None,
-            not_stated=None):
+            not_stated=None, steps=None):
+        """One comparison's row; `steps` the path of its per-step table (StepFiles)."""
         base = {"family": family, "optimizer": run.configuration.id, "backend": run.backend,
                 "dtype": run.dtype, "mode": run.mode, "scenario": scenario,
                 "steps": self.settings["steps"], "precision": run.backend,
@@ -94,16 +154,44 @@ class Sink:
             "max_scaled_error": s["max_scaled_error"], "mismatch_steps": s["mismatch_steps"],
             "drift": s["drift"], "final_drift": s["final_drift"], "reason": reason.strip(),
         })
-        table = pd.DataFrame(comparison.step_table(index))
         key = (family, run.configuration.id, run.backend, run.dtype, run.mode, scenario)
-        divergence = (d.state, d.step) if d is not None else None
+        self.steps(key, steps, None if d is None else (d.step, d.state))
         if self.keep_tables:
-            self.tables[key] = table
-            self._divergences[key] = divergence
-        self._table_files(key, table, divergence)
-        if d is not None:
-            lo = max(0, d.step - 1)
-            self.excerpts[key] = table[(table.step >= lo) & (table.step < lo + EXCERPT_STEPS)]
+            self.tables[key] = pd.read_csv(steps, compression="gzip")
+            self._divergences[key] = None if d is None else (d.state, d.step)
+
+    def step_files(self, family, run, scenarios, spill: Path) -> StepFiles:
+        """Where a comparison's per-step tables go as they come: the report's
+        steps/ when csv is a format, else a file in `spill` read back by row()."""
+        keys = [(family, run.configuration.id, run.backend, run.dtype, run.mode, scenario)
+                for scenario in scenarios]
+        if "csv" in self.formats:
+            return StepFiles([self.out_dir / steps_path(k) for k in keys], temporary=False)
+        return StepFiles([spill / steps_path(k) for k in keys], temporary=True)
+
+    def steps(self, key, path: Path, divergence) -> None:
+        """At a divergence (step, state), keep the excerpt around it and the
+        figure's trace from the per-step table at `path` (gzip'd CSV), read in
+        pieces of STEP_ROWS rows: nothing held grows with the steps."""
+        if divergence is None:
+            return
+        step, state = divergence
+        lo = max(0, step - 1)
+        excerpt = []
+
+        def pieces():
+            with pd.read_csv(path, compression="gzip", chunksize=STEP_ROWS) as tables:
+                for table in tables:
+                    excerpt.append(table[(table.step >= lo) & (table.step < lo + EXCERPT_STEPS)])
+                    yield table
+
+        if "html" in self.formats:
+            from verify.html_report import trace_of  # (it imports this module)
+            self.traces[key] = trace_of(pieces(), self.settings["steps"] + 1, state, step)
+        else:
+            for _ in pieces():
+                pass
+        self.excerpts[key] = pd.concat(excerpt)
 
     def _table_files(self, key, table, divergence):
         if "csv" in self.formats:

@@ -3,7 +3,8 @@
 One worker process per backend (per backend and x64 setting for JAX), all
 started at once; a reader thread per worker queues its messages, the main
 thread hands them to a pool of diff threads, each run's in order.  Only
-per-step statistics are kept.
+running statistics are kept: each comparison's per-step tables go to files as
+they come (report.StepFiles).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Selection:
     python_path: list = field(default_factory=list)  # put first on the workers' sys.path
     jax_x64: bool | None = None  # None: on exactly for float64 work (tests may force it)
     weights: dict | None = None  # name -> shape; None: scenarios.weight_shapes(size)
+    shard: tuple | None = None  # (K, N): the K-th of N shards of the runs (runs())
 
     def __post_init__(self):
         if self.weights is None:
@@ -59,6 +61,19 @@ class Selection:
                               for n in self.scenarios}
         if self.initial is None:
             self.initial = scenarios.initial_weights(count, self.seed)
+
+    def runs(self, every=False) -> list:
+        """(configuration, backend, dtype, mode) of each run, in run order.  A run
+        is the unit of sharding: one worker stream that every family and scenario
+        share.  Shard (K, N) takes the K-th run and every N-th after it, so that
+        the shards share out every backend and dtype evenly and each run is in
+        exactly one shard."""
+        runs = [(c, b, d, m) for b in self.backends for d in self.dtypes
+                for c in self.configurations for m in self.modes]
+        if every or self.shard is None:
+            return runs
+        k, n = self.shard
+        return runs[k - 1::n]
 
     def variables(self) -> list:
         """(path, weight name, shape, scenario index) of every variable, in order:
@@ -114,6 +129,7 @@ class Runner:
         sel = self.sel
         with tempfile.TemporaryDirectory(prefix="verify-inputs-") as tmp:
             tmp = Path(tmp)
+            self.spill = tmp / "steps"  # per-step tables the report does not keep
             inputs = {"initial": str(tmp / "initial.npy"), "scenarios": {}}
             np.save(inputs["initial"], sel.initial)
             for name in sel.scenarios:
@@ -122,19 +138,22 @@ class Runner:
                 inputs["scenarios"][name] = str(path)
             started, run_id = [], 0
             self.runs = {}
+            chosen = sel.runs()
             for backend, x64, dtypes in _worker_groups(sel):
                 specs = []
-                for configuration in sel.configurations:
-                    for dtype in dtypes:
-                        for mode in sel.modes:
-                            run = RunSpec(run_id, configuration, backend, dtype, mode)
-                            self.runs[run_id] = run
-                            specs.append({"id": run_id, "class_name": configuration.class_name,
-                                          "config": configuration.config, "dtype": dtype,
-                                          "mode": mode, "scenarios": sel.scenarios,
-                                          "weights": [[n, list(shape)] for n, shape
-                                                      in sel.weights.items()]})
-                            run_id += 1
+                for configuration, b, dtype, mode in chosen:
+                    if b != backend or dtype not in dtypes:
+                        continue
+                    run = RunSpec(run_id, configuration, backend, dtype, mode)
+                    self.runs[run_id] = run
+                    specs.append({"id": run_id, "class_name": configuration.class_name,
+                                  "config": configuration.config, "dtype": dtype,
+                                  "mode": mode, "scenarios": sel.scenarios,
+                                  "weights": [[n, list(shape)] for n, shape
+                                              in sel.weights.items()]})
+                    run_id += 1
+                if not specs:  # no run of this shard on this backend and dtype
+                    continue
                 job = {"backend": backend, "x64": x64, "steps": sel.steps, "chunk": CHUNK,
                        "inputs": inputs, "runs": specs, "python_path": sel.python_path,
                        "floor": self.floor}
@@ -300,6 +319,8 @@ class Runner:
                                   reference.PRECISIONS[run.backend], self.segments,
                                   self.all_gradients, keras_states)
         if c is not None:
+            c.on_table = self.sink.step_files(family, run, self.sel.scenarios,
+                                              self.spill / f"{run_id}-{family}")
             c.error = run.problem
             _guarded(c, c.start, states, iteration, layout)
         active[run_id, family] = c if c is not None else reason
@@ -311,6 +332,8 @@ class Runner:
 
     def _finish(self, run_id, family, active):
         run, c = self.runs[run_id], active.pop((run_id, family))
+        if not isinstance(c, str):
+            c.on_table.close()
         with self._lock:
             for s, scenario in enumerate(self.sel.scenarios):
                 if isinstance(c, str) and family == "keras":  # the harness must state Keras
@@ -318,11 +341,16 @@ class Runner:
                 elif isinstance(c, str):
                     self.sink.row(family, run, scenario, not_stated=c)
                 else:
-                    self.sink.row(family, run, scenario, comparison=c, index=s)
+                    self.sink.row(family, run, scenario, comparison=c, index=s,
+                                  steps=c.on_table.paths[s])
+        if not isinstance(c, str) and (c.error or c.on_table.temporary):
+            c.on_table.remove()  # an error row has no per-step table
 
     def _finish_error(self, run_id, family, reason, active):
         run = self.runs[run_id]
-        active.pop((run_id, family), None)
+        c = active.pop((run_id, family), None)
+        if isinstance(c, compare.RunComparison):
+            c.on_table.remove()
         not_stated = None
         if family != "keras":  # a family that does not state it says so, run or not
             try:
