@@ -69,6 +69,11 @@ ADADELTA = "src/optimizers/adadelta.py"
 FTRL = "src/optimizers/ftrl.py"
 LAMB = "src/optimizers/lamb.py"
 ALL = ("tensorflow", "jax", "torch")
+# the small baseline's configurations of Adam's update with Keras's defaults (a schedule
+# changes the learning rate, not the update): an edit of Adam moves them all; AdamW
+# inherits the update but has defaults of its own
+ADAMS = ["adam", "adam_cosine_decay_restarts"]
+ADAMWS = ["adamw", "adamw_piecewise_constant"]
 
 # adam_amsgrad is Keras's Adam class (amsgrad=True, beta_2=0.99 given): Adam's update
 # step and torch kernel are its code too.
@@ -76,22 +81,22 @@ EDITS = [
     # AdamW passes its own beta_2 to Adam.__init__ and adam_amsgrad sets beta_2: only
     # Adam's cells change.
     Edit("changed-default", ((ADAM, "beta_2=0.999,", "beta_2=0.99,"),),
-         _pairs(["adam"], ALL)),
+         _pairs(ADAMS, ALL)),
     # The torch backend has its own Adam kernel; AdamW inherits Adam's update.
     Edit("epsilon-inside-sqrt",
          ((ADAM, "ops.add(ops.sqrt(v), self.epsilon)", "ops.sqrt(ops.add(v, self.epsilon))"),),
-         _pairs(["adam", "adamw", "adam_amsgrad"], GENERIC),
+         _pairs(ADAMS + ADAMWS + ["adam_amsgrad"], GENERIC),
          # for |g| ~ 1 the denominator moves by ~5e-5 relative and the weights by ~5e-7:
          # float32 rounding of the weights; the `tiny` scenario shows it in float32 too
          always=("float64",)),
     Edit("off-by-one-step",
          ((ADAM, "local_step = ops.cast(self.iterations + 1, variable.dtype)",
            "local_step = ops.cast(self.iterations + 2, variable.dtype)"),),
-         _pairs(["adam", "adamw", "adam_amsgrad"], GENERIC)),
+         _pairs(ADAMS + ADAMWS + ["adam_amsgrad"], GENERIC)),
     Edit("torch-only",
          ((TORCH_ADAM, "alpha = lr * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)",
            "alpha = lr * (1 - beta_2_power) / (1 - beta_1_power)"),),
-         _pairs(["adam", "adamw", "adam_amsgrad"], ["torch"])),
+         _pairs(ADAMS + ADAMWS + ["adam_amsgrad"], ["torch"])),
     # Same math, other rounding: (lr * s) / d -> lr * (s / d), and the moment's
     # m + (g - m)(1 - b1) -> b1 m + (1 - b1) g (the torch kernels' form).
     Edit("reassociated",
