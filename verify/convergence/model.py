@@ -174,6 +174,15 @@ class _EpochCallback(keras.callbacks.Callback):
         self.fn(epoch + 1)
 
 
+def built(optimizer_config: dict):
+    """The optimizer of a configuration dict as the verification's workers build it
+    (from its class; a serialized schedule deserialized)."""
+    from verify.worker import build_optimizer
+
+    config = copy.deepcopy(optimizer_config)
+    return build_optimizer(keras, config["class_name"], config.get("config", {}))
+
+
 def train(optimizer_config: dict, seeds, epochs: int, *, on_epoch=None, optimizer=None):
     """Train one stacked model, one copy per seed, with model.fit.
 
@@ -184,7 +193,7 @@ def train(optimizer_config: dict, seeds, epochs: int, *, on_epoch=None, optimize
     x, y = dataset()
     model = stacked_model(copies)
     model.set_weights(stack_weights([initial_weights(s) for s in seeds]))
-    model.compile(optimizer=optimizer or keras.optimizers.get(copy.deepcopy(optimizer_config)),
+    model.compile(optimizer=optimizer or built(optimizer_config),
                   loss=summed_loss,
                   metrics=[PerCopyMean(per_copy_loss, copies, "copy_loss"),
                            PerCopyMean(per_copy_accuracy, copies, "copy_accuracy")])
@@ -206,7 +215,7 @@ def train_single(optimizer_config: dict, seed: int, epochs: int, *, optimizer=No
     x, y = dataset()
     model = article_model()
     model.set_weights(initial_weights(seed))
-    model.compile(optimizer=optimizer or keras.optimizers.get(copy.deepcopy(optimizer_config)),
+    model.compile(optimizer=optimizer or built(optimizer_config),
                   loss='sparse_categorical_crossentropy', metrics=['accuracy'])
     batches = ((bx[:, 0], by[:, 0]) for bx, by in _batches(x, y, [seed], epochs))
     history = model.fit(batches, epochs=epochs, steps_per_epoch=steps_per_epoch(),
