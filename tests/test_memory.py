@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import pandas as pd
 from hypothesis import given, settings, strategies as st
 
@@ -36,6 +37,7 @@ TRAJECTORY_MB = STEPS * ELEMENTS * 8 / MIB
 BOUND_MB = 420
 
 
+@pytest.mark.isolated_memory
 def test_the_harness_stays_near_its_inputs_at_100000_steps(tmp_path):
     out = tmp_path / "report"
     code = ("import resource, sys\n"
