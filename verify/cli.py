@@ -422,6 +422,7 @@ SUBCOMMANDS = {
     "bench": "verify.bench:main",
     "merge": "verify.merge:main",
     "convergence": "verify.convergence.cli:main",
+    "peers": "verify.peers.run:main",
 }
 
 

@@ -1,0 +1,195 @@
+"""Peers: torch.optim and optax optimizers as subjects beside Keras.
+
+A peer configuration is data, written as a call (`torch:Adam(lr=0.01, eps=1e-7)`,
+`optax:adam(learning_rate=0.01)`) or as a table of such strings in a TOML file.  The
+classes it may name, how their arguments map to Keras's and which states they keep
+under Keras's slot names are data too (classes.toml).  Each peer configuration
+carries the Keras configuration with the same hyperparameters (`class_name`,
+`config`), so the harness's reference families and variant spaces judge the peer's
+stream exactly as they judge Keras's.
+
+The peer runs in its own process (verify/peers/worker.py: torch without Keras, or
+JAX with optax), which speaks the Keras worker's protocol; verify/peers/run.py runs
+it through the harness's Runner.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import reference
+from reference.arithmetic import PRECISIONS, Precision
+
+CLASSES_FILE = Path(__file__).with_name("classes.toml")
+CONFIGURATIONS_FILE = Path(__file__).with_name("configurations.toml")
+# library -> the name of its process in reports (the runner's "backend")
+LIBRARIES = {"torch": "torch.optim", "optax": "optax"}
+BACKEND_LIBRARY = {b: lib for lib, b in LIBRARIES.items()}
+ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+# A peer rounds nowhere beyond the working dtype: a Python-float hyperparameter
+# meets a tensor in the tensor's dtype (torch's wrapped scalars, JAX's weak types),
+# and the learning rate is a Python float, not Keras's float32 variable.  XLA on CPU
+# flushes subnormals (as in the harness's jax setting); torch's CPU kernels do not.
+for _backend, _flush in (("torch.optim", False), ("optax", True)):
+    PRECISIONS.setdefault(_backend, Precision(_backend, learning_rate_float32=False,
+                                              flushes_subnormals=_flush))
+
+
+class PeerError(ValueError):
+    """A peer configuration that cannot be compared (bad input: one line, exit 2)."""
+
+
+def _load_classes(path: Path = CLASSES_FILE) -> dict:
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    return {(library, name): entry for library, classes in data.items()
+            for name, entry in classes.items()}
+
+
+CLASSES = _load_classes()
+
+
+@dataclass(frozen=True)
+class PeerConfiguration:
+    id: str
+    library: str            # "torch" or "optax"
+    peer_class: str         # torch.optim.<peer_class>, optax.<peer_class>
+    arguments: dict         # as the user wrote them
+    class_name: str         # the Keras class compared with
+    config: dict            # the Keras configuration with the same hyperparameters
+    states: dict = field(default_factory=dict)   # peer state -> Keras slot
+    scale: dict = field(default_factory=dict)    # peer state -> factor to Keras's units
+
+    @property
+    def backend(self) -> str:
+        return LIBRARIES[self.library]
+
+    def describe(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.arguments.items())
+        return f"{self.library}:{self.peer_class}({args})"
+
+    def peer_spec(self) -> dict:
+        """What the peer worker needs to build and read the optimizer."""
+        kwargs = dict(self.arguments)
+        entry = CLASSES[self.library, self.peer_class]
+        for name in entry.get("required", []):
+            kwargs.setdefault(name, self.config[entry["arguments"][name]])
+        return {"library": self.library, "class": self.peer_class, "kwargs": kwargs,
+                "states": self.states, "scale": self.scale,
+                "shared": entry.get("shared", []), "initial": entry.get("initial", {})}
+
+
+def _literal(node, text):
+    try:
+        value = ast.literal_eval(node)
+    except ValueError:
+        raise PeerError(f"{text!r}: argument values must be literals") from None
+    return list(value) if isinstance(value, tuple) else value
+
+
+def parse_call(text: str) -> tuple:
+    """`library:Class(k=v, ...)` -> (library, class, {k: v})."""
+    library, sep, call = text.partition(":")
+    if not sep or library.strip() not in LIBRARIES:
+        raise PeerError(f"{text!r}: a peer configuration is LIBRARY:Class(...), LIBRARY one "
+                        f"of {', '.join(LIBRARIES)}")
+    try:
+        node = ast.parse(call.strip(), mode="eval").body
+    except SyntaxError:
+        raise PeerError(f"{text!r}: not a call Class(name=value, ...)") from None
+    if isinstance(node, ast.Name):
+        return library.strip(), node.id, {}
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args
+            and all(k.arg for k in node.keywords)):
+        raise PeerError(f"{text!r}: not a call Class(name=value, ...) with named arguments")
+    return library.strip(), node.func.id, {k.arg: _literal(k.value, text) for k in node.keywords}
+
+
+def _same(a, b) -> bool:
+    """Equal values, a bool never equal to a number."""
+    return a == b and (isinstance(a, bool) == isinstance(b, bool))
+
+
+def _translate(entry: dict, arguments: dict, text: str) -> dict:
+    """Peer arguments -> Keras arguments."""
+    out = {}
+    for name, value in arguments.items():
+        target = entry["arguments"][name]
+        if isinstance(target, list):
+            if not isinstance(value, list) or len(value) != len(target):
+                raise PeerError(f"{text!r}: {name} takes {len(target)} values")
+            out.update(zip(target, value))
+        else:
+            out[target] = value
+    return out
+
+
+def peer_defaults(library: str, peer_class: str) -> dict:
+    return dict(CLASSES[library, peer_class].get("defaults", {}))
+
+
+def keras_equivalent(library: str, peer_class: str, arguments: dict, text="") -> tuple:
+    """(Keras class, Keras config with the peer's hyperparameters: its arguments over
+    its defaults)."""
+    entry = CLASSES[library, peer_class]
+    config = _translate(entry, {**peer_defaults(library, peer_class), **arguments}, text)
+    config.update(entry.get("implies", {}))
+    return entry["keras"], config
+
+
+def parse(text: str, id: str | None = None) -> PeerConfiguration:
+    library, peer_class, arguments = parse_call(text)
+    known = sorted(n for lib, n in CLASSES if lib == library)
+    if (library, peer_class) not in CLASSES:
+        raise PeerError(f"{text!r}: no {library} class {peer_class} with a Keras counterpart "
+                        f"(choose from {', '.join(known)})")
+    entry = CLASSES[library, peer_class]
+    fixed = entry.get("fixed", {})
+    for name, value in arguments.items():
+        if name in fixed:
+            if not _same(value, fixed[name]):
+                raise PeerError(f"{text!r}: Keras's {entry['keras']} has no counterpart of "
+                                f"{name}={value!r} (only {fixed[name]!r})")
+        elif name not in entry["arguments"]:
+            raise PeerError(f"{text!r}: {library}:{peer_class} takes no argument {name!r} "
+                            f"here (choose from {', '.join([*entry['arguments'], *fixed])})")
+    for name in entry.get("required", []):
+        if name not in arguments:
+            raise PeerError(f"{text!r}: {library}:{peer_class} needs {name}")
+    mapped = {k: v for k, v in arguments.items() if k not in fixed}
+    class_name, config = keras_equivalent(library, peer_class, mapped, text)
+    try:
+        reference.get_rule("keras", class_name).hyperparameters(config)
+    except reference.Unsupported as exc:
+        raise PeerError(f"{text!r}: {exc}") from None
+    scale = {}
+    for state, factor in entry.get("scale", {}).items():
+        sign = -1.0 if factor.startswith("-") else 1.0
+        name = factor.lstrip("-")
+        scale[state] = sign * (1.0 if name == "1" else float(config[name]))
+    ident = id or f"{library}_{peer_class.lower()}_" + "_".join(
+        f"{k}{v}" for k, v in sorted(mapped.items())).replace(" ", "")
+    if id is not None and not ID.fullmatch(id):
+        raise PeerError(f"peer configuration id {id!r}: letters, digits, '_', '.', '-'")
+    return PeerConfiguration(ident.rstrip("_"), library, peer_class, dict(arguments),
+                             class_name, config, dict(entry["states"]), scale)
+
+
+def load(path: Path = CONFIGURATIONS_FILE) -> dict:
+    """id -> PeerConfiguration from a TOML table of `id = "library:Class(...)"`."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise PeerError(f"{path}: {exc}") from None
+    out = {}
+    for key, text in data.items():
+        if not isinstance(text, str):
+            raise PeerError(f"{path}: {key} must be a string LIBRARY:Class(...)")
+        out[key] = parse(text, key)
+    return out

@@ -1,0 +1,254 @@
+"""Peer worker: runs torch.optim or optax optimizers, without Keras, and streams their
+states in the Keras worker's protocol (verify/worker.py), under Keras's slot names.
+
+Started as `python -m verify.peers.worker JOB.json` by verify/peers/run.py, one
+process per library and dtype (JAX's x64 is set from the dtype before JAX is
+imported).  Each run's spec holds, besides the Keras worker's fields, `peer`:
+the library, class, keyword arguments, and which peer state is which Keras slot
+(`states`), in which units (`scale`: Keras's slot is that factor times the peer's),
+which are one optimizer-wide value (`shared`) and the value of a state the peer
+creates lazily on its first step (`initial`, default 0: torch's zeros_like).
+Peer states not named in `states` (torch's step counters, optax's count) are not
+sent: `iterations` is the number of steps taken.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+
+import numpy as np
+
+from verify.protocol import write_message
+from verify.worker import gradient_digest
+
+
+def _places(spec):
+    places = []
+    for scenario in spec["scenarios"]:
+        offset = 0
+        for name, shape in spec["weights"]:
+            size = int(np.prod(shape, dtype=int))
+            places.append((tuple(shape), scenario, offset, size))
+            offset += size
+    return places
+
+
+class Peer:
+    """One optimizer of a peer library on the weights of every scenario."""
+
+    def __init__(self, spec, gradients, initial):
+        self.spec, self.peer = spec, spec["peer"]
+        self.dtype = np.dtype(spec["dtype"])
+        self.gradients = gradients
+        self.places = _places(spec)
+        self.start([initial[o:o + n].reshape(shape).astype(self.dtype)
+                    for shape, _, o, n in self.places])
+        self.steps = 0
+
+    def gradient_arrays(self, t):
+        rows = {name: np.asarray(self.gradients[name][t], dtype=self.dtype)
+                for name in self.spec["scenarios"]}
+        return [rows[scenario][o:o + n].reshape(shape) for shape, scenario, o, n in self.places]
+
+    def states(self):
+        """{"i/state" or "g/state": array}: the weights and every mapped slot."""
+        weights, raw = self.read()
+        out = {f"{i}/variable": w for i, w in enumerate(weights)}
+        shared = set(self.peer.get("shared", []))
+        for peer_name, keras_name in self.peer["states"].items():
+            values = raw.get(peer_name)
+            if values is None:
+                continue
+            factor = self.peer["scale"].get(peer_name, 1.0)
+            # in the run's dtype: a slot the peer keeps in another (torch's NAdam
+            # mu_product, a float32 tensor) is compared as the value it holds
+            values = [None if v is None else
+                      (np.asarray(v, np.float64) * factor).astype(self.dtype) for v in values]
+            if peer_name in shared:
+                present = [v for v in values if v is not None]
+                if any(not np.array_equal(v, present[0]) for v in present):
+                    raise RuntimeError(f"{peer_name} differs between weights")
+                out[f"g/{keras_name}"] = np.asarray(present[0]).reshape(())
+            else:
+                for i, v in enumerate(values):
+                    if v is not None:
+                        out[f"{i}/{keras_name}"] = v
+        return out
+
+    def initial_value(self, name, weight):
+        value = self.peer.get("initial", {}).get(name, 0.0)
+        shape = () if name in self.peer.get("shared", []) else np.shape(weight)
+        return np.full(shape, value, self.dtype)
+
+
+class TorchPeer(Peer):
+    def start(self, weights):
+        import torch
+
+        torch.set_num_threads(1)
+        self.torch = torch
+        make = getattr(torch.optim, self.peer["class"])
+        self.params = [torch.nn.Parameter(torch.from_numpy(w.copy())) for w in weights]
+        self.opt = make(self.params, **self.peer["kwargs"])
+        # torch creates most states on the first step: a copy takes one step with zero
+        # gradients to tell which states this configuration keeps
+        probe = [torch.nn.Parameter(torch.from_numpy(w.copy())) for w in weights]
+        probe_opt = make(probe, **self.peer["kwargs"])
+        for p in probe:
+            p.grad = torch.zeros_like(p)
+        probe_opt.step()
+        self.kept = {name for name in self.peer["states"] if name in probe_opt.state[probe[0]]}
+
+    def step(self, arrays):
+        for p, g in zip(self.params, arrays):
+            p.grad = self.torch.from_numpy(g.copy())
+        self.opt.step()
+        self.steps += 1
+
+    def read(self):
+        weights = [p.detach().numpy().copy() for p in self.params]
+        raw = {}
+        for name in self.peer["states"]:
+            values = []
+            for p, w in zip(self.params, weights):
+                value = self.opt.state[p].get(name)
+                if value is None and self.steps == 0 and name in self.kept:
+                    value = self.initial_value(name, w)  # before the step that creates it
+                values.append(value.detach().numpy().copy() if hasattr(value, "detach")
+                              else value)
+            if any(v is not None for v in values):
+                raw[name] = values
+        return weights, raw
+
+
+class OptaxPeer(Peer):
+    def start(self, weights):
+        import jax
+        import optax
+
+        self.tx = getattr(optax, self.peer["class"])(**self.peer["kwargs"])
+        self.params = [jax.numpy.asarray(w) for w in weights]
+        self.state = self.tx.init(self.params)
+
+        def step(params, state, grads):
+            updates, state = self.tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        self.jitted = jax.jit(step)  # as a training loop runs it
+
+    def step(self, arrays):
+        self.params, self.state = self.jitted(self.params, self.state, list(arrays))
+        self.steps += 1
+
+    def read(self):
+        weights = [np.asarray(p) for p in self.params]
+        raw = {}
+        count = len(self.params)
+
+        def walk(node):
+            if isinstance(node, tuple) and hasattr(node, "_fields"):
+                for name in node._fields:
+                    value = getattr(node, name)
+                    if isinstance(value, list) and len(value) == count:
+                        raw.setdefault(name, [np.asarray(v) for v in value])
+                    else:
+                        walk(value)
+            elif isinstance(node, (tuple, list)):
+                for item in node:
+                    walk(item)
+
+        walk(self.state)
+        return weights, raw
+
+
+def run(out, spec, gradients, initial, steps, chunk):
+    peer = {"torch": TorchPeer, "optax": OptaxPeer}[spec["peer"]["library"]](
+        spec, gradients, initial)
+    states = peer.states()
+    names = list(states)
+    write_message(out, {
+        "type": "run_start", "id": spec["id"], "states": names,
+        "computed_dtypes": sorted({str(v.dtype) for n, v in states.items()
+                                   if n.endswith("/variable")}),
+        "round_trip": None, "peer": spec["peer"]},
+        {**{n: v[None] for n, v in states.items()}, "iterations": np.array([0])})
+    clock = time.process_time
+    spent = {"step": 0.0, "read": 0.0, "send": 0.0}
+    for t0 in range(0, steps, chunk):
+        k = min(chunk, steps - t0)
+        buffers = {n: np.empty((k,) + v.shape, v.dtype) for n, v in states.items()}
+        applied = gradient_digest()
+        for j in range(k):
+            arrays = peer.gradient_arrays(t0 + j)
+            for a in arrays:
+                applied.update(a.tobytes())
+            t = clock()
+            peer.step(arrays)
+            t_step = clock()
+            states = peer.states()
+            if list(states) != names:
+                raise RuntimeError(f"the peer's states changed after step {t0 + j + 1}: "
+                                   f"{sorted(states)} instead of {sorted(names)}")
+            for n, v in states.items():
+                buffers[n][j] = v
+            spent["step"] += t_step - t
+            spent["read"] += clock() - t_step
+        t = clock()
+        write_message(out, {"type": "chunk", "id": spec["id"], "start": t0 + 1,
+                            "gradients": applied.hexdigest()},
+                      {**buffers, "iterations": np.arange(t0 + 1, t0 + k + 1)})
+        spent["send"] += clock() - t
+    write_message(out, {"type": "run_end", "id": spec["id"], "seconds": spent})
+
+
+def versions(libraries) -> str:
+    parts = []
+    if "torch" in libraries:
+        import torch
+        parts.append(f"torch {torch.__version__}")
+    if "optax" in libraries:
+        import jax
+        import optax
+        parts.append(f"optax {optax.__version__} (jax {jax.__version__})")
+    return ", ".join(parts)
+
+
+def main(job_path: str) -> int:
+    with open(job_path) as f:
+        job = json.load(f)
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # stray prints from libraries must not corrupt the protocol
+    dtypes = {spec["dtype"] for spec in job["runs"]}
+    os.environ["JAX_ENABLE_X64"] = "1" if "float64" in dtypes else "0"
+    for path in reversed(job.get("python_path", [])):
+        sys.path.insert(0, path)
+    libraries = {spec["peer"]["library"] for spec in job["runs"]}
+    write_message(out, {"type": "hello", "backend": job["backend"], "keras": None,
+                        "backend_version": versions(libraries), "numpy": np.__version__,
+                        "python": sys.version.split()[0]})
+    inputs = job["inputs"]
+    initial = np.load(inputs["initial"])
+    gradients = {name: np.load(path, mmap_mode="r")
+                 for name, path in inputs["scenarios"].items()}
+    for spec in job["runs"]:
+        try:
+            run(out, spec, gradients, initial, job["steps"], job["chunk"])
+        except Exception as exc:  # reported as an `error` verdict for this run
+            for line in traceback.format_exc().splitlines():
+                print(f"run {spec['id']}: {line}", file=sys.stderr)
+            reason = f"{spec['peer']['library']} raises {type(exc).__name__}: {exc}"
+            write_message(out, {"type": "run_error", "id": spec["id"],
+                                "reason": reason.splitlines()[0]})
+    write_message(out, {"type": "bye", "cpu_seconds": time.process_time(),
+                        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    out.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
