@@ -150,18 +150,22 @@ def parse(text: str, id: str | None = None) -> PeerConfiguration:
                         f"(choose from {', '.join(known)})")
     entry = CLASSES[library, peer_class]
     fixed = entry.get("fixed", {})
+    free = entry.get("free", {})
     for name, value in arguments.items():
+        if name in free:
+            continue
         if name in fixed:
             if not _same(value, fixed[name]):
                 raise PeerError(f"{text!r}: Keras's {entry['keras']} has no counterpart of "
                                 f"{name}={value!r} (only {fixed[name]!r})")
         elif name not in entry["arguments"]:
             raise PeerError(f"{text!r}: {library}:{peer_class} takes no argument {name!r} "
-                            f"here (choose from {', '.join([*entry['arguments'], *fixed])})")
+                            f"here (choose from "
+                            f"{', '.join([*entry['arguments'], *free, *fixed])})")
     for name in entry.get("required", []):
         if name not in arguments:
             raise PeerError(f"{text!r}: {library}:{peer_class} needs {name}")
-    mapped = {k: v for k, v in arguments.items() if k not in fixed}
+    mapped = {k: v for k, v in arguments.items() if k not in fixed and k not in free}
     class_name, config = keras_equivalent(library, peer_class, mapped, text)
     try:
         reference.get_rule("keras", class_name).hyperparameters(config)

@@ -128,11 +128,15 @@ def pieces_text(space, matching) -> str:
 
 
 def default_differences(c) -> str:
-    """The peer's defaults that differ from Keras's for the same class."""
+    """The peer's defaults that differ from Keras's for the same class (None and 0
+    both mean no weight decay)."""
+    entry = peers.CLASSES[c.library, c.peer_class]
     keras_defaults = SPACES[c.class_name].defaults
-    _, theirs = peers.keras_equivalent(c.library, c.peer_class, {})
+    theirs = peers.keras_equivalent(c.library, c.peer_class, {})[1]
     diff = [f"{k} {v!r} (Keras {keras_defaults[k]!r})" for k, v in theirs.items()
-            if k in keras_defaults and v != keras_defaults[k]]
+            if k in keras_defaults and k not in entry.get("implies", {})
+            and v != keras_defaults[k] and (v or keras_defaults[k])]
+    diff += [f"{k} {v!r} (Keras: none)" for k, v in entry.get("free", {}).items()]
     return "; ".join(diff) or "same"
 
 
@@ -164,7 +168,7 @@ def report(results, explanations, settings, environment) -> str:
             where = ("" if first is None else
                      f"step {int(first['first_divergent_step'])}, {first['divergent_state']}")
             table.append([c.id, c.describe(), verdicts, pieces, where, default_differences(c),
-                          explanations.get(c.id, "")])
+                          explanations.get(f"{c.library}.{c.peer_class}", "")])
             summary.append([class_name, c.library, c.id, verdicts, pieces])
         lines += [f"## {class_name}", "",
                   f"Keras's point: {name_of(space.keras)}.", "",

@@ -1,0 +1,148 @@
+"""Peers: torch.optim and optax optimizers judged by the reference families.
+
+Specificity: a peer whose math is Keras's (torch SGD, optax SGD) is exact or match
+under the `keras` family.  Sensitivity: the same run with a changed learning rate on
+the Keras side is a mismatch, and known differences are found and named by the
+variant search (torch Adam's epsilon added to sqrt(v_hat), torch Adagrad's epsilon
+outside the square root; its initial accumulator 0 against Keras's 0.1 among the
+defaults)."""
+
+import dataclasses
+import importlib.util
+import inspect
+
+import pytest
+
+from reference import SPACES
+from verify import cli, peers
+from verify.peers import run as peer_run
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+HAS_OPTAX = importlib.util.find_spec("optax") is not None
+STEPS, SIZE, SCENARIO = 10, 8, ["gaussian"]
+
+
+def test_parse_maps_arguments_to_keras():
+    c = peers.parse("torch:Adam(lr=0.01, eps=1e-7, betas=(0.8, 0.99))")
+    assert (c.library, c.peer_class, c.class_name, c.backend) == ("torch", "Adam", "Adam",
+                                                                   "torch.optim")
+    assert c.config == {"learning_rate": 0.01, "beta_1": 0.8, "beta_2": 0.99,
+                        "epsilon": 1e-7, "amsgrad": False}
+    sgd = peers.parse("torch:SGD(lr=0.1, momentum=0.9)")
+    assert sgd.scale == {"momentum_buffer": -0.1}  # Keras's momentum is -lr times torch's
+    assert peers.parse("optax:adam(learning_rate=0.1)").peer_spec()["kwargs"] == {
+        "learning_rate": 0.1}
+
+
+@pytest.mark.parametrize("text, words", [
+    ("keras:Adam()", "LIBRARY:Class"),
+    ("torch:Adamm()", "no torch class Adamm"),
+    ("torch:Adam(foo=1)", "no argument 'foo'"),
+    ("torch:SGD(lr=0.1, dampening=0.5)", "no counterpart of dampening=0.5"),
+    ("torch:Adam(lr=x)", "literals"),
+    ("torch:Adam(0.1)", "named arguments"),
+    ("optax:adam()", "needs learning_rate"),
+    ("torch:Adam(betas=0.9)", "betas takes 2 values"),
+])
+def test_parse_refuses(text, words):
+    with pytest.raises(peers.PeerError, match=words):
+        peers.parse(text)
+
+
+def test_bad_peer_is_one_line_and_exit_2(tmp_path, capsys):
+    out = tmp_path / "report.md"
+    assert cli.main(["peers", "--peer", "torch:Adam(foo=1)", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "foo" in err[0] and not out.exists()
+
+
+def _signature_defaults(library, name):
+    if library == "torch":
+        import torch
+        function = getattr(torch.optim, name).__init__
+    else:
+        import optax
+        function = getattr(optax, name)
+    return {k: p.default for k, p in inspect.signature(function).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+@pytest.mark.parametrize("library, name", sorted(peers.CLASSES))
+def test_classes_toml_states_the_installed_defaults(library, name):
+    if not {"torch": HAS_TORCH, "optax": HAS_OPTAX}[library]:
+        pytest.skip(f"{library} not installed")
+    entry = peers.CLASSES[library, name]
+    actual = _signature_defaults(library, name)
+    stated = {**entry.get("defaults", {}), **entry.get("free", {}), **entry.get("fixed", {})}
+    for argument, value in stated.items():
+        got = actual[argument]
+        assert (list(got) if isinstance(got, tuple) else got) == value, (library, name,
+                                                                         argument)
+
+
+@pytest.fixture(scope="module")
+def torch_rows():
+    if not HAS_TORCH:
+        pytest.skip("torch not installed")
+    known = peers.load()
+    chosen = [known[i] for i in ("torch_sgd", "torch_sgd_momentum", "torch_adam",
+                                 "torch_adagrad_defaults")]
+    # the same torch SGD stream against a Keras configuration with another learning rate
+    wrong = dataclasses.replace(known["torch_sgd"], id="torch_sgd_wrong_lr",
+                                config={**known["torch_sgd"].config, "learning_rate": 0.0101})
+    configurations = chosen + [wrong]
+    variants, df, environment = peer_run.run_peers(configurations, peer_run.DTYPES, SCENARIO,
+                                                   STEPS, SIZE, 0)
+    return configurations, variants, df, environment
+
+
+def _result(rows, id, dtype):
+    configurations, variants, df, _ = rows
+    results = peer_run.analyse(configurations, variants, df, [dtype])
+    return next(r for r in results if r["configuration"].id == id)
+
+
+@pytest.mark.parametrize("dtype", peer_run.DTYPES)
+def test_torch_sgd_is_keras_math(torch_rows, dtype):
+    for id in ("torch_sgd", "torch_sgd_momentum"):
+        r = _result(torch_rows, id, dtype)
+        assert r["keras"] in ("exact", "match"), (id, r["first"])
+        assert peer_run.pieces_text(r["space"], r["matching"]) == "Keras's"
+
+
+@pytest.mark.parametrize("dtype", peer_run.DTYPES)
+def test_a_changed_learning_rate_is_caught(torch_rows, dtype):
+    r = _result(torch_rows, "torch_sgd_wrong_lr", dtype)
+    assert r["keras"] == "mismatch" and r["first"]["first_divergent_step"] == 1
+
+
+def test_torch_adam_epsilon_found_and_named(torch_rows):
+    r = _result(torch_rows, "torch_adam", "float64")
+    assert r["keras"] == "mismatch"
+    assert peer_run.pieces_text(r["space"], r["matching"]) == "epsilon=plain"
+
+
+def test_torch_adagrad_defaults_named(torch_rows):
+    c = peers.load()["torch_adagrad_defaults"]
+    assert "initial_accumulator_value 0.0 (Keras 0.1)" in peer_run.default_differences(c)
+    r = _result(torch_rows, "torch_adagrad_defaults", "float64")
+    assert r["keras"] == "mismatch"
+    # with torch's initial accumulator (0) both initial-accumulator pieces coincide
+    assert peer_run.pieces_text(r["space"], r["matching"]) == "epsilon_placement=outside"
+
+
+def test_peer_versions_in_environment(torch_rows):
+    import torch
+    assert torch.__version__ in torch_rows[3]["backends"]["torch.optim"]["version"]
+
+
+@pytest.mark.skipif(not HAS_OPTAX, reason="optax not installed")
+@pytest.mark.parametrize("dtype", peer_run.DTYPES)
+def test_optax_sgd_matches_and_adam_epsilon_named(dtype):
+    known = peers.load()
+    configurations = [known["optax_sgd_momentum"], known["optax_adam"]]
+    variants, df, _ = peer_run.run_peers(configurations, [dtype], SCENARIO, STEPS, SIZE, 0)
+    sgd, adam = peer_run.analyse(configurations, variants, df, [dtype])
+    assert sgd["keras"] in ("exact", "match")
+    assert adam["keras"] == "mismatch"
+    assert "epsilon=plain" in peer_run.pieces_text(SPACES["Adam"], adam["matching"])
