@@ -32,6 +32,9 @@ def test_parse_maps_arguments_to_keras():
     assert sgd.scale == {"momentum_buffer": -0.1}  # Keras's momentum is -lr times torch's
     assert peers.parse("optax:adam(learning_rate=0.1)").peer_spec()["kwargs"] == {
         "learning_rate": 0.1}
+    # an id from the class and the arguments, whatever their order
+    assert c.id == peers.parse("torch:Adam(betas=(0.8, 0.99), eps=1e-7, lr=0.01)").id
+    assert peers.ID.fullmatch(c.id) and c.id != sgd.id
 
 
 @pytest.mark.parametrize("text, words", [

@@ -16,6 +16,8 @@ it through the harness's Runner.
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -176,11 +178,11 @@ def parse(text: str, id: str | None = None) -> PeerConfiguration:
         sign = -1.0 if factor.startswith("-") else 1.0
         name = factor.lstrip("-")
         scale[state] = sign * (1.0 if name == "1" else float(config[name]))
-    ident = id or f"{library}_{peer_class.lower()}_" + "_".join(
-        f"{k}{v}" for k, v in sorted(mapped.items())).replace(" ", "")
     if id is not None and not ID.fullmatch(id):
         raise PeerError(f"peer configuration id {id!r}: letters, digits, '_', '.', '-'")
-    return PeerConfiguration(ident.rstrip("_"), library, peer_class, dict(arguments),
+    digest = hashlib.sha256(json.dumps(arguments, sort_keys=True).encode()).hexdigest()[:8]
+    return PeerConfiguration(id or f"{library}_{peer_class.lower()}_{digest}", library,
+                             peer_class, dict(arguments),
                              class_name, config, dict(entry["states"]), scale)
 
 

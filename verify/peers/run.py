@@ -151,7 +151,11 @@ def report(results, explanations, settings, environment) -> str:
              "peer computes what Keras 3 computes, up to rounding; the `keras` family is "
              "verified against real Keras by the main run). `pieces` are the combinations of "
              "the named pieces of Keras's variant space that reproduce the peer in every "
-             "scenario (`explain`'s search), written as where they are not Keras's choice.",
+             "scenario (`explain`'s search), written as where they are not Keras's choice. "
+             "`weights apart`: the largest distance, over the steps and scenarios, between "
+             "the peer's weights and those of Keras's math run on its own from the same "
+             "start, relative to the weights' size. `defaults differ`: the peer's defaults "
+             "where they are not Keras's.",
              "", "Peers: " + "; ".join(f"{b}: {v.get('version')}"
                                         for b, v in sorted(environment["backends"].items())),
              ""]
@@ -167,14 +171,17 @@ def report(results, explanations, settings, environment) -> str:
             first = next((cells[d]["first"] for d in cells if cells[d]["first"]), None)
             where = ("" if first is None else
                      f"step {int(first['first_divergent_step'])}, {first['divergent_state']}")
-            table.append([c.id, c.describe(), verdicts, pieces, where, default_differences(c),
+            drift = " / ".join(f"{cells[d]['drift']:.2g}" for d in cells)
+            table.append([c.id, c.describe(), verdicts, pieces, where, drift,
+                          default_differences(c),
                           explanations.get(f"{c.library}.{c.peer_class}", "")])
             summary.append([class_name, c.library, c.id, verdicts, pieces])
         lines += [f"## {class_name}", "",
                   f"Keras's point: {name_of(space.keras)}.", "",
                   tabulate(table, headers=["id", "peer configuration",
                                            f"Keras's math ({' / '.join(cells)})", "pieces",
-                                           "first parts", "defaults differ", "why"],
+                                           "first parts", "weights apart", "defaults differ",
+                                           "why"],
                            tablefmt="github", disable_numparse=True), ""]
     return "\n".join(head + [tabulate(summary, headers=[
         "optimizer", "peer", "id", "Keras's math", "pieces"], tablefmt="github",
