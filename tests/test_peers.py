@@ -93,7 +93,10 @@ def torch_rows():
     # the same torch SGD stream against a Keras configuration with another learning rate
     wrong = dataclasses.replace(known["torch_sgd"], id="torch_sgd_wrong_lr",
                                 config={**known["torch_sgd"].config, "learning_rate": 0.0101})
-    configurations = chosen + [wrong]
+    # torch's momentum buffer read in the wrong units (Keras's momentum is -lr times it)
+    unscaled = dataclasses.replace(known["torch_sgd_momentum"], id="torch_sgd_unscaled",
+                                   scale={"momentum_buffer": 0.01})
+    configurations = chosen + [wrong, unscaled]
     variants, df, environment = peer_run.run_peers(configurations, peer_run.DTYPES, SCENARIO,
                                                    STEPS, SIZE, 0)
     return configurations, variants, df, environment
@@ -117,6 +120,12 @@ def test_torch_sgd_is_keras_math(torch_rows, dtype):
 def test_a_changed_learning_rate_is_caught(torch_rows, dtype):
     r = _result(torch_rows, "torch_sgd_wrong_lr", dtype)
     assert r["keras"] == "mismatch" and r["first"]["first_divergent_step"] == 1
+
+
+@pytest.mark.parametrize("dtype", peer_run.DTYPES)
+def test_a_slot_in_the_wrong_units_is_caught(torch_rows, dtype):
+    r = _result(torch_rows, "torch_sgd_unscaled", dtype)
+    assert r["keras"] == "mismatch" and r["first"]["divergent_state"] == "momentum"
 
 
 def test_torch_adam_epsilon_found_and_named(torch_rows):

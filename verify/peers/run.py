@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from reference import SPACES, name_of, register_variants
+from reference import PRECISIONS, SPACES, name_of, register_variants
 from verify import compare, peers, scenarios, workers
 from verify.runner import Runner, Selection
 
@@ -158,6 +158,8 @@ def report(results, explanations, settings, environment) -> str:
              "where they are not Keras's.",
              "", "Peers: " + "; ".join(f"{b}: {v.get('version')}"
                                         for b, v in sorted(environment["backends"].items())),
+             "", "Precision settings: " + "; ".join(
+                 f"{b}: {PRECISIONS[b].describe()}" for b in sorted(environment["backends"])),
              ""]
     lines, summary = [], []
     for class_name, rs in by_class.items():
