@@ -15,6 +15,7 @@ import pytest
 
 from reference import SPACES
 from verify import cli, peers
+from verify.peers import port
 from verify.peers import run as peer_run
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -158,3 +159,45 @@ def test_optax_sgd_matches_and_adam_epsilon_named(dtype):
     assert sgd["keras"] in ("exact", "match")
     assert adam["keras"] == "mismatch"
     assert "epsilon=plain" in peer_run.pieces_text(SPACES["Adam"], adam["matching"])
+
+
+def _port(capsys, *argv):
+    code = cli.main(["port", *argv, "--steps", str(STEPS), "--size", str(SIZE),
+                     "--scenario", SCENARIO[0]])
+    return code, capsys.readouterr().out
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+def test_port_found_and_proved(capsys):
+    code, out = _port(capsys, "sgd_momentum", "--to", "torch")
+    assert code == 0
+    assert "-> port: torch:SGD(lr=0.01, momentum=0.9, nesterov=False) (match" in out
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+def test_no_port_names_the_piece(capsys):
+    code, out = _port(capsys, "adam", "--to", "torch")
+    assert code == 0 and "-> no torch port" in out
+    assert "mismatch" in out and "epsilon=plain" in out
+
+
+def test_port_blocked_by_an_argument_without_counterpart():
+    found, blocked = port.candidates("optax", "Adam", {"learning_rate": 0.01, "clipnorm": 1.0})
+    assert found == [] and blocked["adam"] == "no counterpart of clipnorm=1.0"
+    found, blocked = port.candidates("torch", "Adam", {"learning_rate": 0.01})
+    assert [c.describe() for c in found] == [
+        "torch:Adam(lr=0.01, betas=[0.9, 0.999], eps=1e-07, amsgrad=False)"]
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+def test_port_from_torch(capsys):
+    code, out = _port(capsys, "torch_sgd", "--from", "torch")
+    assert code == 0 and "-> Keras SGD(learning_rate=0.01, momentum=0.0, nesterov=False): match" in out
+    code, out = _port(capsys, "torch:Adagrad()", "--from", "torch")
+    assert code == 0 and "no Keras configuration reproduces it: epsilon_placement=outside" in out
+
+
+def test_port_bad_input(capsys):
+    assert cli.main(["port", "nosuch", "--to", "torch"]) == 2
+    assert cli.main(["port", "optax_adam", "--from", "torch"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 2

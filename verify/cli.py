@@ -423,6 +423,7 @@ SUBCOMMANDS = {
     "merge": "verify.merge:main",
     "convergence": "verify.convergence.cli:main",
     "peers": "verify.peers.run:main",
+    "port": "verify.peers.port:main",
 }
 
 

@@ -107,6 +107,7 @@ def analyse(configurations, variants, df, dtypes) -> list:
                 "textbook": compare.worst(cell[cell.family == "textbook"].verdict),
                 "keras_scaled": float(keras.max_scaled_error.max()),
                 "drift": float(keras.drift.max()),
+                "final_drift": float(keras.final_drift.max()),
                 "matching": matching,
                 "first": None if first.empty else first.iloc[0].to_dict(),
                 "errors": cell[cell.verdict == "error"].reason.dropna().unique().tolist(),

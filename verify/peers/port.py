@@ -1,0 +1,166 @@
+"""`verify-optimizers port`: the peer configuration that reproduces a Keras one, or why
+none does; and the Keras configuration that reproduces a peer's.
+
+`port CONFIG --to torch|optax`: every class of the peer library compared with the Keras
+class (classes.toml) gives a candidate, the Keras hyperparameters mapped back to its
+arguments, once per value of its `search` grid (arguments Keras has no name for, such as
+torch NAdam's momentum_decay).  A Keras argument the class has no counterpart for
+(clipnorm, use_ema, a schedule, ...) blocks it without a run.  The candidates run as
+`peers` runs them (float64, every scenario); one the `keras` family finds exact or match
+is a port, proved by that run.  Otherwise the answer names the pieces of Keras's variant
+space the closest candidate implements differently and how far apart the weights are
+after the run's steps.
+
+`port PEER --from torch|optax`: the Keras configuration with the peer's hyperparameters,
+proved (or refused, with the pieces) by the same run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import sys
+
+from tabulate import tabulate
+
+import reference
+from reference import base
+from verify import peers, scenarios
+from verify.configurations import CONFIGURATIONS, _call
+from verify.peers import run as peer_run
+
+DTYPE = "float64"
+
+
+def _neutral(key, value) -> bool:
+    """A Keras argument at a value that changes nothing (no clipping, no EMA, ...)."""
+    return key == "name" or value in (None, False, 0) or (
+        key == "ema_momentum") or value == base.DEFAULTS.get(key, object())
+
+
+def candidates(library, class_name, config) -> tuple:
+    """([PeerConfiguration], {peer class: why it cannot port}) for a Keras configuration."""
+    hp = reference.get_rule("keras", class_name).hyperparameters(config)
+    found, blocked = [], {}
+    for (lib, peer_class), entry in sorted(peers.CLASSES.items()):
+        if lib != library or entry["keras"] != class_name:
+            continue
+        if any(hp.get(k) != v for k, v in entry.get("implies", {}).items()):
+            blocked[peer_class] = "only for " + ", ".join(f"{k}={v!r}" for k, v
+                                                          in entry["implies"].items())
+            continue
+        arguments, covered = {}, set(entry.get("implies", {}))
+        for name, target in entry["arguments"].items():
+            targets = target if isinstance(target, list) else [target]
+            covered |= set(targets)
+            values = [hp[t] for t in targets]
+            if None in values:
+                continue
+            arguments[name] = values if isinstance(target, list) else values[0]
+        if reference.schedules.is_schedule(hp["learning_rate"]):
+            blocked[peer_class] = "a learning-rate schedule (not ported yet)"
+            continue
+        loose = [f"{k}={v!r}" for k, v in hp.items() if k not in covered and not _neutral(k, v)]
+        if loose:
+            blocked[peer_class] = f"no counterpart of {', '.join(loose)}"
+            continue
+        grid = entry.get("search", {})
+        for values in itertools.product(*grid.values()):
+            chosen = {**arguments, **dict(zip(grid, values))}
+            text = f"{library}:{peer_class}(" + ", ".join(
+                f"{k}={v!r}" for k, v in chosen.items()) + ")"
+            found.append(peers.parse(text))
+    return found, blocked
+
+
+def parted_by(r) -> str:
+    """The pieces a candidate implements otherwise, or where it first parts."""
+    text = peer_run.pieces_text(r["space"], r["matching"])
+    if not r["matching"] and r["first"]:
+        text += (f" (first: {r['first']['divergent_state']} at step "
+                 f"{int(r['first']['first_divergent_step'])})")
+    return text
+
+
+def answer(results, blocked) -> list:
+    """Rows: each candidate's verdict; the port first, else the closest."""
+    rows = [[r["configuration"].describe(), r["keras"],
+             "" if r["keras"] in ("exact", "match") else parted_by(r),
+             f"{r['final_drift']:.2g}"]
+            for r in sorted(results, key=lambda r: (r["keras"] not in ("exact", "match"),
+                                                    r["final_drift"]))]
+    rows += [[f"{name}: not a candidate", "blocked", why, ""] for name, why in blocked.items()]
+    return rows
+
+
+def build_parser():
+    from verify.cli import _Parser
+
+    p = _Parser(prog="verify-optimizers port",
+                description="The peer configuration that reproduces a Keras one, or why "
+                            "none does (--to); the Keras configuration of a peer's (--from)")
+    p.add_argument("configuration", help="a Keras configuration id (--to), or a peer "
+                   "configuration id or LIBRARY:Class(...) (--from)")
+    direction = p.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--to", choices=sorted(peers.LIBRARIES))
+    direction.add_argument("--from", dest="source", choices=sorted(peers.LIBRARIES))
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scenario", action="append", default=[])
+    return p
+
+
+def main(argv) -> int:
+    from verify.cli import UsageError, _choices, check_run_size, one_line
+
+    args = build_parser().parse_args(argv)
+    names = _choices(args.scenario, scenarios.SCENARIOS, "scenario") or list(scenarios.SCENARIOS)
+    check_run_size(args.steps, args.size, len(names), args.seed)
+    library = args.to or args.source
+    if importlib.util.find_spec(peer_run.MODULES[library]) is None:
+        raise UsageError(f"not installed: {library} (pip install -e '.[peers]')")
+    try:
+        if args.to:
+            if args.configuration not in CONFIGURATIONS:
+                raise UsageError(f"unknown configuration {args.configuration!r} (choose from "
+                                 f"{', '.join(CONFIGURATIONS)})")
+            c = CONFIGURATIONS[args.configuration]
+            subject = f"Keras {c.describe()}"
+            found, blocked = candidates(library, c.class_name, c.config)
+        else:
+            known = peers.load()
+            p = known.get(args.configuration) or peers.parse(args.configuration)
+            if p.library != library:
+                raise UsageError(f"{p.describe()} is not a {library} configuration")
+            subject = p.describe()
+            found, blocked = [p], {}
+    except peers.PeerError as exc:
+        raise UsageError(str(exc)) from None
+    results = []
+    if found:
+        variants, df, _ = peer_run.run_peers(found, [DTYPE], names, args.steps, args.size,
+                                             args.seed)
+        results = peer_run.analyse(found, variants, df, [DTYPE])
+    ported = [r for r in results if r["keras"] in ("exact", "match")]
+    if args.source:
+        keras = "Keras " + _call(found[0].class_name, found[0].config)
+        print(f"{subject} -> {keras}: " + (
+            f"{ported[0]['keras']} (float64, {args.steps} steps)" if ported else
+            "no Keras configuration reproduces it: "
+            f"{parted_by(results[0])} "
+            f"(Keras's math {results[0]['final_drift']:.2g} apart after {args.steps} steps)"))
+    else:
+        verdict = (f"port: {ported[0]['configuration'].describe()} ({ported[0]['keras']}, "
+                   f"float64, {args.steps} steps)" if ported else f"no {library} port")
+        print(f"{subject} -> {verdict}")
+        print(tabulate(answer(results, blocked),
+                       headers=[f"{library} candidate", "Keras's math", "parts by",
+                                f"weights apart after {args.steps} steps"],
+                       disable_numparse=True))
+    errors = [e for r in results for e in r["errors"]]
+    if errors:
+        print(one_line(f"verify-optimizers port: error: {errors[0]}"), file=sys.stderr)
+        return 2
+    return 0
+
