@@ -171,14 +171,13 @@ def _port(capsys, *argv):
 def test_port_found_and_proved(capsys):
     code, out = _port(capsys, "sgd_momentum", "--to", "torch")
     assert code == 0
-    assert "-> port: torch:SGD(lr=0.01, momentum=0.9, nesterov=False) (match" in out
+    assert "port: torch:SGD(lr=0.01, momentum=0.9, nesterov=False) (match)" in out
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
 def test_no_port_names_the_piece(capsys):
     code, out = _port(capsys, "adam", "--to", "torch")
-    assert code == 0 and "-> no torch port" in out
-    assert "mismatch" in out and "epsilon=plain" in out
+    assert code == 0 and "no torch port: epsilon=plain; closest torch:Adam(" in out
 
 
 def test_port_blocked_by_an_argument_without_counterpart():
@@ -192,9 +191,9 @@ def test_port_blocked_by_an_argument_without_counterpart():
 @pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
 def test_port_from_torch(capsys):
     code, out = _port(capsys, "torch_sgd", "--from", "torch")
-    assert code == 0 and "-> Keras SGD(learning_rate=0.01, momentum=0.0, nesterov=False): match" in out
+    assert code == 0 and "Keras SGD(learning_rate=0.01, momentum=0.0, nesterov=False): match" in out
     code, out = _port(capsys, "torch:Adagrad()", "--from", "torch")
-    assert code == 0 and "no Keras configuration reproduces it: epsilon_placement=outside" in out
+    assert code == 0 and "does not reproduce it: epsilon_placement=outside" in out
 
 
 def test_port_bad_input(capsys):

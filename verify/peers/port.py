@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import sys
+from pathlib import Path
 
 from tabulate import tabulate
 
@@ -99,8 +100,10 @@ def build_parser():
     p = _Parser(prog="verify-optimizers port",
                 description="The peer configuration that reproduces a Keras one, or why "
                             "none does (--to); the Keras configuration of a peer's (--from)")
-    p.add_argument("configuration", help="a Keras configuration id (--to), or a peer "
-                   "configuration id or LIBRARY:Class(...) (--from)")
+    p.add_argument("configuration", nargs="*",
+                   help="Keras configuration ids (--to; default: every one), or peer "
+                        "configuration ids or LIBRARY:Class(...) (--from; default: every one "
+                        "of the library)")
     direction = p.add_mutually_exclusive_group(required=True)
     direction.add_argument("--to", choices=sorted(peers.LIBRARIES))
     direction.add_argument("--from", dest="source", choices=sorted(peers.LIBRARIES))
@@ -108,11 +111,38 @@ def build_parser():
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scenario", action="append", default=[])
+    p.add_argument("--output", default=None, help="also write the answers (markdown) here")
     return p
+
+
+def _subjects(args, library):
+    """[(subject text, [candidates], {blocked}, Keras class and config or None)]."""
+    from verify.cli import UsageError
+
+    out = []
+    if args.to:
+        ids = args.configuration or list(CONFIGURATIONS)
+        for i in ids:
+            if i not in CONFIGURATIONS:
+                raise UsageError(f"unknown configuration {i!r} (choose from "
+                                 f"{', '.join(CONFIGURATIONS)})")
+            c = CONFIGURATIONS[i]
+            out.append((f"Keras {i}: {c.describe()}", *candidates(library, c.class_name,
+                                                                  c.config)))
+        return out
+    known = peers.load()
+    chosen = ([known.get(t) or peers.parse(t) for t in args.configuration]
+              or [p for p in known.values() if p.library == library])
+    for p in chosen:
+        if p.library != library:
+            raise UsageError(f"{p.describe()} is not a {library} configuration")
+        out.append((p.describe(), [p], {}))
+    return out
 
 
 def main(argv) -> int:
     from verify.cli import UsageError, _choices, check_run_size, one_line
+    from verify.output import OutputRefused, check_file, replace_file
 
     args = build_parser().parse_args(argv)
     names = _choices(args.scenario, scenarios.SCENARIOS, "scenario") or list(scenarios.SCENARIOS)
@@ -120,47 +150,65 @@ def main(argv) -> int:
     library = args.to or args.source
     if importlib.util.find_spec(peer_run.MODULES[library]) is None:
         raise UsageError(f"not installed: {library} (pip install -e '.[peers]')")
+    output = None
+    if args.output:
+        try:
+            output = check_file(Path(args.output))
+        except OutputRefused as exc:
+            raise UsageError(str(exc)) from None
     try:
-        if args.to:
-            if args.configuration not in CONFIGURATIONS:
-                raise UsageError(f"unknown configuration {args.configuration!r} (choose from "
-                                 f"{', '.join(CONFIGURATIONS)})")
-            c = CONFIGURATIONS[args.configuration]
-            subject = f"Keras {c.describe()}"
-            found, blocked = candidates(library, c.class_name, c.config)
-        else:
-            known = peers.load()
-            p = known.get(args.configuration) or peers.parse(args.configuration)
-            if p.library != library:
-                raise UsageError(f"{p.describe()} is not a {library} configuration")
-            subject = p.describe()
-            found, blocked = [p], {}
+        subjects = _subjects(args, library)
     except peers.PeerError as exc:
         raise UsageError(str(exc)) from None
-    results = []
-    if found:
-        variants, df, _ = peer_run.run_peers(found, [DTYPE], names, args.steps, args.size,
+    unique = list({c.id: c for _, found, _ in subjects for c in found}.values())
+    by_id = {}
+    if unique:
+        variants, df, _ = peer_run.run_peers(unique, [DTYPE], names, args.steps, args.size,
                                              args.seed)
-        results = peer_run.analyse(found, variants, df, [DTYPE])
-    ported = [r for r in results if r["keras"] in ("exact", "match")]
-    if args.source:
-        keras = "Keras " + _call(found[0].class_name, found[0].config)
-        print(f"{subject} -> {keras}: " + (
-            f"{ported[0]['keras']} (float64, {args.steps} steps)" if ported else
-            "no Keras configuration reproduces it: "
-            f"{parted_by(results[0])} "
-            f"(Keras's math {results[0]['final_drift']:.2g} apart after {args.steps} steps)"))
-    else:
-        verdict = (f"port: {ported[0]['configuration'].describe()} ({ported[0]['keras']}, "
-                   f"float64, {args.steps} steps)" if ported else f"no {library} port")
-        print(f"{subject} -> {verdict}")
-        print(tabulate(answer(results, blocked),
-                       headers=[f"{library} candidate", "Keras's math", "parts by",
-                                f"weights apart after {args.steps} steps"],
-                       disable_numparse=True))
-    errors = [e for r in results for e in r["errors"]]
+        by_id = {r["configuration"].id: r
+                 for r in peer_run.analyse(unique, variants, df, [DTYPE])}
+    lines, summary = [], []
+    for subject, found, blocked in subjects:
+        results = [by_id[c.id] for c in found]
+        ported = [r for r in results if r["keras"] in ("exact", "match")]
+        if args.source:
+            p = found[0]
+            keras = "Keras " + _call(p.class_name, p.config)
+            r = results[0]
+            verdict = (f"{keras}: {r['keras']}" if ported else
+                       f"{keras} does not reproduce it: {parted_by(r)}, "
+                       f"{r['final_drift']:.2g} apart after {args.steps} steps")
+            summary.append([subject, verdict])
+            continue
+        closest = min(results, key=lambda r: r["final_drift"], default=None)
+        verdict = (f"port: {ported[0]['configuration'].describe()} ({ported[0]['keras']})"
+                   if ported else f"no {library} port" + (
+                       f": {parted_by(closest)}; closest "
+                       f"{closest['configuration'].describe()}, "
+                       f"{closest['final_drift']:.2g} apart after {args.steps} steps"
+                       if closest else ": " + "; ".join(f"{k}: {v}" for k, v
+                                                        in blocked.items())))
+        summary.append([subject, verdict])
+        lines += [f"## {subject}", "", verdict, "",
+                  tabulate(answer(results, blocked),
+                           headers=[f"{library} candidate", "Keras's math", "parts by",
+                                    f"weights apart after {args.steps} steps"],
+                           tablefmt="github", disable_numparse=True), ""]
+    direction = f"to {library}" if args.to else f"from {library}"
+    print(tabulate(summary, headers=["configuration", f"port {direction}"],
+                   disable_numparse=True))
+    if output is not None:
+        text = "\n".join([f"# Ports {direction}", "",
+                          f"float64, {args.steps} steps, {args.size} elements, scenarios "
+                          f"{', '.join(names)}, seed {args.seed}: a port is a {library} "
+                          "configuration the `keras` family finds exact or match "
+                          "(`verify-optimizers port`, docs/peers.md).", "",
+                          tabulate(summary, headers=["configuration", f"port {direction}"],
+                                   tablefmt="github", disable_numparse=True), ""] + lines)
+        replace_file(output, text)
+        print(f"Report: {output}")
+    errors = [e for r in by_id.values() for e in r["errors"]]
     if errors:
         print(one_line(f"verify-optimizers port: error: {errors[0]}"), file=sys.stderr)
         return 2
     return 0
-
