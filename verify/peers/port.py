@@ -55,8 +55,11 @@ def candidates(library, class_name, config) -> tuple:
             targets = target if isinstance(target, list) else [target]
             covered |= set(targets)
             values = [hp[t] for t in targets]
-            if None in values:
-                continue
+            keras_default = [reference.get_rule("keras", class_name).defaults.get(t)
+                             for t in targets]
+            if None in values or (values == keras_default and name not in entry.get(
+                    "defaults", {}) and name not in entry.get("required", [])):
+                continue  # left out: the peer's own absent default means Keras's
             arguments[name] = values if isinstance(target, list) else values[0]
         if reference.schedules.is_schedule(hp["learning_rate"]):
             blocked[peer_class] = "a learning-rate schedule (not ported yet)"
@@ -116,7 +119,7 @@ def build_parser():
 
 
 def _subjects(args, library):
-    """[(subject text, [candidates], {blocked}, Keras class and config or None)]."""
+    """[(subject text, [candidates], {peer class: why blocked}, Keras class)]."""
     from verify.cli import UsageError
 
     out = []
@@ -127,8 +130,8 @@ def _subjects(args, library):
                 raise UsageError(f"unknown configuration {i!r} (choose from "
                                  f"{', '.join(CONFIGURATIONS)})")
             c = CONFIGURATIONS[i]
-            out.append((f"Keras {i}: {c.describe()}", *candidates(library, c.class_name,
-                                                                  c.config)))
+            out.append((f"Keras {i}: {c.describe()}",
+                        *candidates(library, c.class_name, c.config), c.class_name))
         return out
     known = peers.load()
     chosen = ([known.get(t) or peers.parse(t) for t in args.configuration]
@@ -136,7 +139,7 @@ def _subjects(args, library):
     for p in chosen:
         if p.library != library:
             raise UsageError(f"{p.describe()} is not a {library} configuration")
-        out.append((p.describe(), [p], {}))
+        out.append((p.describe(), [p], {}, p.class_name))
     return out
 
 
@@ -160,7 +163,7 @@ def main(argv) -> int:
         subjects = _subjects(args, library)
     except peers.PeerError as exc:
         raise UsageError(str(exc)) from None
-    unique = list({c.id: c for _, found, _ in subjects for c in found}.values())
+    unique = list({c.id: c for _, found, _, _ in subjects for c in found}.values())
     by_id = {}
     if unique:
         variants, df, _ = peer_run.run_peers(unique, [DTYPE], names, args.steps, args.size,
@@ -168,7 +171,7 @@ def main(argv) -> int:
         by_id = {r["configuration"].id: r
                  for r in peer_run.analyse(unique, variants, df, [DTYPE])}
     lines, summary = [], []
-    for subject, found, blocked in subjects:
+    for subject, found, blocked, class_name in subjects:
         results = [by_id[c.id] for c in found]
         ported = [r for r in results if r["keras"] in ("exact", "match")]
         if args.source:
@@ -186,8 +189,10 @@ def main(argv) -> int:
                        f": {parted_by(closest)}; closest "
                        f"{closest['configuration'].describe()}, "
                        f"{closest['final_drift']:.2g} apart after {args.steps} steps"
-                       if closest else ": " + "; ".join(f"{k}: {v}" for k, v
-                                                        in blocked.items())))
+                       if closest else ": " + ("; ".join(f"{k}: {v}" for k, v
+                                                         in blocked.items())
+                                               or f"no {library} class is compared with "
+                                                  f"Keras's {class_name}")))
         summary.append([subject, verdict])
         lines += [f"## {subject}", "", verdict, "",
                   tabulate(answer(results, blocked),
