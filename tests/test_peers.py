@@ -183,6 +183,10 @@ def test_no_port_names_the_piece(capsys):
 def test_port_blocked_by_an_argument_without_counterpart():
     found, blocked = port.candidates("optax", "Adam", {"learning_rate": 0.01, "clipnorm": 1.0})
     assert found == [] and blocked["adam"] == "no counterpart of clipnorm=1.0"
+    # Keras's Lion has no decay: optax's lion (default weight_decay 1e-3) gets 0
+    found, _ = port.candidates("optax", "Lion", {"learning_rate": 0.001})
+    assert [c.describe() for c in found] == [
+        "optax:lion(learning_rate=0.001, b1=0.9, b2=0.99, weight_decay=0.0)"]
     found, blocked = port.candidates("torch", "Adam", {"learning_rate": 0.01})
     assert [c.describe() for c in found] == [
         "torch:Adam(lr=0.01, betas=[0.9, 0.999], eps=1e-07, amsgrad=False)"]

@@ -57,6 +57,8 @@ def candidates(library, class_name, config) -> tuple:
             values = [hp[t] for t in targets]
             keras_default = [reference.get_rule("keras", class_name).defaults.get(t)
                              for t in targets]
+            if values == [None] and name in entry.get("defaults", {}):
+                values = [0.0]  # Keras's None (no decay) is the peer's 0
             if None in values or (values == keras_default and name not in entry.get(
                     "defaults", {}) and name not in entry.get("required", [])):
                 continue  # left out: the peer's own absent default means Keras's
@@ -73,7 +75,14 @@ def candidates(library, class_name, config) -> tuple:
             chosen = {**arguments, **dict(zip(grid, values))}
             text = f"{library}:{peer_class}(" + ", ".join(
                 f"{k}={v!r}" for k, v in chosen.items()) + ")"
-            found.append(peers.parse(text))
+            candidate = peers.parse(text)
+            theirs = reference.get_rule("keras", class_name).hyperparameters(candidate.config)
+            apart = [f"{k}={hp[k]!r}" for k in hp if theirs.get(k) != hp[k]
+                     and not (_neutral(k, theirs.get(k)) and _neutral(k, hp[k]))]
+            if apart:  # the candidate would be compared with another Keras configuration
+                blocked[peer_class] = f"cannot express {', '.join(apart)}"
+                break
+            found.append(candidate)
     return found, blocked
 
 
