@@ -46,7 +46,9 @@ def test_parse_maps_arguments_to_keras():
     ("torch:Adam(lr=x)", "literals"),
     ("torch:Adam(0.1)", "named arguments"),
     ("optax:adam()", "needs learning_rate"),
-    ("torch:Adam(betas=0.9)", "betas takes 2 values"),
+    ("torch:Adam(betas=0.9)", "betas must be a list"),
+    ("torch:Adam(lr='a')", "lr must be a number"),
+    ("torch:SGD(nesterov=1)", "nesterov must be a bool"),
 ])
 def test_parse_refuses(text, words):
     with pytest.raises(peers.PeerError, match=words):
@@ -58,6 +60,16 @@ def test_bad_peer_is_one_line_and_exit_2(tmp_path, capsys):
     assert cli.main(["peers", "--peer", "torch:Adam(foo=1)", "--output", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "foo" in err[0] and not out.exists()
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+def test_a_peer_that_refuses_its_arguments_is_exit_2_nothing_written(tmp_path, capsys):
+    out = tmp_path / "report.md"
+    assert cli.main(["peers", "--peer", "torch:Adam(lr=-1.0)", "--output", str(out),
+                     "--steps", "2", "--size", "4", "--scenario", "gaussian",
+                     "--dtype", "float32"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "torch raises ValueError" in err[0] and not out.exists()
 
 
 def _signature_defaults(library, name):

@@ -117,6 +117,14 @@ def _same(a, b) -> bool:
     return a == b and (isinstance(a, bool) == isinstance(b, bool))
 
 
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return "list" if isinstance(value, list) else type(value).__name__
+
+
 def _translate(entry: dict, arguments: dict, text: str) -> dict:
     """Peer arguments -> Keras arguments."""
     out = {}
@@ -164,6 +172,11 @@ def parse(text: str, id: str | None = None) -> PeerConfiguration:
             raise PeerError(f"{text!r}: {library}:{peer_class} takes no argument {name!r} "
                             f"here (choose from "
                             f"{', '.join([*entry['arguments'], *free, *fixed])})")
+    stated = {**entry.get("defaults", {}), **free, **fixed}
+    for name, value in arguments.items():
+        want = _kind(stated[name]) if name in stated else "number"
+        if _kind(value) != want:
+            raise PeerError(f"{text!r}: {name} must be a {want} (got {value!r})")
     for name in entry.get("required", []):
         if name not in arguments:
             raise PeerError(f"{text!r}: {library}:{peer_class} needs {name}")

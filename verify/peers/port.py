@@ -211,6 +211,10 @@ def main(argv) -> int:
     direction = f"to {library}" if args.to else f"from {library}"
     print(tabulate(summary, headers=["configuration", f"port {direction}"],
                    disable_numparse=True))
+    errors = [e for r in by_id.values() for e in r["errors"]]
+    if errors:  # nothing written
+        print(one_line(f"verify-optimizers port: error: {errors[0]}"), file=sys.stderr)
+        return 2
     if output is not None:
         text = "\n".join([f"# Ports {direction}", "",
                           f"float64, {args.steps} steps, {args.size} elements, scenarios "
@@ -221,8 +225,4 @@ def main(argv) -> int:
                                    tablefmt="github", disable_numparse=True), ""] + lines)
         replace_file(output, text)
         print(f"Report: {output}")
-    errors = [e for r in by_id.values() for e in r["errors"]]
-    if errors:
-        print(one_line(f"verify-optimizers port: error: {errors[0]}"), file=sys.stderr)
-        return 2
     return 0

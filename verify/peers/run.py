@@ -247,11 +247,11 @@ def main(argv) -> int:
     print(tabulate([[r["configuration"].id, r["dtype"], r["keras"],
                      pieces_text(r["space"], r["matching"])] for r in results],
                    headers=["peer", "dtype", "Keras's math", "pieces"]))
+    errors = [e for r in results for e in r["errors"]]
+    if errors:  # nothing written
+        print(one_line(f"verify-optimizers peers: error: {errors[0]}"), file=sys.stderr)
+        return 2
     if output is not None:
         replace_file(output, text)
         print(f"Report: {output}")
-    errors = [e for r in results for e in r["errors"]]
-    if errors:
-        print(one_line(f"verify-optimizers peers: error: {errors[0]}"), file=sys.stderr)
-        return 2
     return 0
