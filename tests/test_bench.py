@@ -75,3 +75,16 @@ def test_diff_time_is_attributed_to_the_diff(monkeypatch):
     assert threading.get_ident() not in feeds  # on the diff's threads
     assert parts["reference and diff"] == pytest.approx(0.25 * len(feeds))
     assert parts["receiving states"] == 0.0
+
+
+def test_what_keras_refuses_does_not_stop_the_floor(tmp_path, capsys):
+    """A configuration Keras raises on is an error cell in the harness's run; the
+    floor skips it the same way instead of failing (Muon on TensorFlow float64)."""
+    refused = json.dumps({"class_name": "SGD", "id": "two_clips",
+                          "config": {"clipnorm": 1.0, "clipvalue": 0.5}})
+    small = ["sgd" if a == "sgd,adam" else a for a in SMALL]
+    out = tmp_path / "bench"
+    code = cli.main(["bench", *small, "--config", refused, "--repeat", "1",
+                     "--output", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((out / "bench.json").read_text())["result"]["repeats"] == 1

@@ -15,7 +15,6 @@ import argparse
 import hashlib
 import importlib.util
 import json
-import resource
 import signal
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from verify import compare, configurations, scenarios
 from verify.configurations import CONFIGURATIONS
 from verify.report import pivot
 from verify.output import OutputRefused, check_folder
+from verify.protocol import peak_memory_mb
 from verify.runner import Selection
 
 BACKENDS = ("tensorflow", "jax", "torch")
@@ -337,8 +337,7 @@ def timing_of(runner, harness_cpu: float) -> dict:
     """Where a run's time went (seconds, for the environment block and `bench`)."""
     t = runner.timing
     return {"harness_cpu": round(harness_cpu, 2),
-            "harness_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                                         / 1024, 1),
+            "harness_peak_rss_mb": round(peak_memory_mb(), 1),
             "receive_cpu": round(t["receive_cpu"], 2), "diff_cpu": round(t["diff_cpu"], 2),
             **{k: round(v, 2) for k, v in t.items() if k.startswith("workers_")},
             "workers": t["workers"]}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 
 import numpy as np
 
@@ -39,3 +40,20 @@ def read_message(stream):
             raise EOFError("worker stream ended inside an array")
         arrays[name] = np.load(io.BytesIO(data), allow_pickle=False)
     return header, arrays
+
+
+def peak_memory_mb() -> float:
+    """This process's own peak resident memory, MiB.  Linux's VmHWM starts afresh
+    at exec; ru_maxrss does not: after Python's subprocess (vfork + exec) it keeps
+    the parent's peak, so a worker started by a large harness would report the
+    harness's memory as its own."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 ** 2 if sys.platform == "darwin" else peak / 1024  # bytes there, KiB here
