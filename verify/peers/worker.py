@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 import traceback
 
 import numpy as np
 
-from verify.protocol import write_message
+from verify.protocol import peak_memory_mb, write_message
 from verify.worker import gradient_digest
 
 
@@ -245,7 +244,7 @@ def main(job_path: str) -> int:
             write_message(out, {"type": "run_error", "id": spec["id"],
                                 "reason": reason.splitlines()[0]})
     write_message(out, {"type": "bye", "cpu_seconds": time.process_time(),
-                        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+                        "peak_rss_mb": peak_memory_mb()})
     out.close()
     return 0
 
