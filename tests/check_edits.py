@@ -58,9 +58,11 @@ def together(name, *edits) -> Edit:
         assert optimizers and not optimizers & seen, f"{name}: {e.name} shares an optimizer"
         seen |= optimizers
     return Edit(name, sum((e.replacements for e in edits), ()),
-                frozenset().union(*(e.changes for e in edits)), parts=edits)
+                frozenset().union(*(e.changes for e in edits)),
+                parts=sum((e.parts or (e,) for e in edits), ()))
 
 
+BASE = "src/optimizers/base_optimizer.py"
 ADAM = "src/optimizers/adam.py"
 TORCH = "src/backend/torch/optimizers/"
 TORCH_ADAM = TORCH + "torch_adam.py"
@@ -70,9 +72,11 @@ FTRL = "src/optimizers/ftrl.py"
 LAMB = "src/optimizers/lamb.py"
 ALL = ("tensorflow", "jax", "torch")
 # the small baseline's configurations of Adam's update with Keras's defaults (a schedule
-# changes the learning rate, not the update): an edit of Adam moves them all; AdamW
-# inherits the update but has defaults of its own
-ADAMS = ["adam", "adam_cosine_decay_restarts"]
+# changes the learning rate, a base-optimizer stage what enters the update, not the
+# update): an edit of Adam moves them all; AdamW inherits the update but has defaults
+# of its own
+ADAMS = ["adam", "adam_cosine_decay_restarts", "adam_clipnorm", "adam_ema",
+         "adam_accumulation", "adam_loss_scale_factor"]
 ADAMWS = ["adamw", "adamw_piecewise_constant"]
 
 # adam_amsgrad is Keras's Adam class (amsgrad=True, beta_2=0.99 given): Adam's update
@@ -181,18 +185,87 @@ SCHEDULED = ["sgd_momentum_exponential_decay", "adam_cosine_decay_restarts",
              "adagrad_inverse_time_decay", "lion_cosine_decay_warmup"]
 SCHEDULE_READ_ONE_ITERATION_LATE = together(
     "schedule-read-one-iteration-late",
-    Edit("schedule-late", (("src/optimizers/base_optimizer.py",
+    Edit("schedule-late", ((BASE,
                             "return self._learning_rate(self._iterations)",
                             "return self._learning_rate(self._iterations + 1)"),),
          _pairs([o for o in SCHEDULED if o != "adagrad_inverse_time_decay"], ALL)),
     Edit("schedule-late-adagrad", (), _pairs(["adagrad_inverse_time_decay"], ALL),
          always=("float64",)))
 
+# --- the base optimizer's stages (issue 10) ------------------------------------------
+# Three code paths run them: TensorFlow and torch run base_optimizer.py's
+# _backend_apply_gradients (ops.cond: a micro-step only adds to the accumulators); JAX
+# overrides it in backend/jax/optimizer.py (every call runs the whole update, then
+# lax.cond keeps the old weights and slots on a micro-step).  _clip_gradients, apply's
+# unscaling and the EMA's formula are base_optimizer.py's on every backend.  A check
+# run costs 2 to 3 minutes on the loaded 2-core machine (most of it the workers'
+# compiles per cell), so these edits join the groups of the other edits' optimizers.
+JAX_OPTIMIZER = "src/backend/jax/optimizer.py"
+
+# accumulation: weight decay on every micro-step, not only on the update step.  Generic
+# path: decay before the ops.cond instead of inside its update branch (TensorFlow and
+# torch; JAX never runs it).  JAX: decay before the old weights are read for lax.cond,
+# so a micro-step keeps the decayed weights.  On an update step both do what Keras does
+# (decay, then the optimizer's step, which does not read the weights); on the three
+# micro-steps before it the weights shrink by lr * wd = 1e-4 relative: every dtype.
+DECAY_EVERY_MICRO_STEP = Edit(
+    "decay-every-micro-step",
+    ((BASE, "                grads = self._clip_gradients(grads)\n"
+            "                self._apply_weight_decay(trainable_variables)\n",
+      "                grads = self._clip_gradients(grads)\n"),
+     (BASE, "            ops.cond(\n                is_update_step,\n",
+      "            self._apply_weight_decay(trainable_variables)\n"
+      "            ops.cond(\n                is_update_step,\n")),
+    _pairs(["adam_accumulation"], ["tensorflow", "torch"]))
+DECAY_EVERY_MICRO_STEP_JAX = Edit(
+    "decay-every-micro-step-jax",
+    ((JAX_OPTIMIZER, "                lambda: list(grads),\n            )\n\n"
+                     "            # Apply clipping and weight decay.\n"
+                     "            grads = self._clip_gradients(grads)\n"
+                     "            self._apply_weight_decay(trainable_variables)\n",
+      "                lambda: list(grads),\n            )\n\n"
+      "            grads = self._clip_gradients(grads)\n"),
+     (JAX_OPTIMIZER, "            current_trainable_vars_value = [\n"
+                     "                v.value for v in trainable_variables\n",
+      "            self._apply_weight_decay(trainable_variables)\n"
+      "            current_trainable_vars_value = [\n"
+      "                v.value for v in trainable_variables\n")),
+    _pairs(["adam_accumulation"], ["jax"]))
+# EMA: JAX's override no longer updates the average; TensorFlow and torch still do.
+# The average slot stays at its initial copy of the weights, and every
+# ema_overwrite_frequency steps the weights are overwritten with it.
+EMA_NOT_UPDATED_ON_JAX = Edit(
+    "ema-not-updated-on-jax",
+    ((JAX_OPTIMIZER, "        if self.use_ema:\n"
+                     "            self._update_model_variables_moving_average(\n"
+                     "                self._trainable_variables\n            )\n",
+      "        if self.use_ema:\n"),),
+    _pairs(["adam_ema"], ["jax"]))
+# loss scaling: apply() divides by loss_scale_factor twice (every backend runs it): the
+# moments hold g / 128 ** 2 instead of g / 128.
+UNSCALED_TWICE = Edit(
+    "unscaled-twice",
+    ((BASE, "grads = [g if g is None else g / scale for g in grads]",
+      "grads = [g if g is None else g / scale / scale for g in grads]"),),
+    _pairs(["adam_loss_scale_factor"], ALL))
+# clipping: clipnorm over all variables together (the global norm) instead of each
+# variable's own norm; _clip_gradients is base_optimizer.py's on every backend.
+CLIPNORM_OVER_ALL_VARIABLES = Edit(
+    "clipnorm-over-all-variables",
+    ((BASE, "            return [\n"
+            "                self._clip_by_norm(g) if g is not None else g for g in grads\n"
+            "            ]\n",
+      "            return clip_by_global_norm(grads, self.clipnorm)\n"),),
+    _pairs(["adam_clipnorm", "adam_accumulation"], ALL))
+
 EDITS += [
-    SCHEDULE_READ_ONE_ITERATION_LATE,
-    together("epsilons", ADAMAX_DEFAULT_EPSILON, ADADELTA_EPSILON_OUTSIDE_SQRT,
-             LAMB_EPSILON_INSIDE_SQRT),
-    together("branches", FTRL_NO_L1_THRESHOLD, AMSGRAD_WITHOUT_MAX, ADAMAX_MAX_WITHOUT_ABS),
+    together("schedule-late-and-clipnorm-over-all-variables",
+             SCHEDULE_READ_ONE_ITERATION_LATE, CLIPNORM_OVER_ALL_VARIABLES),
+    together("epsilons-and-base-stages", ADAMAX_DEFAULT_EPSILON,
+             ADADELTA_EPSILON_OUTSIDE_SQRT, LAMB_EPSILON_INSIDE_SQRT,
+             DECAY_EVERY_MICRO_STEP, EMA_NOT_UPDATED_ON_JAX, UNSCALED_TWICE),
+    together("branches-and-jax-micro-step-decay", FTRL_NO_L1_THRESHOLD, AMSGRAD_WITHOUT_MAX,
+             ADAMAX_MAX_WITHOUT_ABS, DECAY_EVERY_MICRO_STEP_JAX),
 ]
 
 
@@ -215,7 +288,6 @@ def edited_keras(edit: Edit, root: Path) -> Path:
     return site
 
 
-BASE = "src/optimizers/base_optimizer.py"
 # Serialization (what model.save writes) loses half the learning rate: every
 # optimizer rebuilt from it computes differently, while the class itself does not.
 # A serialized schedule loses half its initial rate (PiecewiseConstantDecay: its values).

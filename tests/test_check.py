@@ -16,9 +16,12 @@ from conftest import make_selection
 
 # Adam and the classes that share its code (AdamW, and adam_amsgrad: Adam with
 # amsgrad), the optimizers issue 9 added that check_edits.EDITS edit, SGD
-# with momentum, which no edit touches, and the configurations with a schedule.
+# with momentum, which no edit touches, the configurations with a schedule, and the
+# base-optimizer stages' configurations the edits of base_optimizer.py and JAX's
+# optimizer.py move (all on Adam).
 OPTIMIZERS = ["adam", "adamw", "adam_amsgrad", "adamax", "adadelta", "ftrl", "lamb",
-              "sgd_momentum"] + check_edits.SCHEDULED
+              "sgd_momentum"] + check_edits.SCHEDULED + [
+              "adam_clipnorm", "adam_ema", "adam_accumulation", "adam_loss_scale_factor"]
 SCENARIOS = ["gaussian", "tiny", "sparse"]
 SMALL = ["--family", "keras", "--optimizer", ",".join(OPTIMIZERS), "--scenario",
          ",".join(SCENARIOS), "--steps", "12", "--size", "8", "--quiet"]
