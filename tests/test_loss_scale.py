@@ -193,3 +193,11 @@ def test_every_configuration_runs_through_nonfinite_without_a_crash(tmp_path):
     assert ran.verdict.isin(["exact", "match"]).all(), ran[ran.verdict != "match"][
         ["optimizer", "dtype", "verdict", "first_divergent_step", "divergent_state",
          "reason"]].to_string()
+
+
+def test_nonfinite_runs_in_an_optimizer_of_its_own():
+    sel = make_selection(["torch"], ["keras"], configurations=["adam_global_clipnorm"],
+                         names=["gaussian", "nonfinite", "tiny"], steps=3, size=8)
+    assert sel.scenario_groups() == [("gaussian", "tiny"), ("nonfinite",)]
+    assert make_selection(["torch"], ["keras"], names=["nonfinite"], steps=3,
+                          size=8).scenario_groups() == [("nonfinite",)]
