@@ -9,7 +9,7 @@ of it.  `get_rule(family, class_name)` returns a `reference.rule.Rule`;
 
 from reference.arithmetic import PRECISIONS, Arithmetic, Precision, Tracked
 from reference.optimizer import name_of, register_variants
-from reference.optimizers import OPTIMIZERS
+from reference.optimizers import OPTIMIZERS, loss_scale
 from reference.rule import REGISTRY, Rule, StateSpec, Unsupported
 
 FAMILIES = ("article", "textbook", "keras")
@@ -17,6 +17,9 @@ FAMILIES = ("article", "textbook", "keras")
 for _optimizer in OPTIMIZERS.values():
     for _family in _optimizer.points:
         REGISTRY[(_family, _optimizer.class_name)] = _optimizer.rule(_family)
+
+# a wrapper around another optimizer's rule: the keras family only, no variant space
+REGISTRY[("keras", loss_scale.CLASS_NAME)] = loss_scale.KERAS
 
 SPACES = {name: optimizer.space() for name, optimizer in OPTIMIZERS.items()}
 

@@ -82,6 +82,16 @@ class Precision:
         become float32, Keras's floatx), except ops.cos, which computes in
         float32 (result_type(x.dtype, float) maps float64 to float32 off
         TensorFlow, as for mean_float32), its result a float32 tensor.
+    moving_average_weighted: the backend's own Adam, AdamW, Nadam and Adamax
+        kernels (torch: keras/src/backend/torch/optimizers/) form the moments
+        as beta * m + (1 - beta) * g (_foreach_mul_, _foreach_add_), where the
+        generic code writes m + (g - m) * (1 - beta): the same to rounding for
+        finite values, but an infinite m stays infinite where the generic form
+        gives inf - inf = NaN.
+    sign_of_nan_zero: sign(NaN) is 0 (torch.sign), not NaN.
+    accumulator_reset_multiplies: the gradient accumulators are reset by
+        multiplying them by 0.0 (torch's `_backend_reset_gradient_accumulators`),
+        which leaves NaN where one holds inf or NaN, not 0.
     flushes_subnormals: results below the smallest normal number may be
         flushed to zero (TensorFlow and XLA set FTZ/DAZ on CPU), so each
         operation's underflow error is up to the smallest normal number
@@ -99,6 +109,9 @@ class Precision:
     norm_float32: bool = False
     schedule_float64: bool = False
     flushes_subnormals: bool = False
+    moving_average_weighted: bool = False
+    sign_of_nan_zero: bool = False
+    accumulator_reset_multiplies: bool = False
 
     def describe(self) -> str:
         parts = [text for flag, text in DESCRIPTIONS.items() if getattr(self, flag)]
@@ -117,6 +130,9 @@ DESCRIPTIONS = {  # each setting as the reports state it, in this order
     "schedule_float64": "learning-rate schedules compute in float64 in float64 runs "
                         "(ops.cos in float32)",
     "flushes_subnormals": "subnormal results may be flushed to zero",
+    "moving_average_weighted": "Adam, AdamW, Nadam and Adamax moments as beta*m + (1-beta)*g",
+    "sign_of_nan_zero": "sign(NaN) is 0",
+    "accumulator_reset_multiplies": "gradient accumulators reset by multiplying by 0.0",
 }
 
 PRECISIONS = {
@@ -126,7 +142,8 @@ PRECISIONS = {
                      flushes_subnormals=True),
     "torch": Precision("torch", decay_factor_float32=True, operand_float32=True,
                        min_max_float32=True, mean_float32=True, norm_float32=True,
-                       value_aliases_variable=True),
+                       value_aliases_variable=True, moving_average_weighted=True,
+                       sign_of_nan_zero=True, accumulator_reset_multiplies=True),
     # No rounding beyond the working dtype: the formulas as real-number math.
     "exact": Precision("exact", learning_rate_float32=False),
 }
@@ -408,6 +425,8 @@ def square(x: Tracked) -> Tracked:
 def sign(x: Tracked) -> Tracked:
     """sign(x); a tie within rounding of 0 may legitimately go either way."""
     z = np.sign(x.v)
+    if x.ar.precision.sign_of_nan_zero:
+        z = np.where(np.isnan(z), 0.0, z).astype(z.dtype)
     if not x.ar.track:
         return Tracked(z, None, x.ar)
     tie = (x.e > 0) & (np.abs(x.v.astype(np.float64)) <= x.ar.tie_width * x.e)

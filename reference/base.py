@@ -36,7 +36,9 @@ keeps the old values of the weights and of every optimizer variable through
 numbers as the `ops.cond` of the other backends for finite values.  torch
 resets the accumulators with accumulator * 0.0 and increments them with
 `_foreach_add_(alpha=1.0)` (keras/src/backend/torch/optimizers/
-torch_parallel_optimizer.py), again the same numbers.  TensorFlow clips by
+torch_parallel_optimizer.py), again the same numbers, but for an accumulator
+holding inf or NaN, which the product leaves NaN (the precision setting
+accumulator_reset_multiplies).  TensorFlow clips by
 norm with `tf.clip_by_norm` (keras/src/backend/tensorflow/optimizer.py), the
 same formula as Keras's `_clip_by_norm`.  Where the backends round
 differently (torch's Python-float operands and minimum/maximum in float32)
@@ -232,8 +234,13 @@ def accumulate(ar, hp, c, state, grads, t, lr, step) -> tuple:
                           for i, v in enumerate(value)]
         else:
             kept[name] = where(is_update, value, state[name])
-    kept["gradient_accumulator"] = [
-        where(per_row(is_update, s), ar.exact(np.zeros_like(s.v)), s) for s in summed]
+    if ar.precision.accumulator_reset_multiplies:  # accumulator * 0.0: NaN from inf
+        with np.errstate(invalid="ignore"):
+            reset = [ar.exact(a.v * 0.0) for a in accumulators]
+    else:
+        reset = [ar.exact(np.zeros_like(s.v)) for s in summed]
+    kept["gradient_accumulator"] = [where(per_row(is_update, s), r, s)
+                                    for s, r in zip(summed, reset)]
     return kept, t_opt
 
 

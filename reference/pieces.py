@@ -40,6 +40,12 @@ def ema(form: str, avg: Tracked, x: Tracked, beta, one_minus_beta) -> Tracked:
     return ema_weighted(avg, x, beta, one_minus_beta)
 
 
+def moving_average_form(ar: Arithmetic, form: str) -> str:
+    """The form a backend's own kernel computes a moment in: "weighted" under the
+    `moving_average_weighted` precision setting (torch), else `form`."""
+    return "weighted" if ar.precision.moving_average_weighted else form
+
+
 def eps_outside_sqrt(v: Tracked, eps) -> Tracked:
     """sqrt(v) + e."""
     return sqrt(v) + eps

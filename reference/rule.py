@@ -63,6 +63,9 @@ class StateSpec:
     # keeps no such slot for that variable (Adafactor's factored moments, Muon's
     # Adam velocity); None here: the variable's own shape, for every variable
     shape: Callable[[tuple, str], tuple | None] | None = None
+    # the dtype Keras gives the variable whatever the weights' (LossScaleOptimizer's
+    # float32 scale); None: the working dtype
+    dtype: str | None = None
 
     def shape_for(self, variable_shape: tuple, path: str) -> tuple | None:
         if not self.per_variable:

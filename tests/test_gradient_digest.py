@@ -17,7 +17,7 @@ def test_a_comparison_with_other_gradients_than_the_worker_applied_is_an_error(t
     sink = Sink(tmp_path, [], {"steps": sel.steps}, {})
     runner = Runner(sel, sink)
     if slip:
-        runner.all_gradients = runner.all_gradients[:, ::-1].copy()
+        runner.all_gradients = {k: v[:, ::-1].copy() for k, v in runner.all_gradients.items()}
     runner.run()
     rows = sink.frame()
     if slip:

@@ -25,7 +25,7 @@ STEPS = sorted(set(range(40)) | set(range(40, 1000, 11)) | {70, 150, 310, 630})
 
 # the configurations' schedules and the branches they leave out
 SCHEDULES = {c.id: c.config["learning_rate"] for c in CONFIGURATIONS.values()
-             if schedules.is_schedule(c.config["learning_rate"])}
+             if schedules.is_schedule(c.config.get("learning_rate"))}
 SCHEDULES.update({
     "exponential_staircase": {"class_name": "ExponentialDecay", "config": {
         "initial_learning_rate": 0.1, "decay_steps": 7, "decay_rate": 0.96,
@@ -112,7 +112,7 @@ def test_each_configuration_schedule_moves_within_a_short_run():
     """Every configured schedule changes its value within 30 steps and within
     1000 (so a shifted read shows in the short test runs and in the default)."""
     for name in [c.id for c in CONFIGURATIONS.values()
-                 if schedules.is_schedule(c.config["learning_rate"])]:
+                 if schedules.is_schedule(c.config.get("learning_rate"))]:
         lr = reference_lr("jax", SCHEDULES[name], np.arange(1000)).v
         assert len(set(lr[:30])) > 2 and len(set(lr[30:])) > 1, name
 

@@ -369,7 +369,8 @@ def run(sel: Selection, output: Path, formats, *, quiet=False, console=None, fin
     from verify import api  # (it imports this module)
 
     console = console or sys.stdout
-    with progress_display(len(sel.runs()) * sel.steps, quiet) as progress:
+    with progress_display(len(sel.runs()) * len(sel.scenario_groups()) * sel.steps,
+                          quiet) as progress:
         df = api.execute(sel, output, formats, progress=progress, finish=finish,
                          command=command).rows
     return conclude(df, output, formats, console)

@@ -51,6 +51,18 @@ def worst(verdicts) -> str:
     return max(verdicts, key=VERDICT_ORDER.index)
 
 
+def difference(k: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """|k - r| in float64, 0 where both are the same NaN or infinity, inf where
+    only one side is NaN or they are infinities of opposite signs."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.abs(k - r)
+        odd = np.isnan(diff)
+        if odd.any():
+            same = (k == r) | (np.isnan(k) & np.isnan(r))
+            diff[odd] = np.where(same[odd], 0.0, np.inf)
+    return diff
+
+
 def element_errors(keras: np.ndarray, reference: np.ndarray, bound: np.ndarray, tie=None):
     """Elementwise (|keras - reference|, relative error, scaled error).
 
@@ -63,12 +75,8 @@ def element_errors(keras: np.ndarray, reference: np.ndarray, bound: np.ndarray, 
     """
     k = keras.astype(np.float64, copy=False)
     r = reference.astype(np.float64, copy=False)
+    diff = difference(k, r)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        diff = np.abs(k - r)
-        odd = np.isnan(diff)
-        if odd.any():
-            same = (k == r) | (np.isnan(k) & np.isnan(r))
-            diff[odd] = np.where(same[odd], 0.0, np.inf)
         bound = np.broadcast_to(bound, diff.shape)
         if not np.all(np.isfinite(r)):
             bound = np.where(np.isfinite(r), bound, 0.0)
@@ -269,7 +277,7 @@ class RunComparison:
                 continue
             c = (self.ar.cast if spec.initial_via_cast else self.ar.const)(spec.initial)
             shape = (1, 1) if seg is None else (1, seg.total)
-            ref[name] = np.broadcast_to(c.v, shape).astype(self.dtype)
+            ref[name] = np.broadcast_to(c.v, shape).astype(spec.dtype or self.dtype)
             bounds[name] = np.broadcast_to(c.e, shape)
         for name, parts in (layout or {}).items():
             if name in self.state_segments and name != "variable":
@@ -350,9 +358,11 @@ class RunComparison:
             self.free = {n: _flat(parts[n], 1, "v")[0] for n in self.ref_states}
             w_ref = self.free["variable"].astype(np.float64).reshape(1, -1)
             w_keras = states["variable"][j].astype(np.float64).reshape(1, -1)
+            # NaN and infinities count as in the verdict: equal where both sides agree
+            gap = self.segments.reduce_max(difference(w_keras, w_ref))[0]
+            finite = np.where(np.isfinite(w_ref), np.abs(w_ref), 0.0)
+            scale = np.maximum(self.segments.reduce_max(finite)[0], tiny)
             with np.errstate(invalid="ignore", over="ignore"):
-                gap = self.segments.reduce_max(np.abs(w_keras - w_ref))[0]
-                scale = np.maximum(self.segments.reduce_max(np.abs(w_ref))[0], tiny)
                 d = gap / scale
             drift[j] = np.where(np.isnan(d), np.inf, d)
         return drift
@@ -368,7 +378,8 @@ class RunComparison:
                 kv, rv = keras[name].reshape(k, -1), ref[name].reshape(k, -1)
                 diff, rel, scaled = element_errors(kv, rv, bounds[name],
                                                    self.ties.get(name))
-                if kv.dtype != rv.dtype:
+                # a counter Keras keeps as an integer is exact as its value
+                if kv.dtype != rv.dtype and not np.issubdtype(kv.dtype, np.integer):
                     self.exact[:] = False
                 self.exact &= ~self._reduce(name, diff != 0).any(axis=0)
                 elementwise[name] = (kv, rv, np.broadcast_to(bounds[name], kv.shape), scaled)

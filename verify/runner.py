@@ -75,12 +75,22 @@ class Selection:
         k, n = self.shard
         return runs[k - 1::n]
 
-    def variables(self) -> list:
-        """(path, weight name, shape, scenario index) of every variable, in order:
-        each scenario's weights, scenario after scenario."""
+    def variables(self, names=None) -> list:
+        """(path, weight name, shape, scenario index) of every variable of the
+        scenarios `names` (all), in order: each scenario's weights, scenario after
+        scenario."""
         return [(f"{scenario}_{name}", name, shape, s)
-                for s, scenario in enumerate(self.scenarios)
+                for s, scenario in enumerate(self.scenarios if names is None else names)
                 for name, shape in self.weights.items()]
+
+    def scenario_groups(self) -> list:
+        """The scenarios of each run of a configuration, backend, dtype and mode,
+        each run one optimizer holding their weights: all together, but each of
+        scenarios.ISOLATED alone (its NaN would reach the others' weights through
+        a global clipnorm, and skip their steps under a loss scale)."""
+        shared = tuple(s for s in self.scenarios if s not in scenarios.ISOLATED)
+        return ([shared] if shared else []) + [(s,) for s in self.scenarios
+                                               if s in scenarios.ISOLATED]
 
 
 @dataclass
@@ -90,6 +100,7 @@ class RunSpec:
     backend: str
     dtype: str
     mode: str
+    scenarios: tuple = ()  # the scenarios whose weights its optimizer holds
     round_trip: str | None = None  # Keras's serialization round trip: None, or a finding
 
 
@@ -114,11 +125,14 @@ class Runner:
         # observer(run, first_step, states, header): sees Keras's raw states too
         # (step 0 first), for checks that compare Keras with Keras
         self.observer = observer
-        # every scenario's weights; the comparison lays them end to end, flattened
-        paths, labels, shapes, groups = zip(*sel.variables())
-        self.segments = compare.Segments(paths, shapes, groups, len(sel.scenarios), labels)
-        self.all_gradients = np.concatenate(
-            [sel.gradients[n].reshape(len(sel.gradients[n]), -1) for n in sel.scenarios], axis=1)
+        # per group of scenarios, their weights (the comparison lays them end to end,
+        # flattened) and their gradients
+        self.segments, self.all_gradients = {}, {}
+        for names in sel.scenario_groups():
+            paths, labels, shapes, groups = zip(*sel.variables(names))
+            self.segments[names] = compare.Segments(paths, shapes, groups, len(names), labels)
+            self.all_gradients[names] = np.concatenate(
+                [sel.gradients[n].reshape(len(sel.gradients[n]), -1) for n in names], axis=1)
         self.environment = {"backends": {}, "pinned": workers.pinned_description(),
                             "user_settings_not_used": workers.overridden_user_settings()}
         self._lock = threading.Lock()  # the sink and progress, shared by the diff threads
@@ -144,14 +158,15 @@ class Runner:
                 for configuration, b, dtype, mode in chosen:
                     if b != backend or dtype not in dtypes:
                         continue
-                    run = RunSpec(run_id, configuration, backend, dtype, mode)
-                    self.runs[run_id] = run
-                    specs.append({"id": run_id, "class_name": configuration.class_name,
-                                  "config": configuration.config, "dtype": dtype,
-                                  "mode": mode, "scenarios": sel.scenarios,
-                                  "weights": [[n, list(shape)] for n, shape
-                                              in sel.weights.items()]})
-                    run_id += 1
+                    for names in sel.scenario_groups():
+                        run = RunSpec(run_id, configuration, backend, dtype, mode, names)
+                        self.runs[run_id] = run
+                        specs.append({"id": run_id, "class_name": configuration.class_name,
+                                      "config": configuration.config, "dtype": dtype,
+                                      "mode": mode, "scenarios": list(names),
+                                      "weights": [[n, list(shape)] for n, shape
+                                                  in sel.weights.items()]})
+                        run_id += 1
                 if not specs:  # no run of this shard on this backend and dtype
                     continue
                 job = {"backend": backend, "x64": x64, "steps": sel.steps, "chunk": CHUNK,
@@ -289,7 +304,8 @@ class Runner:
         """The digest of steps start..start+k-1 as the worker computes it."""
         from verify.worker import gradient_digest
         digest = gradient_digest()
-        rows = self.all_gradients[start - 1:start - 1 + k].astype(self.runs[run_id].dtype)
+        run = self.runs[run_id]
+        rows = self.all_gradients[run.scenarios][start - 1:start - 1 + k].astype(run.dtype)
         for row in rows:
             digest.update(row.tobytes())
         return digest.hexdigest()
@@ -316,10 +332,10 @@ class Runner:
         run = self.runs[run_id]
         keras_states = [n for n in states if n != "variable"]
         c, reason = compare.build(family, reference.get_rule, run.configuration, run.dtype,
-                                  reference.PRECISIONS[run.backend], self.segments,
-                                  self.all_gradients, keras_states)
+                                  reference.PRECISIONS[run.backend], self.segments[run.scenarios],
+                                  self.all_gradients[run.scenarios], keras_states)
         if c is not None:
-            c.on_table = self.sink.step_files(family, run, self.sel.scenarios,
+            c.on_table = self.sink.step_files(family, run, run.scenarios,
                                               self.spill / f"{run_id}-{family}")
             c.error = run.problem
             _guarded(c, c.start, states, iteration, layout)
@@ -335,7 +351,7 @@ class Runner:
         if not isinstance(c, str):
             c.on_table.close()
         with self._lock:
-            for s, scenario in enumerate(self.sel.scenarios):
+            for s, scenario in enumerate(run.scenarios):
                 if isinstance(c, str) and family == "keras":  # the harness must state Keras
                     self.sink.row(family, run, scenario, error=c)
                 elif isinstance(c, str):
@@ -359,7 +375,7 @@ class Runner:
             except reference.Unsupported as exc:
                 not_stated = str(exc)
         with self._lock:
-            for scenario in self.sel.scenarios:
+            for scenario in run.scenarios:
                 if not_stated is not None:
                     self.sink.row(family, run, scenario, not_stated=not_stated)
                 else:

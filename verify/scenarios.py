@@ -31,8 +31,18 @@ DESCRIPTIONS = {
              "Adam(learning_rate=0.01) with model.fit (seed 0, torch, 100 epochs = 1000 steps); "
              "step t and element i are recorded step t mod 1000 and parameter i mod 415 "
              "(longer sequences and weights repeat it); --seed does not change it",
+    "nonfinite": "N(0, 1) entries with, at every step t (from 1) where t mod 25 is 8, NaN in "
+                 "element 0 (the scalar weight); 9, +inf in element 1 (the vector's first); "
+                 "20, -inf in the last element (the embedding's last); the matrix and the "
+                 "kernel stay finite. Run with an optimizer of its own (NaN in one weight "
+                 "reaches every weight through a global norm or a loss scale's skip)",
 }
 SCENARIOS = tuple(DESCRIPTIONS)
+# (step within the period, element, value) of the `nonfinite` scenario
+NONFINITE_PERIOD = 25
+NONFINITE = ((8, 0, np.nan), (9, 1, np.inf), (20, -1, -np.inf))
+# scenarios each run in a run (an optimizer) of their own
+ISOLATED = ("nonfinite",)
 
 # each about size / 4 elements (but the scalar)
 WEIGHTS = {
@@ -88,6 +98,12 @@ def gradients(name: str, steps: int, size: int, seed: int) -> np.ndarray:
     if name == "alternating":
         signs = np.where(np.arange(steps) % 2 == 0, 1.0, -1.0)[:, None]
         return signs * rng.standard_normal(size)
+    if name == "nonfinite":
+        g = rng.standard_normal((steps, size))
+        t = np.arange(1, steps + 1) % NONFINITE_PERIOD
+        for step, element, value in NONFINITE:
+            g[t == step, element] = value
+        return g
     if name == "moons":
         with np.load(MOONS_FILE) as data:
             recorded = data["gradients"].astype(np.float64)

@@ -48,9 +48,12 @@ def _state_layout(optimizer, variables):
     named after its weight."""
     own = {id(v) for v in optimizer.variables}
     skip = {id(iteration_variable(optimizer))}
-    lr = getattr(optimizer, "_learning_rate", None)
-    if id(lr) in own:
-        skip.add(id(lr))
+    # the learning rate, also of the optimizer a LossScaleOptimizer wraps (whose
+    # iteration counter is a state: it counts the steps not skipped)
+    for opt in (optimizer, getattr(optimizer, "inner_optimizer", None)):
+        lr = getattr(opt, "_learning_rate", None)
+        if id(lr) in own:
+            skip.add(id(lr))
     prefixes = sorted(((v.path.replace("/", "_") + "_", i) for i, v in enumerate(variables)),
                       key=lambda p: -len(p[0]))
     weights = {id(v) for v in variables}
@@ -120,6 +123,10 @@ def build_optimizer(keras, class_name, config):
     if isinstance(config.get("learning_rate"), dict):  # a serialized schedule
         config = {**config, "learning_rate": keras.optimizers.schedules.deserialize(
             config["learning_rate"])}
+    if isinstance(config.get("inner_optimizer"), dict):  # LossScaleOptimizer's, serialized
+        config = {**config, "inner_optimizer": build_optimizer(
+            keras, config["inner_optimizer"]["class_name"],
+            config["inner_optimizer"].get("config", {}))}
     return cls(**config)
 
 
@@ -151,6 +158,8 @@ def round_trip(keras, class_name, config, make_variables, grads, steps):
             try:
                 optimizer.apply(grads(t), variables)
             except Exception as exc:
+                if optimizer is original:  # not serialization's doing: the run says why
+                    return None
                 return (f"serialization round trip: step {t + 1} fails: "
                         f"{type(exc).__name__}: {exc}").splitlines()[0]
             states.append([keras.ops.convert_to_numpy(v.value)
@@ -191,6 +200,21 @@ class Run:
         self.state_vars = ([(i, "variable", v) for i, v in enumerate(self.variables)]
                            + self.layout)
         self.step_fn, self.read = self._make_step(job["backend"], spec["mode"])
+        # The trainer multiplies the loss by a LossScaleOptimizer's current scale
+        # (`scale_loss`), so `apply` receives the scenario's gradient times it: the
+        # worker plays that part, in numpy, with the scale of the last state read.
+        scale = getattr(self.optimizer, "dynamic_scale", None)
+        self.scale_at = next((k for k, (_, _, v) in enumerate(self.state_vars)
+                              if v is scale), None)
+
+    def _scaled(self, arrays, values):
+        if self.scale_at is None:
+            return arrays
+        scale = np.asarray(values[self.scale_at], dtype=self.dtype)
+        # IEEE, as the trainer's product; a 0-d product stays an array (a numpy scalar
+        # would reach Keras as a Python float, of dtype floatx)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return [np.asarray(a * scale) for a in arrays]
 
     def make_variables(self):
         return [self.keras.Variable(self.initial[o:o + n].reshape(shape).astype(self.dtype),
@@ -258,8 +282,12 @@ class Run:
         values, iteration = self.read()
         write_message(out, {
             "type": "run_start", "id": spec["id"], "states": names,
-            "computed_dtypes": sorted({str(v.dtype) for v in values
-                                       if np.issubdtype(v.dtype, np.floating)}),
+            # of the weights and their slots (an optimizer-wide value may have its
+            # own: LossScaleOptimizer's scale is float32 for any weights)
+            "computed_dtypes": sorted({str(v.dtype) for (i, _, _), v in zip(self.state_vars,
+                                                                             values)
+                                       if i is not None and np.issubdtype(v.dtype,
+                                                                          np.floating)}),
             "keras_config": _json_safe(self.optimizer.get_config()),
             "round_trip": self.round_trip,
         }, {**{n: v[None] for n, v in zip(names, values)},
@@ -276,7 +304,7 @@ class Run:
                 for a in arrays:
                     applied.update(a.tobytes())
                 t = clock()
-                self.step_fn(self._grads(t0 + j, arrays))
+                self.step_fn(self._grads(t0 + j, self._scaled(arrays, values)))
                 t_step = clock()
                 values, iterations[j] = self.read()
                 for b, v in zip(buffers, values):
@@ -295,8 +323,11 @@ class Run:
         """The same Keras work with nothing observed: every step, then one read at
         the end (which also waits for asynchronous backends)."""
         start = time.process_time()
+        values = self.read()[0] if self.scale_at is not None else None
         for t in range(steps):
-            self.step_fn(self._grads(t))
+            self.step_fn(self._grads(t, self._scaled(self._gradient_arrays(t), values)))
+            if self.scale_at is not None:
+                values = self.read()[0]
         self.read()
         write_message(out, {"type": "run_end", "id": self.spec["id"],
                             "seconds": {"step": time.process_time() - start}})

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from reference.arithmetic import maximum, square
 from reference.optimizer import Optimizer, Point
-from reference.pieces import adam_step_size, ema, hyperparameter, one_minus, root
+from reference.pieces import (adam_step_size, ema, hyperparameter, moving_average_form,
+                              one_minus, root)
 from reference.rule import slots
 
 DEFAULTS = {"learning_rate": 0.001, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7,
@@ -53,8 +54,9 @@ def update(ar, hp, c, s, g, t, lr):
     if decay is not None and c["decay_form"] == "article":
         w = w - ar.const(decay) * lr * w
     local_step = t + 1
-    m = ema(c["ema"], s["momentum"], g, b1, one_minus(ar, hp["beta_1"], b1, c["one_minus_beta"]))
-    v = ema(c["ema"], s["velocity"], square(g), b2,
+    form = moving_average_form(ar, c["ema"])
+    m = ema(form, s["momentum"], g, b1, one_minus(ar, hp["beta_1"], b1, c["one_minus_beta"]))
+    v = ema(form, s["velocity"], square(g), b2,
             one_minus(ar, hp["beta_2"], b2, c["one_minus_beta"]))
     out = {"momentum": m, "velocity": v}
     if hp["amsgrad"]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from reference.arithmetic import maximum
 from reference.optimizer import Optimizer, Point
-from reference.pieces import ema, hyperparameter, one_minus
+from reference.pieces import ema, hyperparameter, moving_average_form, one_minus
 from reference.rule import slots
 
 DEFAULTS = {"learning_rate": 0.001, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7}
@@ -33,7 +33,7 @@ def states(hp, c):
 
 def update(ar, hp, c, s, g, t, lr):
     b1 = hyperparameter(ar, hp["beta_1"], c["hyperparameters"])
-    m = ema(c["ema"], s["momentum"], g, ar.const(hp["beta_1"]),
+    m = ema(moving_average_form(ar, c["ema"]), s["momentum"], g, ar.const(hp["beta_1"]),
             one_minus(ar, hp["beta_1"], ar.const(hp["beta_1"]), c["one_minus_beta"]))
     u = maximum(ar.const(hp["beta_2"]) * s["norm"], abs(g))
     denominator = u + ar.const(hp["epsilon"]) if c["epsilon"] == "added" else u

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from reference.arithmetic import sqrt, square
 from reference.optimizer import Optimizer, Point
-from reference.pieces import ema, hyperparameter
+from reference.pieces import ema, hyperparameter, moving_average_form
 from reference.rule import StateSpec, slots
 
 DEFAULTS = {"learning_rate": 0.001, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7}
@@ -59,8 +59,9 @@ def update(ar, hp, c, s, g, t, lr):
     u_t = _mu(b1, decay, local_step, c)
     u_t_1 = _mu(b1 if c["u_t_1_beta"] == "beta_1" else b2, decay, next_step, c)
     u_product_t_1 = u_product_t * u_t_1
-    m = ema(c["ema"], s["momentum"], g, b1, 1 - b1)
-    v = ema(c["ema"], s["velocity"], square(g), b2, 1 - b2)
+    form = moving_average_form(ar, c["ema"])
+    m = ema(form, s["momentum"], g, b1, 1 - b1)
+    v = ema(form, s["velocity"], square(g), b2, 1 - b2)
     m_hat = (u_t_1 * m) / (1 - u_product_t_1) + ((1 - u_t) * g) / (1 - u_product_t)
     v_hat = v / (1 - b2 ** local_step)
     w = s["variable"] - (m_hat * lr) / (sqrt(v_hat) + ar.const(hp["epsilon"]))
