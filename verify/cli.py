@@ -458,4 +458,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m verify.cli`: run the imported module's main, whose UsageError is the
+    # one verify.api raises (this __main__ copy has classes of its own)
+    from verify.cli import main as module_main
+    sys.exit(module_main())

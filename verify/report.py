@@ -53,7 +53,7 @@ class _Appending:
 
 class StepFiles:
     """RunComparison.on_table: each chunk's per-step table appended as CSV rows to
-    one gzip stream per scenario (the columns of RunComparison.step_table), so that the
+    one gzip stream per scenario (per state its error columns, and the drift), so that the
     harness keeps no per-step table in memory.  The files hold the bytes pandas'
     to_csv(compression={"method": "gzip", "mtime": 0, "compresslevel": 6}) writes
     for the whole table: deflate's output does not depend on how its input is cut,
