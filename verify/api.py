@@ -1,7 +1,10 @@
 """The harness as a function: `run(optimizers, ...)` verifies configurations
 (built-in ids, `keras.optimizers.serialize` dicts, or Keras optimizer objects)
 and returns a `Result` with the report rows, the per-step tables and the
-report writer.  The main command runs through `execute`, as `run` does.
+report writer.  `selection` is the one way a selection is built (the main
+command's flags are its arguments) and `execute` the one way it is run: the
+main command, check, matrix's per-release child, explain and claims all go
+through them.
 
     from verify import api
     result = api.run([{"class_name": "Adam", "config": {"learning_rate": 3e-4}}],
