@@ -250,9 +250,10 @@ def test_a_schedule_reaches_the_worker_as_serialized(tmp_path):
 
 
 def test_matrix_hands_a_user_config_to_its_per_release_runs(tmp_path):
-    """matrix runs each release in a child process from flags: a user's configuration
-    must reach it whole, alone or beside built-in ones, and one at a time."""
-    from verify import matrix
+    """matrix runs each release in a child process from a JSON request: a user's
+    configuration must reach it whole, alone or beside built-in ones, and one at a
+    time; and a request that loses it is told apart."""
+    from verify import api, matrix
     parser = cli.build_parser()
     for extra in ([], ["--optimizer", "sgd"]):
         args = parser.parse_args(extra + ["--config", json.dumps(SCHEDULED_ADAM), "--backend",
@@ -260,8 +261,13 @@ def test_matrix_hands_a_user_config_to_its_per_release_runs(tmp_path):
                                           "--output", str(tmp_path / "o")])
         sel, _, _ = cli.selection_from_args(args)
         for only in (None, ["adam_scheduled"]):
-            child = parser.parse_args(matrix._selection_argv(sel, only) + ["--output",
-                                                                           str(tmp_path / "c")])
-            again, _, _ = cli.selection_from_args(child)
+            request = json.loads(json.dumps(matrix.selection_request(sel, only)))
+            again = api.selection(**request)
             assert again.configurations == [c for c in sel.configurations
                                             if only is None or c.id in only]
+            for key in ("steps", "size", "seed", "backends", "dtypes", "families",
+                        "scenarios", "modes"):
+                assert getattr(again, key) == getattr(sel, key), key
+            changed = json.loads(json.dumps(request))
+            changed["optimizers"][-1]["config"]["learning_rate"]["config"]["decay_rate"] = 0.5
+            assert api.selection(**changed).configurations != again.configurations

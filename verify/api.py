@@ -1,7 +1,10 @@
 """The harness as a function: `run(optimizers, ...)` verifies configurations
 (built-in ids, `keras.optimizers.serialize` dicts, or Keras optimizer objects)
 and returns a `Result` with the report rows, the per-step tables and the
-report writer.  The main command runs through `execute`, as `run` does.
+report writer.  `selection` is the one way a selection is built (the main
+command's flags are its arguments) and `execute` the one way it is run: the
+main command, check, matrix's per-release child, explain and claims all go
+through them.
 
     from verify import api
     result = api.run([{"class_name": "Adam", "config": {"learning_rate": 3e-4}}],
@@ -25,9 +28,10 @@ import pandas as pd
 
 import reference
 from verify import scenarios as scenario_module
-from verify.cli import (DEFAULT_SIZE, DEFAULT_STEPS, DTYPES, FORMATS, MODES, UsageError,
-                        _choices, check_run_size, chosen_backends, report_order,
-                        settings_of, timing_of, write_shard_file)
+from verify.cli import (DEFAULT_SIZE, DEFAULT_STEPS, DTYPES, FORMATS, FULL_SIZE, FULL_STEPS,
+                        MAX_GRADIENT_BYTES, MODES, UsageError, choices, check_run_size,
+                        chosen_backends, parse_shard, report_order, settings_of, timing_of,
+                        write_shard_file)
 from verify.configurations import (CONFIGURATIONS, ConfigError, Configuration, from_keras,
                                    user_selection)
 from verify.output import check_folder, replacing_folder
@@ -59,31 +63,94 @@ class Result:
 
 
 def configurations(optimizers) -> list:
-    """Configuration ids, serialized dicts or Keras optimizer objects (one, or a
-    list) -> Configurations, checked (ConfigError, ValueError)."""
-    if isinstance(optimizers, (str, dict)) or hasattr(optimizers, "get_config"):
+    """Configuration ids, serialized dicts, Keras optimizer objects or
+    Configurations (one, or a list) -> Configurations in the order given, checked
+    (ConfigError, ValueError)."""
+    if isinstance(optimizers, (str, dict, Configuration)) or hasattr(optimizers, "get_config"):
         optimizers = [optimizers]
-    builtin, user = [], []
+    chosen, user = [], []
     for item in optimizers:
         if isinstance(item, str):
             if item not in CONFIGURATIONS:
                 raise ConfigError(f"unknown configuration id {item!r} (see "
                                   "`verify-optimizers list`)")
-            builtin.append(CONFIGURATIONS[item])
-        elif isinstance(item, Configuration):
-            user.append(item)
+            chosen.append(CONFIGURATIONS[item])
+            continue
+        if isinstance(item, Configuration):
+            c = item
         elif isinstance(item, dict):
-            user.append(from_keras(item, "configuration"))
+            c = from_keras(item, "configuration")
         elif hasattr(item, "get_config"):  # a Keras optimizer: keras is importable here
             import keras
-            user.append(from_keras(keras.optimizers.serialize(item), type(item).__name__))
+            c = from_keras(keras.optimizers.serialize(item), type(item).__name__)
         else:
             raise ConfigError(f"cannot verify {type(item).__name__} {str(item)[:40]!r}: give "
                               "a configuration id, a serialized config dict or a Keras "
                               "optimizer")
-    if not builtin + user:
+        chosen.append(c)
+        if CONFIGURATIONS.get(c.id) != c:
+            user.append(c)
+    if not chosen:
         raise ConfigError("no optimizer to verify")
-    return builtin + user_selection(user)
+    user_selection(user)
+    return chosen
+
+
+def _names(values, allowed, what) -> list:
+    """A name or names (each may be comma-separated), checked; none: all of `allowed`."""
+    values = [values] if isinstance(values, str) else list(values or [])
+    return choices(values, allowed, what) or list(allowed)
+
+
+def selection(optimizers=None, *, backends=None, dtypes=None, families=None, scenarios=None,
+              modes=None, steps=None, size=None, full=False, seed=0, gradients=None,
+              shard=None) -> Selection:
+    """The selection to verify, checked (UsageError, ConfigError): the main
+    command's flags are these arguments, so this is the one place a selection is
+    built.  `optimizers` as for `configurations` (None: every built-in one); the
+    lists take a name or names, None meaning all (backends: every installed one);
+    `steps` and `size` default to the default run's (`full`: the article's);
+    `gradients` a .npy or .npz file replacing the scenarios; `shard` "K/N"."""
+    for name, value in (("steps", steps), ("size", size), ("seed", seed)):
+        if (value is not None or name == "seed") and (not isinstance(value, int)
+                                                      or isinstance(value, bool)):
+            raise UsageError(f"{name} must be an integer (got {value!r})")
+    chosen_dtypes = _names(dtypes, DTYPES, "dtype")
+    if full and (steps is not None or size is not None or gradients):
+        raise UsageError("--full sets --steps and --size; give either --full or those")
+    weights, arrays = None, None
+    if gradients:
+        if scenarios:
+            raise UsageError("--gradients replaces the scenarios; do not combine it with "
+                             "--scenario")
+        try:
+            weights, g = scenario_module.load_gradient_file(gradients,
+                                                            max_bytes=MAX_GRADIENT_BYTES)
+            scenario_module.check_representable(g, chosen_dtypes, gradients)
+        except scenario_module.GradientFileError as exc:
+            raise UsageError(str(exc)) from None
+        for flag, value, actual in (("--steps", steps, g.shape[0]), ("--size", size, g.shape[1])):
+            if value is not None and value != actual:
+                raise UsageError(f"{flag} {value} disagrees with the gradient file "
+                                 f"({g.shape[0]} steps of {g.shape[1]} elements)")
+        (steps, size), names, arrays = g.shape, ["file"], {"file": g}
+    else:
+        names = _names(scenarios, scenario_module.SCENARIOS, "scenario")
+        steps = steps if steps is not None else FULL_STEPS if full else DEFAULT_STEPS
+        size = size if size is not None else FULL_SIZE if full else DEFAULT_SIZE
+    check_run_size(steps, size, len(names), seed)
+    part = parse_shard(shard)
+    sel = Selection(backends=chosen_backends([backends] if isinstance(backends, str)
+                                             else list(backends or [])),
+                    dtypes=chosen_dtypes, families=_names(families, reference.FAMILIES, "family"),
+                    configurations=configurations(list(CONFIGURATIONS) if optimizers is None
+                                                  else optimizers),
+                    scenarios=names, modes=_names(modes, MODES, "mode"), steps=steps, size=size,
+                    seed=seed, gradients=arrays, weights=weights, shard=part)
+    if part is not None and part[1] > len(sel.runs(every=True)):
+        raise UsageError(f"--shard {shard}: the selection has only {len(sel.runs(every=True))} "
+                         "runs (configuration x backend x dtype x mode) to share out")
+    return sel
 
 
 def run(optimizers, *, backends=None, dtypes=None, families=None, scenarios=None, modes=None,
@@ -92,50 +159,37 @@ def run(optimizers, *, backends=None, dtypes=None, families=None, scenarios=None
     """Verify `optimizers` (see `configurations`) on the selection (None: every
     installed backend, every dtype, family, scenario and mode); with `output`
     the reports are written there too.  The per-step tables are kept in memory."""
-    def names(values, allowed, what):
-        values = [values] if isinstance(values, str) else list(values or [])
-        return _choices(values, allowed, what) or list(allowed)
-
-    for name, value in (("steps", steps), ("size", size), ("seed", seed)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise UsageError(f"{name} must be an integer (got {value!r})")
-    chosen_scenarios = names(scenarios, scenario_module.SCENARIOS, "scenario")
-    check_run_size(steps, size, len(chosen_scenarios), seed)
-    sel = Selection(backends=chosen_backends([backends] if isinstance(backends, str)
-                                             else list(backends or [])),
-                    dtypes=names(dtypes, DTYPES, "dtype"),
-                    families=names(families, reference.FAMILIES, "family"),
-                    configurations=configurations(optimizers), scenarios=chosen_scenarios,
-                    modes=names(modes, MODES, "mode"), steps=steps, size=size, seed=seed)
-    return execute(sel, output, names(formats, FORMATS, "format"), keep_tables=True)
+    sel = selection(optimizers, backends=backends, dtypes=dtypes, families=families,
+                    scenarios=scenarios, modes=modes, steps=steps, size=size, seed=seed)
+    return execute(sel, output, _names(formats, FORMATS, "format"), keep_tables=True)
 
 
 def execute(sel: Selection, output=None, formats=FORMATS, *, progress=None, finish=None,
-            command="run", keep_tables=False) -> Result:
-    """Run `sel`; with `output`, write the reports there atomically (`finish(folder)`
-    may add files before the folder appears)."""
+            command="run", keep_tables=False, observer=None) -> Result:
+    """Run `sel` (`observer` as the Runner's: it sees Keras's raw states); with
+    `output`, write the reports there atomically (`finish(folder, result)` may add
+    files before the folder appears)."""
     settings = settings_of(sel, formats)
     order = report_order(settings)
     if output is None:
         sink = Sink(None, (), settings, order, keep_tables=keep_tables)
-        environment = _run(sel, sink, progress)
-        rows = sink.frame()
-    else:
-        with replacing_folder(Path(output), command) as tmp:
-            sink = Sink(tmp, formats, settings, order, keep_tables=keep_tables)
-            environment = _run(sel, sink, progress)
-            rows = sink.write(environment)
-            if sel.shard:
-                write_shard_file(tmp, sel, settings)
-            if finish is not None:
-                finish(tmp)
-    return Result(rows, sink.tables, settings, environment, sink)
+        environment = _run(sel, sink, progress, observer)
+        return Result(sink.frame(), sink.tables, settings, environment, sink)
+    with replacing_folder(Path(output), command) as tmp:
+        sink = Sink(tmp, formats, settings, order, keep_tables=keep_tables)
+        environment = _run(sel, sink, progress, observer)
+        result = Result(sink.write(environment), sink.tables, settings, environment, sink)
+        if sel.shard:
+            write_shard_file(tmp, sel, settings)
+        if finish is not None:
+            finish(tmp, result)
+    return result
 
 
-def _run(sel, sink, progress) -> dict:
+def _run(sel, sink, progress, observer) -> dict:
     """Run the selection into `sink`; the environment block of the report."""
     started, cpu = time.perf_counter(), time.process_time()
-    runner = Runner(sel, sink, progress=progress)
+    runner = Runner(sel, sink, progress=progress, observer=observer)
     runner.run()
     environment = {"python": sys.version.split()[0], "numpy": np.__version__,
                    "backends": runner.environment["backends"],
@@ -149,4 +203,4 @@ def _run(sel, sink, progress) -> dict:
 
 
 __all__ = ["ConfigError", "Result", "UsageError", "configurations", "execute",
-           "run"]
+           "run", "selection"]

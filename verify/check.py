@@ -42,11 +42,12 @@ import pandas as pd
 from tabulate import tabulate
 
 import reference
-from verify import compare, configurations, html_report, scenarios
+from verify import api, compare, configurations, html_report, scenarios
 from verify.cli import (UsageError, add_shard_flag, build_parser, installed_backends, one_line,
-                        run, selection_from_args, selection_parser)
+                        progress_display, selection_from_args, selection_parser)
 from verify.configurations import CONFIGURATIONS
 from verify.output import OutputRefused, add_files, check_folder, replacing_folder
+from verify.report import records
 
 FORMAT = 1
 DEFAULT_BASELINE = "reports/baseline"
@@ -477,21 +478,21 @@ def plan(argv_or_args):
 
 
 def execute(sel, output, formats, quiet=True, finish=None):
-    """Run the selection, reports to `output`; (cells, environment).
-    `finish(folder, cells, environment)` may add files before the report appears."""
+    """Run the selection through the API, reports to `output`: (cells, environment,
+    settings).  `finish(folder, rows, settings, environment)` (rows as summary.json
+    holds them) may add files before the report appears."""
     got = {}
 
-    def collect(folder):
-        doc = json.loads((folder / "summary.json").read_text())
-        got["cells"] = [cell_class(r) for r in doc["rows"]]
-        got["environment"] = doc["environment"]
-        got["settings"] = doc["settings"]
+    def collect(folder, result):
+        rows = records(result.rows)
+        got["cells"] = [cell_class(r) for r in rows]
         if finish is not None:
-            finish(folder, got["cells"], got["environment"])
+            finish(folder, rows, result.settings, result.environment)
 
-    run(sel, output, formats, quiet=quiet, console=io.StringIO(), finish=collect,
-        command="check")
-    return got["cells"], got["environment"], got["settings"]
+    with progress_display(len(sel.runs()) * sel.steps, quiet) as progress:
+        result = api.execute(sel, output, formats, progress=progress, finish=collect,
+                             command="check")
+    return got["cells"], result.environment, result.settings
 
 
 # --- output -------------------------------------------------------------------
@@ -588,7 +589,7 @@ def report(baseline, cells, environment, changes, folder, strict, shown=None) ->
 
 def _check_files(text, changes, html=None) -> dict:
     """check.md and changes.csv; check.html when `html` is (head, outcome, run
-    folder, formats)."""
+    folder, its rows, its settings, formats)."""
     rows = [{"cell": cell_id(c.cell), **{f"baseline_{k}": (c.before or {}).get(k, "")
                                          for k in CLASS},
              **{f"now_{k}": (c.after or {}).get(k, "") for k in CLASS},
@@ -598,22 +599,24 @@ def _check_files(text, changes, html=None) -> dict:
                  rows, columns=["cell"] + [f"baseline_{k}" for k in CLASS]
                  + [f"now_{k}" for k in CLASS] + ["changed", "fails"]).to_csv(index=False)}
     if html is not None:
-        first, result, folder, formats = html
-        doc = json.loads((folder / "summary.json").read_text())
+        first, result, folder, rows, settings, formats = html
         order = [c for c in changes if c.fails] + [c for c in changes if not c.fails]
         files["check.html"] = html_report.render_check(
-            first, result, order, describe, folder, doc["rows"], doc["settings"], formats)
+            first, result, order, describe, folder, rows, settings, formats)
     return files
 
 
 # --- the subcommand -----------------------------------------------------------
-def _conclude(args, baseline, cells, folder, now, environment, formats, shown) -> dict:
-    """The comparison of a run (its cells `now`, report in `folder`) with the
+def _conclude(args, baseline, cells, folder, rows, settings, environment, formats,
+              shown) -> dict:
+    """The comparison of a run (its rows and settings, report in `folder`) with the
     baseline's `cells`: its text, exit code, changes and check files."""
+    now = [cell_class(r) for r in rows]
     changes = compare_cells(cells, now, strict=args.strict)
     text, code = report(baseline, cells, environment, changes, folder, args.strict, shown=shown)
     html = ((head(baseline, cells, environment),
-             outcome(baseline, cells, environment, changes, args.strict), folder, formats)
+             outcome(baseline, cells, environment, changes, args.strict), folder, rows, settings,
+             formats)
             if "html" in formats else None)
     return {"text": text, "code": code, "changes": changes,
             "files": _check_files(text, changes, html)}
@@ -641,9 +644,9 @@ def check(args, console=None) -> int:
         return _shard(sel, output, formats, args.quiet, console)
     result = {}
 
-    def finish(folder, now, environment):
-        result.update(_conclude(args, baseline, cells, folder, now, environment, formats,
-                                output))
+    def finish(folder, rows, settings, environment):
+        result.update(_conclude(args, baseline, cells, folder, rows, settings, environment,
+                                formats, output))
         for name, content in result["files"].items():
             (folder / name).write_text(content)
 
@@ -654,7 +657,7 @@ def check(args, console=None) -> int:
 def _shard(sel, output, formats, quiet, console) -> int:
     """A shard of a check or of a baseline refresh: its run report only; the
     comparison or the baseline waits for all the shards (merge, then --from)."""
-    run(sel, output, formats, quiet=quiet, console=io.StringIO(), command="check")
+    execute(sel, output, formats, quiet=quiet)
     k, n = sel.shard
     print(f"shard {k}/{n} written to {output}/; when all {n} are done: `verify-optimizers "
           f"merge DIR... --output MERGED`, then `verify-optimizers check --from MERGED`"
@@ -663,7 +666,7 @@ def _shard(sel, output, formats, quiet, console) -> int:
 
 
 def read_run(args) -> tuple:
-    """--from DIR: (folder, settings, environment, cells, formats) of a complete run
+    """--from DIR: (folder, settings, environment, rows, formats) of a complete run
     report; UsageError for selection flags beside it or a folder that is not one."""
     given = [f for f in RUN_FLAGS if getattr(args, f) not in (None, [], False)]
     if given:
@@ -673,7 +676,7 @@ def read_run(args) -> tuple:
     try:
         doc = json.loads((folder / "summary.json").read_text())
         settings, environment, rows = doc["settings"], doc["environment"], doc["rows"]
-        cells = [cell_class(r) for r in rows]
+        [cell_class(r) for r in rows]  # every row a cell: else not a run report
         missing = [k for k in REQUIRED_SETTINGS if k not in settings]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise UsageError(f"--from {folder} is not a run report (no readable "
@@ -686,13 +689,13 @@ def read_run(args) -> tuple:
     formats = [f for f, name in (("md", "summary.md"), ("csv", "summary.csv"),
                                  ("json", "summary.json"), ("html", "report.html"))
                if (folder / name).is_file()]
-    return folder, settings, environment, cells, formats
+    return folder, settings, environment, rows, formats
 
 
 def check_from(args, console=None) -> int:
     """Compare an existing run report with the baseline, as a check of its selection."""
     console = console or sys.stdout
-    folder, settings, environment, now, formats = read_run(args)
+    folder, settings, environment, rows, formats = read_run(args)
     try:
         check_folder(folder, inputs=[("--baseline", args.baseline)], what="--from",
                      replace=False)
@@ -714,7 +717,8 @@ def check_from(args, console=None) -> int:
                          "differs): a check compares the baseline's settings")
     chosen = {flag: set(settings[key]) for flag, key in LISTS.items()}
     cells = [c for c in baseline.cells if all(c[f] in chosen[f] for f in LISTS)]
-    result = _conclude(args, baseline, cells, folder, now, environment, formats, folder)
+    result = _conclude(args, baseline, cells, folder, rows, settings, environment, formats,
+                       folder)
     add_files(folder, result["files"], "check")
     return _announce(result, folder, formats, console)
 
@@ -722,12 +726,12 @@ def check_from(args, console=None) -> int:
 def update_from(args, console=None) -> int:
     """--update-baseline --from DIR: the run report in DIR becomes the baseline."""
     console = console or sys.stdout
-    folder, settings, environment, now, _ = read_run(args)
+    folder, settings, environment, rows, _ = read_run(args)
     try:
         check_folder(args.baseline, inputs=[("--from", folder)], what="--baseline")
     except OutputRefused as exc:
         raise UsageError(str(exc)) from None
-    _write_new_baseline(args, settings, environment, now, console)
+    _write_new_baseline(args, settings, environment, [cell_class(r) for r in rows], console)
     return 0
 
 

@@ -55,11 +55,6 @@ class Recorder:
         return {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
 
 
-class _NoRows:
-    def row(self, *args, **kwargs):
-        pass
-
-
 # --- checks: (a, b, context) -> (holds, evidence) ---------------------------------
 def _per_variable(traj):
     n = traj["variable"].shape[1]
@@ -127,7 +122,8 @@ CHECKS = {f.__name__: f for f in (same_trajectory, fewer_slots, effective_step_s
 
 
 def run_claims(backends, *, seed=0, claims=None):
-    from verify.runner import Runner, Selection
+    from verify import api
+    from verify.runner import Selection
 
     claims = claims or load_claims()
     configurations = {}
@@ -143,8 +139,7 @@ def run_claims(backends, *, seed=0, claims=None):
                     modes=list(MODES), steps=STEPS, size=SIZE, seed=seed,
                     gradients={"pause": gradients}, weights={"vector": (SIZE,)})
     recorder = Recorder()
-    runner = Runner(sel, _NoRows(), observer=recorder)
-    runner.run()
+    environment = api.execute(sel, observer=recorder).environment
     results = []
     for claim in claims:
         outcomes = []
@@ -174,7 +169,7 @@ def run_claims(backends, *, seed=0, claims=None):
                         "check": claim["check"], "verdict": verdict,
                         "evidence": [{"backend": b, "mode": m, "holds": h, "evidence": e}
                                      for b, m, h, e in outcomes]})
-    return results, runner.environment
+    return results, environment
 
 
 def markdown(results, backends) -> str:
@@ -192,9 +187,9 @@ def markdown(results, backends) -> str:
 
 
 def main(argv) -> int:
-    from verify.cli import _Parser, chosen_backends, claim_output
+    from verify.cli import Parser, chosen_backends, claim_output
 
-    p = _Parser(prog="verify-optimizers claims",
+    p = Parser(prog="verify-optimizers claims",
                 description="Check the article's statements about the math on real Keras.")
     p.add_argument("--backend", action="append", default=[])
     p.add_argument("--output", default="reports/claims")

@@ -79,7 +79,7 @@ def interruptible():
             signal.signal(s, handler)
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(message)
 
@@ -88,7 +88,7 @@ def installed_backends() -> list:
     return [b for b in BACKENDS if importlib.util.find_spec(b) is not None]
 
 
-def _choices(values, allowed, what):
+def choices(values, allowed, what):
     """Repeatable, comma-separated option values, checked and de-duplicated in order."""
     chosen = []
     for value in values:
@@ -122,7 +122,7 @@ def parse_shard(text) -> tuple | None:
 
 
 def build_parser(shard=True) -> argparse.ArgumentParser:
-    p = _Parser(prog="verify-optimizers", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="verify-optimizers", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog="Subcommand: `verify-optimizers list` prints configurations, "
                        "families and scenarios.")
@@ -182,7 +182,7 @@ def selection_parser(command: str, description: str, output: str) -> argparse.Ar
 def chosen_backends(values) -> list:
     """--backend values, checked; default: every installed backend."""
     available = installed_backends()
-    backends = _choices(values, BACKENDS, "backend") or available
+    backends = choices(values, BACKENDS, "backend") or available
     missing = [b for b in backends if b not in available]
     if missing:
         raise UsageError(f"backend not installed: {', '.join(missing)}")
@@ -192,57 +192,27 @@ def chosen_backends(values) -> list:
 
 
 def selection_from_args(args, replace_output=True) -> tuple:
-    backends = chosen_backends(args.backend)
-    dtypes = _choices(args.dtype, DTYPES, "dtype") or list(DTYPES)
-    families = _choices(args.family, reference.FAMILIES, "family") or list(reference.FAMILIES)
+    """The main command's flags -> (api.selection of them, the --output folder
+    checked, formats); UsageError for bad input."""
+    from verify import api  # (it imports this module)
+
+    formats = choices(args.format, FORMATS, "format") or list(FORMATS)
+    if getattr(args, "shard", None) is not None and not {"csv", "json"} <= set(formats):
+        raise UsageError("a shard report needs the csv and json formats (merge reads them)")
     user = user_configurations(args)
     known = {**CONFIGURATIONS, **getattr(args, "recorded", {})}
-    optimizer_ids = _choices(args.optimizer, list(known), "optimizer") or (
+    optimizer_ids = choices(args.optimizer, list(known), "optimizer") or (
         [] if user else list(CONFIGURATIONS))
-    modes = _choices(args.mode, MODES, "mode") or list(MODES)
-    formats = _choices(args.format, FORMATS, "format") or list(FORMATS)
-    if args.full and (args.steps is not None or args.size is not None or args.gradients):
-        raise UsageError("--full sets --steps and --size; give either --full or those")
-    if args.gradients:
-        if args.scenario:
-            raise UsageError("--gradients replaces the scenarios; do not combine it with "
-                             "--scenario")
-        try:
-            weights, g = scenarios.load_gradient_file(args.gradients,
-                                                      max_bytes=MAX_GRADIENT_BYTES)
-            scenarios.check_representable(g, dtypes, args.gradients)
-        except scenarios.GradientFileError as exc:
-            raise UsageError(str(exc)) from None
-        for flag, value, actual in (("--steps", args.steps, g.shape[0]),
-                                    ("--size", args.size, g.shape[1])):
-            if value is not None and value != actual:
-                raise UsageError(f"{flag} {value} disagrees with the gradient file "
-                                 f"({g.shape[0]} steps of {g.shape[1]} elements)")
-        steps, size = g.shape
-        names = ["file"]
-        gradients = {"file": g}
-    else:
-        names = _choices(args.scenario, scenarios.SCENARIOS, "scenario") or list(
-            scenarios.SCENARIOS)
-        steps = args.steps if args.steps is not None else (
-            FULL_STEPS if args.full else DEFAULT_STEPS)
-        size = args.size if args.size is not None else FULL_SIZE if args.full else DEFAULT_SIZE
-        gradients, weights = None, None
-    check_run_size(steps, size, len(names), args.seed)
-    shard = parse_shard(getattr(args, "shard", None))
-    if shard is not None and not {"csv", "json"} <= set(formats):
-        raise UsageError("a shard report needs the csv and json formats (merge reads them)")
+    try:
+        sel = api.selection([known[i] for i in optimizer_ids if i not in {c.id for c in user}]
+                            + user, backends=args.backend, dtypes=args.dtype,
+                            families=args.family, scenarios=args.scenario, modes=args.mode,
+                            steps=args.steps, size=args.size, full=args.full, seed=args.seed,
+                            gradients=args.gradients, shard=getattr(args, "shard", None))
+    except configurations.ConfigError as exc:
+        raise UsageError(str(exc)) from None
     output = claim_output(args.output, [("the gradient file", args.gradients)]
                           + list(getattr(args, "inputs", [])), replace=replace_output)
-    sel = Selection(backends=backends, dtypes=dtypes, families=families,
-                    configurations=[known[i] for i in optimizer_ids
-                                    if i not in {c.id for c in user}] + user,
-                    scenarios=names, modes=modes, steps=steps, size=size, seed=args.seed,
-                    gradients=gradients, weights=weights, shard=shard)
-    if shard is not None and shard[1] > len(sel.runs(every=True)):
-        raise UsageError(f"--shard {shard[0]}/{shard[1]}: the selection has only "
-                         f"{len(sel.runs(every=True))} runs (configuration x backend x dtype x "
-                         "mode) to share out")
     return sel, output, formats
 
 
@@ -362,17 +332,14 @@ def progress_display(total: int, quiet: bool):
             yield lambda n: bar.advance(task, n)
 
 
-def run(sel: Selection, output: Path, formats, *, quiet=False, console=None, finish=None,
-        command="run"):
-    """Run the selection and write the reports to `output` atomically;
-    `finish(folder)` may add files to the report before it appears."""
+def run(sel: Selection, output: Path, formats, *, quiet=False, console=None):
+    """Run the selection and write the reports to `output` atomically."""
     from verify import api  # (it imports this module)
 
     console = console or sys.stdout
     with progress_display(len(sel.runs()) * len(sel.scenario_groups()) * sel.steps,
                           quiet) as progress:
-        df = api.execute(sel, output, formats, progress=progress, finish=finish,
-                         command=command).rows
+        df = api.execute(sel, output, formats, progress=progress).rows
     return conclude(df, output, formats, console)
 
 
@@ -493,4 +460,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m verify.cli`: run the imported module's main, whose UsageError is the
+    # one verify.api raises (this __main__ copy has classes of its own)
+    from verify.cli import main as module_main
+    sys.exit(module_main())

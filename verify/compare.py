@@ -425,16 +425,6 @@ class RunComparison:
             return "mismatch"
         return "exact" if self.exact[s] else "match"
 
-    def step_table(self, s: int) -> dict:
-        """Per-step maxima for scenario s, of the tables kept: column name -> 1-D array."""
-        columns = {"step": np.concatenate([t["step"] for t in self.tables])}
-        columns["drift"] = np.concatenate([t["drift"][:, s] for t in self.tables])
-        for name in self.names:
-            for metric in METRICS:
-                columns[f"{name}_{metric}"] = np.concatenate(
-                    [t[(name, metric)][:, s] for t in self.tables])
-        return columns
-
     def summary(self, s: int) -> dict:
         return {
             "verdict": self.verdict(s),

@@ -8,9 +8,7 @@ the piece(s) separating the paper's rule from them.
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from tabulate import tabulate
@@ -50,9 +48,9 @@ def sentence(opt_id: str, result: dict) -> str:
 
 
 def build_parser():
-    from verify.cli import _Parser
+    from verify.cli import Parser
 
-    p = _Parser(prog="verify-optimizers explain",
+    p = Parser(prog="verify-optimizers explain",
                 description="Which combination of named pieces reproduces Keras?")
     p.add_argument("optimizer", nargs="*", help="configuration ids (default: all)")
     p.add_argument("--backend", default=None,
@@ -67,33 +65,24 @@ def build_parser():
 
 def run_variants(configurations, backend, names, steps, size, seed):
     """One worker run of every configuration against every point of its space."""
-    from verify.report import Sink
-    from verify.runner import Runner, Selection
+    from verify import api
+    from verify.runner import Selection
 
     variants = {c.id: register_variants(SPACES[c.class_name]) for c in configurations}
     families = list(dict.fromkeys(f for v in variants.values() for f, _ in v))
     sel = Selection(backends=[backend], dtypes=["float64"], families=families,
                     configurations=configurations, scenarios=names, modes=["eager"],
                     steps=steps, size=size, seed=seed)
-    tmp = tempfile.mkdtemp(prefix="verify-explain-")
-    try:
-        order = {"family": families, "optimizer": [c.id for c in configurations],
-                 "backend": [backend], "dtype": ["float64"], "mode": ["eager"],
-                 "scenario": names}
-        sink = Sink(Path(tmp), [], {"steps": steps}, order)
-        Runner(sel, sink).run()
-        df = sink.frame()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return variants, df
+    return variants, api.execute(sel).rows
 
 
 def main(argv) -> int:
-    from verify.cli import UsageError, _choices, check_run_size, installed_backends, one_line
+    from verify import cli
+    from verify.cli import UsageError, check_run_size, installed_backends, one_line
     from verify.output import OutputRefused, check_file, replace_file
 
     args = build_parser().parse_args(argv)
-    ids = (_choices(args.optimizer, list(CONFIGURATIONS), "optimizer")
+    ids = (cli.choices(args.optimizer, list(CONFIGURATIONS), "optimizer")
            or [i for i, c in CONFIGURATIONS.items() if c.class_name in SPACES])
     unknown = [i for i in ids if CONFIGURATIONS[i].class_name not in SPACES]
     if unknown:
@@ -102,7 +91,7 @@ def main(argv) -> int:
     backend = args.backend or next((b for b in PREFERRED_BACKENDS if b in installed), None)
     if backend not in installed:
         raise UsageError(f"backend not installed: {backend}")
-    names = _choices(args.scenario, scenarios.SCENARIOS, "scenario") or list(scenarios.SCENARIOS)
+    names = cli.choices(args.scenario, scenarios.SCENARIOS, "scenario") or list(scenarios.SCENARIOS)
     check_run_size(args.steps, args.size, len(names), args.seed)
     output = Path(args.output) if args.output else None
     if output is not None:

@@ -19,7 +19,6 @@ releases is listed.
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import json
 import os
@@ -32,11 +31,12 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
-from verify import check, compare, html_report, worker
-from verify.cli import (UsageError, build_parser, interruptible, run, selection_from_args,
-                        selection_parser, settings_of)
+from verify import api, check, compare, html_report, worker
+from verify.cli import (UsageError, interruptible, selection_from_args, selection_parser,
+                        settings_of)
 from verify.configurations import CONFIGURATIONS
 from verify.output import MARKER, OutputRefused, add_files, check_folder, write_marker
+from verify.report import records
 
 DEFAULT_OUTPUT = "reports/matrix"
 DEFAULT_WORK = str(Path.home() / ".cache" / "verify-optimizers" / "matrix")
@@ -241,33 +241,46 @@ def _markdown(settings, versions, releases, worst, changes, df) -> str:
     return "\n".join(lines)
 
 
-def _selection_argv(sel, optimizers=None) -> list:
+# --- one release's run: a child process ------------------------------------------
+# Each release's selection runs in a child process (`python -m verify.matrix`),
+# so that a harness failure on an unexpected release ends that child, not the
+# matrix.  The child's interface is this and nothing else:
+#   stdin   one JSON request: "selection", the keyword arguments of api.selection
+#           (built-in configurations by id, the others as {"id", "class_name",
+#           "config"}); "python", the release's interpreter for the workers;
+#           "output", the run's report folder; "harness", harness_fingerprint().
+#   output  the run's report (json and csv: matrix.html's figures read its
+#           steps/), holding RESULT: {"request": the request, "environment": the
+#           run's environment block, "cells": its cells as check.cell_class gives
+#           them}.  The parent reads RESULT only; a RESULT of the same request is
+#           reused (an interrupted matrix goes on where it stopped).
+#   exit    0 with RESULT written; otherwise failed, the last line of stderr says why.
+RESULT = "result.json"
+
+
+def selection_request(sel, optimizers=None) -> dict:
+    """api.selection's keyword arguments for `sel` (only the configurations
+    `optimizers` names, when given), as JSON."""
     chosen = [c for c in sel.configurations if optimizers is None or c.id in optimizers]
-    argv = []
-    lists = {"backend": sel.backends, "dtype": sel.dtypes, "family": sel.families,
-             "optimizer": [c.id for c in chosen if c.id in CONFIGURATIONS],
-             "scenario": sel.scenarios, "mode": sel.modes}
-    for flag, values in lists.items():
-        argv += [f"--{flag}", ",".join(values)] if values else []
-    for c in chosen:  # the user's own (--config)
-        if c.id not in CONFIGURATIONS:
-            argv += ["--config", json.dumps({"id": c.id, **c.keras_config()})]
-    return argv + ["--steps", str(sel.steps), "--size", str(sel.size), "--seed", str(sel.seed),
-                   "--quiet"]
+    return {"optimizers": [c.id if CONFIGURATIONS.get(c.id) == c
+                           else {"id": c.id, **c.keras_config()} for c in chosen],
+            "backends": sel.backends, "dtypes": sel.dtypes, "families": sel.families,
+            "scenarios": sel.scenarios, "modes": sel.modes, "steps": sel.steps,
+            "size": sel.size, "seed": sel.seed}
 
 
-def run_release(argv) -> int:
-    """Child process: `PYTHON OUTPUT SELECTION-FLAGS...`; the workers run on PYTHON.
+def run_release(request: dict) -> None:
+    """The child: run the request's selection, its workers on the request's python."""
+    sel = api.selection(**request["selection"])
+    sel.python = request["python"]
 
-    A separate process per run, so that a harness failure on an unexpected
-    release (its worker streams end with it) cannot take the matrix down."""
-    python, output, rest = argv[0], Path(argv[1]), argv[2:]
-    with interruptible():
-        sel, _, _ = selection_from_args(build_parser().parse_args(rest + ["--output",
-                                                                         str(output)]))
-        sel.python = python
-        run(sel, output, ["json", "csv"], quiet=True, console=io.StringIO())
-    return 0
+    def finish(folder, result):
+        cells = [check.cell_class(r) for r in records(result.rows)]
+        (folder / RESULT).write_text(json.dumps(
+            {"request": request, "environment": result.environment, "cells": cells},
+            sort_keys=True) + "\n")
+
+    api.execute(sel, request["output"], ["json", "csv"], finish=finish, command="matrix run")
 
 
 def harness_fingerprint() -> str:
@@ -282,21 +295,22 @@ def harness_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def _run_child(python, output, argv) -> str | None:
-    """Run one selection in a child process; None, or why it failed."""
-    request = {"python": str(python), "argv": argv, "harness": harness_fingerprint()}
-    stamp = Path(output) / "request.json"
-    try:  # a finished run of the same request (e.g. an interrupted matrix) is reused
-        if json.loads(stamp.read_text()) == request and (Path(output) / "summary.json").exists():
-            return None
-    except (OSError, ValueError):
+def _run_child(python, output, selection) -> tuple:
+    """Run one selection in a child process: (its RESULT, None) or (None, why it
+    failed)."""
+    request = {"selection": selection, "python": str(python), "output": str(output),
+               "harness": harness_fingerprint()}
+    try:
+        done = json.loads((Path(output) / RESULT).read_text())
+        if done["request"] == request:
+            return done, None
+    except (OSError, ValueError, KeyError, TypeError):
         pass
-    code = "import sys; from verify.matrix import run_release; sys.exit(run_release(sys.argv[1:]))"
-    child = subprocess.Popen([sys.executable, "-c", code, str(python), str(output)] + argv,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    child = subprocess.Popen([sys.executable, "-m", "verify.matrix"], stdin=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                              cwd=str(Path(__file__).parent.parent))
     try:
-        _, stderr = child.communicate()
+        _, stderr = child.communicate(json.dumps(request))
     except BaseException:  # interrupted: the child stops its workers and cleans up
         child.terminate()
         try:
@@ -304,11 +318,9 @@ def _run_child(python, output, argv) -> str | None:
         except subprocess.TimeoutExpired:
             child.kill()
         raise
-    done = subprocess.CompletedProcess(child.args, child.returncode, "", stderr)
-    if done.returncode == 0:
-        add_files(Path(output), {"request.json": json.dumps(request)}, "matrix run")
-        return None
-    return f"harness failed: {_last_line(done.stderr) or f'exit {done.returncode}'}"
+    if child.returncode == 0:
+        return json.loads((Path(output) / RESULT).read_text()), None
+    return None, f"harness failed: {_last_line(stderr) or f'exit {child.returncode}'}"
 
 
 def run_columns(sel, python, out: Path) -> tuple:
@@ -321,23 +333,22 @@ def run_columns(sel, python, out: Path) -> tuple:
     with it.  `cells` maps each cell key (its values of check.CELL) to its baseline
     columns (check.cell_class); the cells of a configuration that failed on its own
     are `error` cells with the child's reason.  `environment` is the environment
-    block of the last summary.json read ({} when no child succeeded).  `failed`
+    block of the last child that succeeded ({} when none did).  `failed`
     maps the id of each configuration that failed on its own to that reason."""
-    reason = _run_child(python, out / "all", _selection_argv(sel))
-    done = [out / "all"] if reason is None else []
+    result, reason = _run_child(python, out / "all", selection_request(sel))
+    done = [result] if reason is None else []
     failed = {}
     if reason is not None:  # isolate the configuration(s) that fail
         for c in sel.configurations:
-            why = _run_child(python, out / c.id, _selection_argv(sel, [c.id]))
+            result, why = _run_child(python, out / c.id, selection_request(sel, [c.id]))
             if why is None:
-                done.append(out / c.id)
+                done.append(result)
             else:
                 failed[c.id] = why
     cells, environment = {}, {}
-    for path in done:
-        doc = json.loads((path / "summary.json").read_text())
-        environment = doc["environment"]
-        for c in map(check.cell_class, doc["rows"]):
+    for result in done:
+        environment = result["environment"]
+        for c in result["cells"]:
             cells[tuple(c[f] for f in check.CELL)] = c
     for opt, why in failed.items():
         for combo in itertools.product(sel.families, [opt], sel.backends, sel.dtypes, sel.modes,
@@ -353,6 +364,8 @@ def main(argv) -> int:
     versions = check._names(args.keras)
     if not versions:
         raise UsageError("--keras needs at least one release")
+    if args.gradients:
+        raise UsageError("a matrix runs the seeded scenarios; --gradients is not supported")
     args.inputs = [("--work", args.work)]
     sel, output, formats = selection_from_args(args, replace_output=False)
     work = Path(args.work).resolve()
@@ -411,3 +424,8 @@ def main(argv) -> int:
     print(f"matrix written to {args.output}/matrix.md ({len(versions)} releases, {n} cell "
           "changes between consecutive releases)")
     return 0
+
+
+if __name__ == "__main__":
+    with interruptible():
+        run_release(json.load(sys.stdin))

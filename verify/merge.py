@@ -19,7 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from verify.cli import UsageError, _Parser, claim_output, conclude, report_order
+from verify.cli import UsageError, Parser, claim_output, conclude, report_order
 from verify.output import replacing_folder
 from verify.report import ROW_FIELDS, Sink, steps_path
 
@@ -34,7 +34,7 @@ FORMAT_FILES = {"md": "summary.md", "csv": "summary.csv", "json": "summary.json"
 
 
 def _parser():
-    p = _Parser(prog="verify-optimizers merge",
+    p = Parser(prog="verify-optimizers merge",
                 description="Join the reports of the shards of one selection (written with "
                             "--shard K/N by the main command or by check) into the report the "
                             "unsharded run writes. Compare a merged check run with the "

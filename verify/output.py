@@ -149,13 +149,7 @@ def add_files(output: Path, files: dict, command: str) -> None:
     output.mkdir(parents=True, exist_ok=True)
     listed = (_manifest(output) or set()) | set(files)
     for name, text in {**files, MARKER: _marker_text(command, listed)}.items():
-        tmp = output / f".{name}.partial"
-        try:
-            tmp.write_text(text)
-            os.replace(tmp, output / name)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        _write_atomically(output / name, text)
 
 
 def replace_file(output: Path, text: str) -> None:
@@ -163,10 +157,15 @@ def replace_file(output: Path, text: str) -> None:
     output = Path(output)
     check_file(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.partial")
+    _write_atomically(output, FILE_MARKER + "\n" + text)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """`path` holds `text` whole, or is as it was: written aside, renamed over it."""
+    tmp = path.with_name(f".{path.name}.partial")
     try:
-        tmp.write_text(FILE_MARKER + "\n" + text)
-        os.replace(tmp, output)
+        tmp.write_text(text)
+        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

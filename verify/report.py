@@ -53,7 +53,7 @@ class _Appending:
 
 class StepFiles:
     """RunComparison.on_table: each chunk's per-step table appended as CSV rows to
-    one gzip stream per scenario (the columns of RunComparison.step_table), so that the
+    one gzip stream per scenario (per state its error columns, and the drift), so that the
     harness keeps no per-step table in memory.  The files hold the bytes pandas'
     to_csv(compression={"method": "gzip", "mtime": 0, "compresslevel": 6}) writes
     for the whole table: deflate's output does not depend on how its input is cut,
@@ -65,14 +65,18 @@ class StepFiles:
             path.parent.mkdir(parents=True, exist_ok=True)
         self.streams = [gzip.GzipFile(filename=str(p), fileobj=_Appending(p), mode="wb",
                                       compresslevel=6, mtime=0) for p in paths]
-        self.header = True
+        self.started = [False] * len(paths)
 
     def __call__(self, table: dict) -> None:
-        for s, stream in enumerate(self.streams):
-            columns = {"_".join(k) if isinstance(k, tuple) else k: v if k == "step" else v[:, s]
-                       for k, v in table.items()}
-            stream.write(pd.DataFrame(columns).to_csv(header=self.header, index=False).encode())
-        self.header = False
+        for s in range(len(self.streams)):
+            self.append(s, pd.DataFrame({"_".join(k) if isinstance(k, tuple) else k:
+                                         v if k == "step" else v[:, s]
+                                         for k, v in table.items()}))
+
+    def append(self, s: int, frame: pd.DataFrame) -> None:
+        """The next rows of the s-th table (its header before the first)."""
+        self.streams[s].write(frame.to_csv(header=not self.started[s], index=False).encode())
+        self.started[s] = True
 
     def close(self) -> None:
         for stream in self.streams:
@@ -96,6 +100,13 @@ def _num(x):
     if math.isinf(x):
         return "inf" if x > 0 else "-inf"
     return x
+
+
+def records(df: pd.DataFrame) -> list:
+    """Rows as summary.json holds them: dicts, None for a missing value, JSON-safe
+    numbers (_num)."""
+    return [{k: (_num(v) if isinstance(v, float) else v) for k, v in r.items()}
+            for r in df.astype(object).where(df.notna(), None).to_dict("records")]
 
 
 class Sink:
@@ -193,25 +204,19 @@ class Sink:
                 pass
         self.excerpts[key] = pd.concat(excerpt)
 
-    def _table_files(self, key, table, divergence):
-        if "csv" in self.formats:
-            family, optimizer, backend, dtype, mode, scenario = key
-            path = self.out_dir / "steps" / family / optimizer / (
-                f"{backend}-{dtype}-{mode}-{scenario}.csv.gz")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            table.to_csv(path, index=False,
-                         compression={"method": "gzip", "mtime": 0, "compresslevel": 6})
-        if divergence is not None and "html" in self.formats:
-            from verify.html_report import trace  # (it imports this module)
-            self.traces[key] = trace(table, *divergence)
-
     def replay(self, out_dir: Path, formats, environment: dict) -> pd.DataFrame:
         """Write the reports of a finished run (its tables kept) into `out_dir`."""
         if not self.keep_tables:
             raise ValueError("the run did not keep its per-step tables")
         self.out_dir, self.formats, self.traces = Path(out_dir), set(formats), {}
         for key, table in self.tables.items():
-            self._table_files(key, table, self._divergences[key])
+            if "csv" in self.formats:
+                files = StepFiles([self.out_dir / steps_path(key)], temporary=False)
+                files.append(0, table)
+                files.close()
+            if self._divergences[key] is not None and "html" in self.formats:
+                from verify.html_report import trace  # (it imports this module)
+                self.traces[key] = trace(self.tables[key], *self._divergences[key])
         return self.write(environment)
 
     # --- final files --------------------------------------------------------
@@ -232,9 +237,7 @@ class Sink:
         if "csv" in self.formats:
             df.to_csv(self.out_dir / "summary.csv", index=False)
         if "json" in self.formats:
-            rows = [{k: (_num(v) if isinstance(v, float) else v) for k, v in r.items()}
-                    for r in df.astype(object).where(df.notna(), None).to_dict("records")]
-            doc = {"environment": environment, "settings": self.settings, "rows": rows}
+            doc = {"environment": environment, "settings": self.settings, "rows": records(df)}
             (self.out_dir / "summary.json").write_text(
                 json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n")
         if "md" in self.formats:

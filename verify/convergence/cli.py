@@ -15,7 +15,7 @@ import time
 import numpy as np
 from tabulate import tabulate
 
-from verify.cli import UsageError, _choices, _Parser, chosen_backends, claim_output, one_line
+from verify.cli import UsageError, choices, Parser, chosen_backends, claim_output, one_line
 from verify.configurations import CONFIGURATIONS
 from verify.output import replacing_folder
 from verify.convergence.article import ARTICLE_EPOCHS
@@ -26,7 +26,7 @@ EXTRA_MODULES = {"sklearn": "scikit-learn", "matplotlib": "matplotlib"}
 
 
 def build_parser():
-    p = _Parser(prog="verify-optimizers convergence", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="verify-optimizers convergence", description=__doc__.split("\n\n")[0])
     p.add_argument("--optimizer", action="append", default=[],
                    help="configuration ids, repeatable or comma-separated (default all ten)")
     p.add_argument("--epochs", type=int, default=None,
@@ -52,7 +52,7 @@ def parse(argv):
     backends = chosen_backends(args.backend)
     # the article's experiment: its ten configurations (the stacked seeds also need
     # an elementwise optimizer, which Lamb's per-variable trust ratio is not)
-    ids = _choices(args.optimizer, list(ARTICLE_EPOCHS), "optimizer") or list(ARTICLE_EPOCHS)
+    ids = choices(args.optimizer, list(ARTICLE_EPOCHS), "optimizer") or list(ARTICLE_EPOCHS)
     if args.epochs is not None and not 1 <= args.epochs <= MAX_EPOCHS:
         raise UsageError(f"--epochs must be from 1 to {MAX_EPOCHS} (got {args.epochs})")
     if not 1 <= args.seeds <= MAX_SEEDS:

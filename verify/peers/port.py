@@ -107,9 +107,9 @@ def answer(results, blocked) -> list:
 
 
 def build_parser():
-    from verify.cli import _Parser
+    from verify.cli import Parser
 
-    p = _Parser(prog="verify-optimizers port",
+    p = Parser(prog="verify-optimizers port",
                 description="The peer configuration that reproduces a Keras one, or why "
                             "none does (--to); the Keras configuration of a peer's (--from)")
     p.add_argument("configuration", nargs="*",
@@ -153,11 +153,11 @@ def _subjects(args, library):
 
 
 def main(argv) -> int:
-    from verify.cli import UsageError, _choices, check_run_size, one_line
+    from verify.cli import UsageError, choices, check_run_size, one_line
     from verify.output import OutputRefused, check_file, replace_file
 
     args = build_parser().parse_args(argv)
-    names = _choices(args.scenario, scenarios.SCENARIOS, "scenario") or list(scenarios.SCENARIOS)
+    names = choices(args.scenario, scenarios.SCENARIOS, "scenario") or list(scenarios.SCENARIOS)
     check_run_size(args.steps, args.size, len(names), args.seed)
     library = args.to or args.source
     if importlib.util.find_spec(peer_run.MODULES[library]) is None:

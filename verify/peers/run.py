@@ -192,9 +192,9 @@ def report(results, explanations, settings, environment) -> str:
 
 
 def build_parser():
-    from verify.cli import _Parser
+    from verify.cli import Parser
 
-    p = _Parser(prog="verify-optimizers peers",
+    p = Parser(prog="verify-optimizers peers",
                 description="Keras 3 vs torch.optim vs optax under the same gradients")
     p.add_argument("configuration", nargs="*",
                    help="peer configuration ids (verify/peers/configurations.toml; default: all)")
@@ -210,7 +210,7 @@ def build_parser():
 
 
 def main(argv) -> int:
-    from verify.cli import UsageError, _choices, check_run_size, one_line
+    from verify.cli import UsageError, choices, check_run_size, one_line
     from verify.output import OutputRefused, check_file, replace_file
 
     args = build_parser().parse_args(argv)
@@ -219,7 +219,7 @@ def main(argv) -> int:
         chosen = [peers.parse(text) for text in args.peer]
     except peers.PeerError as exc:
         raise UsageError(str(exc)) from None
-    ids = _choices(args.configuration, list(known), "peer configuration")
+    ids = choices(args.configuration, list(known), "peer configuration")
     configurations = [known[i] for i in ids] + chosen
     if not configurations:
         configurations = list(known.values())
@@ -229,8 +229,8 @@ def main(argv) -> int:
                       if importlib.util.find_spec(MODULES[c.library]) is None})
     if missing:
         raise UsageError(f"not installed: {', '.join(missing)} (pip install -e '.[peers]')")
-    dtypes = _choices(args.dtype, list(DTYPES), "dtype") or list(DTYPES)
-    names = _choices(args.scenario, scenarios.SCENARIOS, "scenario") or list(scenarios.SCENARIOS)
+    dtypes = choices(args.dtype, list(DTYPES), "dtype") or list(DTYPES)
+    names = choices(args.scenario, scenarios.SCENARIOS, "scenario") or list(scenarios.SCENARIOS)
     check_run_size(args.steps, args.size, len(names), args.seed)
     output = Path(args.output) if args.output else None
     if output is not None:

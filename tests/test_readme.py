@@ -1,0 +1,70 @@
+"""The README's numbers are the committed baseline's: its excerpt of the verdict grid,
+the verdict counts, the cell count, the configuration count and the time it took
+(reports/baseline/), so a refreshed baseline that changes them fails here until the
+README says the same; and every page it links exists.  Each with a twin: a README
+that says otherwise is caught."""
+
+import json
+import re
+
+import pandas as pd
+from tabulate import tabulate
+
+from conftest import ROOT
+from verify import compare
+
+README = (ROOT / "README.md").read_text()
+BASELINE = ROOT / "reports" / "baseline"
+
+
+def excerpt(cells: pd.DataFrame, optimizers) -> str:
+    """The grid for `optimizers` as the README shows it: worst verdict per family x
+    configuration x backend x dtype, and the verdict counts of every cell."""
+    sub = cells[cells.optimizer.isin(optimizers)]
+    columns = sorted(set(sub.backend + " " + sub.dtype))
+    rows = []
+    for (family, optimizer), g in sub.groupby(["family", "optimizer"], sort=True):
+        worst = {f"{b} {d}": compare.worst(x.verdict) for (b, d), x in g.groupby(["backend",
+                                                                                   "dtype"])}
+        rows.append([family, optimizer] + [worst[c] for c in columns])
+    counts = cells.groupby(["family", "verdict"]).size()
+    return (tabulate(rows, headers=["family", "optimizer"] + columns, tablefmt="github")
+            + "\n\n" + ", ".join(f"{f} {v}: {n}" for (f, v), n in counts.items()) + ".")
+
+
+def stale(readme: str) -> list:
+    """What the README says that the committed baseline does not."""
+    cells = pd.read_csv(BASELINE / "cells.csv", dtype=str, keep_default_na=False)
+    meta = json.loads((BASELINE / "baseline.json").read_text())
+    shown = list(dict.fromkeys(line.split("|")[2].strip() for line in readme.splitlines()
+                               if re.match(r"\| (article|keras|textbook) ", line)))
+    problems = []
+    if not shown or excerpt(cells, shown) not in readme:
+        problems.append("the excerpt or the verdict counts")
+    said = {"cells": f"({len(cells)} cells;",
+            "time": f"**{meta['environment']['wall_seconds']:.0f} s**",
+            "configurations": f"all {len(meta['settings']['optimizers'])} configurations",
+            "steps": f"{meta['settings']['steps']} steps, `--size {meta['settings']['size']}`"}
+    flat = " ".join(readme.split())
+    problems += [what for what, text in said.items() if text not in flat]
+    return problems
+
+
+def test_the_readme_says_what_the_committed_baseline_holds():
+    assert stale(README) == []
+
+
+def test_a_readme_that_says_otherwise_is_caught():
+    assert "the excerpt or the verdict counts" in stale(
+        README.replace("keras match: 2062", "keras match: 2061"))
+    row = next(line for line in README.splitlines() if line.startswith("| keras "))
+    assert "the excerpt or the verdict counts" in stale(
+        README.replace(row, row.replace("match", "mismatch", 1)))
+    assert stale(README.replace("7812 cells", "7813 cells")) == ["cells"]
+    assert stale(README.replace("**360 s**", "**338 s**")) == ["time"]
+
+
+def test_every_page_the_readme_links_exists():
+    links = re.findall(r"\]\(([^)#]+)", README)
+    assert len(links) >= 8
+    assert [link for link in links if not (ROOT / link).exists()] == []
