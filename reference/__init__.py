@@ -7,6 +7,7 @@ of it.  `get_rule(family, class_name)` returns a `reference.rule.Rule`;
 `SPACES[class_name]` is the variant space `explain` searches.
 """
 
+from reference import multi
 from reference.arithmetic import PRECISIONS, Arithmetic, Precision, Tracked
 from reference.optimizer import name_of, register_variants
 from reference.optimizers import OPTIMIZERS
@@ -18,6 +19,13 @@ for _optimizer in OPTIMIZERS.values():
     for _family in _optimizer.points:
         REGISTRY[(_family, _optimizer.class_name)] = _optimizer.rule(_family)
 
+# MultiOptimizer composes the keras rules of its inner optimizers; no paper or
+# article states it
+REGISTRY[("keras", multi.CLASS_NAME)] = multi.rule("keras")
+
+# every Keras class the keras family states
+CLASSES = tuple(sorted(c for f, c in REGISTRY if f == "keras"))
+
 SPACES = {name: optimizer.space() for name, optimizer in OPTIMIZERS.items()}
 
 
@@ -28,6 +36,6 @@ def get_rule(family: str, class_name: str) -> Rule:
         raise Unsupported(f"the {family} family does not state {class_name}") from None
 
 
-__all__ = ["FAMILIES", "OPTIMIZERS", "PRECISIONS", "SPACES", "Arithmetic", "Precision",
-           "Rule", "StateSpec", "Tracked", "Unsupported", "get_rule", "name_of",
+__all__ = ["CLASSES", "FAMILIES", "OPTIMIZERS", "PRECISIONS", "SPACES", "Arithmetic",
+           "Precision", "Rule", "StateSpec", "Tracked", "Unsupported", "get_rule", "name_of",
            "register_variants"]
