@@ -234,11 +234,14 @@ def selection_from_args(args, replace_output=True) -> tuple:
         raise UsageError("a shard report needs the csv and json formats (merge reads them)")
     output = claim_output(args.output, [("the gradient file", args.gradients)]
                           + list(getattr(args, "inputs", [])), replace=replace_output)
-    sel = Selection(backends=backends, dtypes=dtypes, families=families,
-                    configurations=[known[i] for i in optimizer_ids
-                                    if i not in {c.id for c in user}] + user,
-                    scenarios=names, modes=modes, steps=steps, size=size, seed=args.seed,
-                    gradients=gradients, weights=weights, shard=shard)
+    try:
+        sel = Selection(backends=backends, dtypes=dtypes, families=families,
+                        configurations=[known[i] for i in optimizer_ids
+                                        if i not in {c.id for c in user}] + user,
+                        scenarios=names, modes=modes, steps=steps, size=size, seed=args.seed,
+                        gradients=gradients, weights=weights, shard=shard)
+    except configurations.ConfigError as exc:
+        raise UsageError(str(exc)) from None
     if shard is not None and shard[1] > len(sel.runs(every=True)):
         raise UsageError(f"--shard {shard[0]}/{shard[1]}: the selection has only "
                          f"{len(sel.runs(every=True))} runs (configuration x backend x dtype x "

@@ -367,3 +367,24 @@ def user_selection(configurations: list, known=CONFIGURATIONS) -> list:
                               "same config given twice has the same derived id)")
         seen.add(c.id)
     return configurations
+
+
+def check_names(configurations: list, names: list, known=CONFIGURATIONS) -> None:
+    """ConfigError for a user configuration whose exclude_from_weight_decay, or one
+    of whose OptimizerMap patterns, names no variable of the run (`names`): it would
+    verify nothing of it.  A built-in one is verified as it is."""
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    for c in configurations:
+        if known.get(c.id) is c:
+            continue
+        exclude = c.config.get(EXCLUDE)
+        if exclude and not any(re.search("|".join(exclude["var_names"]), n) for n in names):
+            raise ConfigError(f"configuration {c.id!r}: {EXCLUDE} var_names "
+                              f"{json.dumps(exclude['var_names'])[:60]} match no variable of "
+                              f"this run (its variables: {shown})")
+        mapping = c.config.get("optimizer_map")
+        for pattern in (mapping["config"].get("optimizer_map", {}) if mapping else {}):
+            if not any(n == pattern or re.fullmatch(pattern, n) for n in names):
+                raise ConfigError(f"configuration {c.id!r}: the OptimizerMap's pattern "
+                                  f"{pattern[:40]!r} fullmatches no variable of this run, so "
+                                  f"its optimizer would update nothing (its variables: {shown})")
