@@ -18,8 +18,8 @@ from conftest import fast_backend, make_selection, run_selection
 from reference import PRECISIONS, Arithmetic, multi
 from reference.rule import REGISTRY
 from verify import api, cli, worker
-from verify.configurations import (CONFIGURATIONS, ConfigError, EXCLUDE, from_keras,
-                                   parse_json, parse_toml)
+from verify.configurations import (CONFIGURATIONS, EXCLUDE, from_keras, parse_json,
+                                   parse_toml)
 
 ADAMW_EXCLUDE = CONFIGURATIONS["adamw_exclude"]
 MULTI = CONFIGURATIONS["multi_optimizer"]
@@ -27,7 +27,7 @@ PATHS = ["g_scalar", "g_vector", "g_matrix"]
 SHAPES = [(), (3,), (4, 2)]
 
 
-def one_step(rule, config, paths=PATHS, t=0):
+def one_step(rule, config, paths=PATHS):
     """One step of `rule` from fixed weights and gradients: (hp, state, out)."""
     ar = Arithmetic("float64", PRECISIONS["exact"])
     hp = rule.hyperparameters(config)
@@ -41,7 +41,7 @@ def one_step(rule, config, paths=PATHS, t=0):
         else:
             state[spec.name] = ar.exact([spec.initial])
     grads = [ar.exact(rng.standard_normal((1,) + s)) for s in SHAPES]
-    return hp, state, rule(ar, hp, state, grads, ar.step_count([float(t)]), paths)
+    return hp, state, rule(ar, hp, state, grads, ar.step_count([0.0]), paths)
 
 
 # --- the reference: which variables decay -------------------------------------------
@@ -276,7 +276,8 @@ def test_a_perturbed_reference_is_a_mismatch_on_every_backend_and_mode(verified,
     for backend in backends:
         for dtype in ("float32", "float64"):
             for mode in ("eager", "compiled"):
-                cell = got[(got.backend == backend) & (got.dtype == dtype) & (got.mode == mode)]
+                cell = got[(got["backend"] == backend) & (got["dtype"] == dtype)
+                           & (got["mode"] == mode)]  # DataFrame.mode is a method
                 assert len(cell) and (cell.verdict == "mismatch").any(), (
                     backend, dtype, mode, cell.verdict.tolist())
 

@@ -93,7 +93,8 @@ def main(argv) -> int:
     from verify.output import OutputRefused, check_file, replace_file
 
     args = build_parser().parse_args(argv)
-    ids = _choices(args.optimizer, list(CONFIGURATIONS), "optimizer") or list(CONFIGURATIONS)
+    ids = _choices(args.optimizer, list(CONFIGURATIONS), "optimizer") or [
+        i for i, c in CONFIGURATIONS.items() if c.class_name in SPACES]  # not MultiOptimizer
     unknown = [i for i in ids if CONFIGURATIONS[i].class_name not in SPACES]
     if unknown:
         raise UsageError(f"no variant space for {', '.join(unknown)}")
