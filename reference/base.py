@@ -46,10 +46,9 @@ the precision settings of reference/arithmetic.py say so.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
-
-import re
 
 import numpy as np
 
