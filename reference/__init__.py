@@ -7,6 +7,7 @@ of it.  `get_rule(family, class_name)` returns a `reference.rule.Rule`;
 `SPACES[class_name]` is the variant space `explain` searches.
 """
 
+from reference import multi
 from reference.arithmetic import PRECISIONS, Arithmetic, Precision, Tracked
 from reference.optimizer import name_of, register_variants
 from reference.optimizers import OPTIMIZERS, loss_scale
@@ -21,6 +22,13 @@ for _optimizer in OPTIMIZERS.values():
 # a wrapper around another optimizer's rule: the keras family only, no variant space
 REGISTRY[("keras", loss_scale.CLASS_NAME)] = loss_scale.KERAS
 
+# MultiOptimizer composes the keras rules of its inner optimizers; no paper or
+# article states it
+REGISTRY[("keras", multi.CLASS_NAME)] = multi.rule("keras")
+
+# every Keras class the keras family states
+CLASSES = tuple(sorted(c for f, c in REGISTRY if f == "keras"))
+
 SPACES = {name: optimizer.space() for name, optimizer in OPTIMIZERS.items()}
 
 
@@ -31,6 +39,6 @@ def get_rule(family: str, class_name: str) -> Rule:
         raise Unsupported(f"the {family} family does not state {class_name}") from None
 
 
-__all__ = ["FAMILIES", "OPTIMIZERS", "PRECISIONS", "SPACES", "Arithmetic", "Precision",
-           "Rule", "StateSpec", "Tracked", "Unsupported", "get_rule", "name_of",
+__all__ = ["CLASSES", "FAMILIES", "OPTIMIZERS", "PRECISIONS", "SPACES", "Arithmetic",
+           "Precision", "Rule", "StateSpec", "Tracked", "Unsupported", "get_rule", "name_of",
            "register_variants"]

@@ -14,7 +14,8 @@ optimizer goes through it, stated once here (`run`), in Keras's order:
      corrections count updates, not calls;
   3. clip (`_clip_gradients`): clipnorm per variable, or global_clipnorm
      over all variables together, or clipvalue;
-  4. weight decay (`_apply_weight_decay`), on the weights;
+  4. weight decay (`_apply_weight_decay`), on the weights but those
+     `exclude_from_weight_decay` names (`_use_weight_decay`);
   5. the optimizer's own update (`_backend_update_step`: `update_step` per
      variable);
   6. EMA (`use_ema`, `_update_model_variables_moving_average`), on every
@@ -47,6 +48,7 @@ the precision settings of reference/arithmetic.py say so.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -60,7 +62,10 @@ from reference.arithmetic import (Arithmetic, Tracked, maximum, sqrt, square, wh
 DEFAULTS = {"weight_decay": None, "clipnorm": None, "clipvalue": None,
             "global_clipnorm": None, "use_ema": False, "ema_momentum": 0.99,
             "ema_overwrite_frequency": None, "loss_scale_factor": None,
-            "gradient_accumulation_steps": None}
+            "gradient_accumulation_steps": None,
+            # not an argument: the method `exclude_from_weight_decay(var_names=...)`,
+            # called before build ({"var_names": [...]}; verify/configurations.py)
+            "exclude_from_weight_decay": None}
 
 
 # --- exact selections and float32 results ---------------------------------
@@ -197,9 +202,20 @@ def decoupled_weight_decay(ar: Arithmetic, w: Tracked, weight_decay: float,
     return w - w * ar.cast(weight_decay) * lr
 
 
+def decays(hp: dict, path: str) -> bool:
+    """Is this variable decayed? `BaseOptimizer._use_weight_decay`: not when
+    re.search("|".join(var_names), variable.name) finds a match (the names are
+    regular expressions, searched anywhere in the name; the harness's variables
+    are in no name scope, so their name is their path)."""
+    exclude = hp.get("exclude_from_weight_decay")
+    if not exclude or not exclude.get("var_names"):
+        return True
+    return re.search("|".join(exclude["var_names"]), path) is None
+
+
 def weight_decay(ar: Arithmetic, hp: dict, c: dict, variables: list, grads: list,
-                 lr: Tracked) -> tuple:
-    """Decoupled weight decay of every variable, when `weight_decay` is set.
+                 lr: Tracked, paths: list) -> tuple:
+    """Decoupled weight decay of every variable `decays`, when `weight_decay` is set.
 
     Pieces (AdamW's variant space names them; Keras's choice is the default):
     decay_scale "lr" multiplies the decay by the learning rate, "schedule" by
@@ -211,11 +227,12 @@ def weight_decay(ar: Arithmetic, hp: dict, c: dict, variables: list, grads: list
     if hp["weight_decay"] is None or c.get("decay_form", "base_optimizer") != "base_optimizer":
         return variables, grads
     scale = lr if c.get("decay_scale", "lr") == "lr" else ar.const(1.0)
-    return [decoupled_weight_decay(ar, w, hp["weight_decay"], scale) for w in variables], grads
+    return [decoupled_weight_decay(ar, w, hp["weight_decay"], scale) if decays(hp, path)
+            else w for w, path in zip(variables, paths)], grads
 
 
 # --- 2. accumulate ----------------------------------------------------------
-def accumulate(ar, hp, c, state, grads, t, lr, step) -> tuple:
+def accumulate(ar, hp, c, state, grads, t, lr, step, paths) -> tuple:
     """Gradient accumulation over n = gradient_accumulation_steps calls.
 
     Returns the states after the call and the iteration the optimizer saw
@@ -226,7 +243,7 @@ def accumulate(ar, hp, c, state, grads, t, lr, step) -> tuple:
     averaged = [s / ar.const(n) for s in summed]  # `/ steps`, a Python int
     t_opt = ar.step_count(np.floor_divide(np.asarray(t.v, np.float64), n))
     is_update = (np.asarray(t.v, np.float64) + 1) % n == 0
-    out = update(ar, hp, c, state, averaged, t_opt, lr, step)
+    out = update(ar, hp, c, state, averaged, t_opt, lr, step, paths)
     kept = {}
     for name, value in out.items():
         if isinstance(value, list):
@@ -245,16 +262,16 @@ def accumulate(ar, hp, c, state, grads, t, lr, step) -> tuple:
 
 
 # --- 3-5: clip, weight decay, the optimizer's own step ----------------------
-def update(ar, hp, c, state, grads, t, lr, step) -> dict:
+def update(ar, hp, c, state, grads, t, lr, step, paths) -> dict:
     """Clip, weight decay (before or after, by the point's pieces) and the
     optimizer's own step `step(state, grads, t)` -> {state: value}."""
     grads = clip(ar, hp, grads)
     variables = list(state["variable"])
     for stage in stages(c, "before"):
-        variables, grads = stage.apply(ar, hp, c, variables, grads, lr)
+        variables, grads = stage.apply(ar, hp, c, variables, grads, lr, paths)
     out = step({**state, "variable": variables}, grads, t)
     for stage in stages(c, "after"):
-        out["variable"], grads = stage.apply(ar, hp, c, out["variable"], grads, lr)
+        out["variable"], grads = stage.apply(ar, hp, c, out["variable"], grads, lr, paths)
     return out
 
 
@@ -291,15 +308,16 @@ def moving_average(ar, hp, state, out, t_opt) -> dict:
 
 # --- the pipeline -------------------------------------------------------------
 def run(ar: Arithmetic, hp: dict, c: dict, state: dict, grads: list, t: Tracked,
-        lr: Tracked, step: Callable) -> dict:
+        lr: Tracked, step: Callable, paths: list) -> dict:
     """One call of `BaseOptimizer.apply` around `step(state, grads, t)`, the
-    optimizer's own update of all variables (-> {state name: value})."""
+    optimizer's own update of all variables (-> {state name: value}); `paths`
+    the variables' paths."""
     hp = {**DEFAULTS, **hp}
     grads = unscale(ar, hp, grads)
     if hp["gradient_accumulation_steps"]:
-        out, t_opt = accumulate(ar, hp, c, state, grads, t, lr, step)
+        out, t_opt = accumulate(ar, hp, c, state, grads, t, lr, step, paths)
     else:
-        out, t_opt = update(ar, hp, c, state, grads, t, lr, step), t
+        out, t_opt = update(ar, hp, c, state, grads, t, lr, step, paths), t
     if hp["use_ema"]:
         out = moving_average(ar, hp, state, out, t_opt)
     return out
@@ -322,15 +340,17 @@ def states(hp: dict) -> list:
 
 def elementwise(hp: dict, c: dict) -> bool:
     """True when every stage that runs treats each element on its own: the
-    norms of clipnorm (per variable) and global_clipnorm (over all) do not."""
+    norms of clipnorm (per variable) and global_clipnorm (over all) do not, nor
+    a weight decay that excludes variables by name."""
     return not ((hp.get("clipnorm") and hp["clipnorm"] > 0)
-                or (hp.get("global_clipnorm") and hp["global_clipnorm"] > 0))
+                or (hp.get("global_clipnorm") and hp["global_clipnorm"] > 0)
+                or hp.get("exclude_from_weight_decay"))
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    apply: Callable  # (ar, hp, c, variables, grads, lr) -> (variables, grads)
+    apply: Callable  # (ar, hp, c, variables, grads, lr, paths) -> (variables, grads)
     # the point's pieces -> "before" or "after" the optimizer's update
     when: Callable[[dict], str]
 

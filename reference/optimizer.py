@@ -98,7 +98,7 @@ class Optimizer:
                 return self._apply(ar, hp, c, state, grads, t, lr, paths)
 
             if point.keras_base:
-                return base.run(ar, hp, c, state, grads, t, lr, own)
+                return base.run(ar, hp, c, state, grads, t, lr, own, paths)
             return own(state, grads, t)
         return step
 

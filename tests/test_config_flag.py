@@ -271,3 +271,22 @@ def test_matrix_hands_a_user_config_to_its_per_release_runs(tmp_path):
             changed = json.loads(json.dumps(request))
             changed["optimizers"][-1]["config"]["learning_rate"]["config"]["decay_rate"] = 0.5
             assert api.selection(**changed).configurations != again.configurations
+
+
+@pytest.mark.parametrize("inner,problem", [
+    ({"class_name": "Adam", "config": {"bogus": 0.01}}, "unknown argument 'bogus'"),
+    ({"class_name": "LossScaleOptimizer", "config": {}}, "cannot be the inner optimizer"),
+    (None, "needs inner_optimizer"),
+], ids=["unknown-inner-key", "wrapper-in-wrapper", "no-inner"])
+def test_a_loss_scale_optimizers_inner_optimizer_is_checked(inner, problem):
+    config = {"initial_scale": 1024.0} if inner is None else {"inner_optimizer": inner}
+    with pytest.raises(configurations.ConfigError, match=problem):
+        configurations.parse_json(json.dumps({"class_name": "LossScaleOptimizer",
+                                              "config": config}), "--config")
+
+
+def test_a_loss_scale_optimizer_of_your_own_is_taken():
+    [c] = configurations.parse_json(json.dumps({"class_name": "LossScaleOptimizer", "config": {
+        "inner_optimizer": {"class_name": "Adam", "config": {"learning_rate": 0.01}}}}),
+        "--config")
+    assert c.class_name == "LossScaleOptimizer" and c.config["inner_optimizer"]["class_name"] == "Adam"

@@ -366,5 +366,6 @@ def test_run_accepts_a_partial_hyperparameter_set():
     ar = Arithmetic("float64", PRECISIONS["exact"])
     out = base.run(ar, {"learning_rate": 0.1}, {}, {"variable": [ar.exact([1.0])]},
                    [ar.exact([2.0])], ar.step_count([0.0]), ar.const(0.1),
-                   lambda state, grads, t: {"variable": [state["variable"][0] - grads[0]]})
+                   lambda state, grads, t: {"variable": [state["variable"][0] - grads[0]]},
+                   [""])
     assert float(out["variable"][0].v[0]) == -1.0

@@ -8,7 +8,7 @@ import pytest
 import check_edits
 from conftest import make_selection
 from verify.cli import installed_backends
-from verify.configurations import CONFIGURATIONS
+from verify.configurations import CONFIGURATIONS, EXCLUDE
 from verify.report import Sink
 from verify.runner import Runner
 
@@ -31,6 +31,9 @@ def round_trips(tmp_path, edit):
 # finding, e.g. Lamb in Keras 3.15.1: the str 'Lamb'), as opposed to an optimizer
 # that computes differently
 STRUCTURAL = "keras.optimizers.deserialize gives"
+# what a configuration with exclude_from_weight_decay meets: a method call, which
+# get_config does not record (a finding for every user of model.save)
+LOST_EXCLUSION = "keras.optimizers.serialize does not keep exclude_from_weight_decay"
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +45,9 @@ def test_every_configuration_survives_keras_serialization(pristine):
     found = pristine
     assert set(found) == set(CONFIGURATIONS)
     for configuration, finding in found.items():
+        if EXCLUDE in CONFIGURATIONS[configuration].config:
+            assert finding.startswith(LOST_EXCLUSION), (configuration, finding)
+            continue
         assert finding is None or finding.startswith(STRUCTURAL), (configuration, finding)
     assert sum(finding is None for finding in found.values()) >= 10
 

@@ -6,8 +6,16 @@ the reference models (reference.OPTIMIZERS), every key of its config one of
 that class's arguments (the `keras` rule's defaults: the class's own and the
 base optimizer's, reference/base.py) or `name`, each value of the kind of its
 default; `learning_rate` may also be a serialized object (a schedule), kept as
-it is for the worker to deserialize.  Its id is the object's "id", else the
-class name and a hash of the canonical config.
+it is for the worker to deserialize, and a MultiOptimizer's `optimizer_map` is
+a serialized OptimizerMap whose optimizers are checked the same way.  Its id is
+the object's "id", else the class name and a hash of the canonical config.
+
+`exclude_from_weight_decay` is a method of every Keras optimizer, called before
+build, not a constructor argument (get_config does not record it): it is given
+beside "config", `"exclude_from_weight_decay": {"var_names": [...]}` (in TOML
+`exclude_from_weight_decay = { var_names = [...] }` beside class_name), and kept
+in the Configuration's config under that key, which the worker turns into the
+call and the reference reads as a hyperparameter (reference/base.py).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ ENVELOPE = ("module", "registered_name")
 # keys a tf.keras (Keras 2) optimizer's get_config emits that Keras 3 does not take,
 # at the only value that means the same optimizer in Keras 3
 DROPPED = {"is_legacy_optimizer": False}
+EXCLUDE = "exclude_from_weight_decay"
 
 
 class ConfigError(ValueError):
@@ -45,24 +54,41 @@ class Configuration:
     config: dict
 
     def keras_config(self) -> dict:
-        return {"class_name": self.class_name, "config": dict(self.config)}
+        """As given: class_name, config, and exclude_from_weight_decay beside them."""
+        config = {k: v for k, v in self.config.items() if k != EXCLUDE}
+        return {"class_name": self.class_name, "config": config,
+                **({EXCLUDE: self.config[EXCLUDE]} if EXCLUDE in self.config else {})}
 
     def describe(self) -> str:
-        return _call(self.class_name, self.config)
+        given = self.keras_config()
+        call = _call(self.class_name, given["config"])
+        if EXCLUDE in given:
+            call += f".{EXCLUDE}({_arguments(given[EXCLUDE])})"
+        return call
 
 
 def _call(class_name: str, config: dict) -> str:
-    """Class(arg=value, ...); a serialized object (a schedule) written the same way."""
+    """Class(arg=value, ...); a serialized object (a schedule, an optimizer) written
+    the same way, an OptimizerMap's map as {pattern: Class(...)}."""
+    return f"{class_name}({_arguments(config)})"
+
+
+def _arguments(config: dict) -> str:
     def value(v):
-        return _call(v["class_name"], v.get("config", {})) if isinstance(v, dict) else repr(v)
-    return f"{class_name}({', '.join(f'{k}={value(v)}' for k, v in config.items())})"
+        if isinstance(v, dict) and "class_name" in v:
+            return _call(v["class_name"], v.get("config", {}))
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k!r}: {value(x)}" for k, x in v.items()) + "}"
+        return repr(v)
+    return ", ".join(f"{k}={value(v)}" for k, v in config.items())
 
 
 def load(path: Path = CONFIG_FILE) -> dict:
     with open(path, "rb") as f:
         data = tomllib.load(f)
-    return {key: Configuration(key, entry["class_name"], dict(entry.get("config", {})))
-            for key, entry in data.items()}
+    return {key: Configuration(key, entry["class_name"], {
+        **entry.get("config", {}), **({EXCLUDE: entry[EXCLUDE]} if EXCLUDE in entry else {})})
+        for key, entry in data.items()}
 
 
 CONFIGURATIONS = load()
@@ -119,10 +145,86 @@ def _serialized_object(value, where) -> None:
                           "object config")
 
 
+def _exclusion(value, where) -> dict:
+    """exclude_from_weight_decay's arguments: var_names, regular expressions."""
+    what = f"{where}: {EXCLUDE}={json.dumps(value)[:60]}"
+    if not isinstance(value, dict) or set(value) != {"var_names"}:
+        raise ConfigError(f"{what}: expected an object with var_names, a list of regular "
+                          "expressions searched in the variables' names (var_list takes "
+                          "Keras variables, which a configuration cannot name)")
+    names = value["var_names"]
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise ConfigError(f"{what}: var_names must be a non-empty list of strings")
+    for name in names:
+        try:
+            re.compile(name)
+        except re.error as exc:
+            raise ConfigError(f"{what}: {name!r} is not a regular expression: {exc}") from None
+    return {"var_names": list(names)}
+
+
+def _optimizer_map(value, where) -> None:
+    """A MultiOptimizer's optimizer_map as serialize writes it: an OptimizerMap with
+    default_optimizer and optionally optimizer_map {pattern: optimizer}, each a
+    serialized optimizer the reference models (not a MultiOptimizer, as Keras says)."""
+    what = f"{where}: optimizer_map"
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what} is {_kind(value)}, expected a serialized OptimizerMap")
+    _serialized_object(value, what)
+    if value["class_name"] != "OptimizerMap":
+        raise ConfigError(f"{what}: class_name {value['class_name']!r}, expected "
+                          "'OptimizerMap'")
+    config = value["config"]
+    extra = set(config) - {"default_optimizer", "optimizer_map"}
+    if extra:
+        raise ConfigError(f"{what}: unknown key {sorted(extra)[0]!r} in the OptimizerMap's "
+                          "config (expected default_optimizer, optimizer_map)")
+    if "default_optimizer" not in config:
+        raise ConfigError(f"{what}: the OptimizerMap needs a default_optimizer (every "
+                          "variable no pattern matches goes to it)")
+    mapping = config.get("optimizer_map", {})
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{what}: the OptimizerMap's optimizer_map must be an object "
+                          "{pattern: serialized optimizer}")
+    for pattern in mapping:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"{what}: {pattern!r} is not a regular expression: "
+                              f"{exc}") from None
+    for name, inner in [("default_optimizer", config["default_optimizer"]),
+                        *mapping.items()]:
+        place = f"{what} {name}"
+        if isinstance(inner, dict) and ({"id", EXCLUDE} & set(inner)):
+            raise ConfigError(f"{place}: {sorted({'id', EXCLUDE} & set(inner))[0]} is not "
+                              "taken inside a MultiOptimizer")
+        checked = from_keras(inner, place)
+        if checked.class_name == "MultiOptimizer":
+            raise ConfigError(f"{place}: a MultiOptimizer cannot be inside a MultiOptimizer")
+
+
+def _inner_optimizer(value, where) -> None:
+    """A LossScaleOptimizer's inner_optimizer as serialize writes it: a serialized
+    optimizer the reference models, not another LossScaleOptimizer or a MultiOptimizer."""
+    place = f"{where}: inner_optimizer"
+    if isinstance(value, dict) and ({"id", EXCLUDE} & set(value)):
+        raise ConfigError(f"{place}: {sorted({'id', EXCLUDE} & set(value))[0]} is not taken "
+                          "inside a LossScaleOptimizer")
+    checked = from_keras(value, place)
+    if checked.class_name in ("LossScaleOptimizer", "MultiOptimizer"):
+        raise ConfigError(f"{place}: a {checked.class_name} cannot be the inner optimizer")
+
+
 def _check_value(key, value, default, where):
     what = f"{where}: {key}={json.dumps(value)[:60]}"
     if key == "learning_rate" and isinstance(value, dict):
         _serialized_object(value, what)
+        return
+    if key == "optimizer_map":
+        _optimizer_map(value, where)
+        return
+    if key == "inner_optimizer":
+        _inner_optimizer(value, where)
         return
     if isinstance(value, dict):
         raise ConfigError(f"{what} is an object, expected {_kind(default)}")
@@ -143,10 +245,10 @@ def from_keras(obj, where="--config", explicit_id=None) -> Configuration:
     if not isinstance(obj, dict):
         raise ConfigError(f"{where}: expected an object with class_name and config, got "
                           f"{_kind(obj)}")
-    extra = set(obj) - {"class_name", "config", "id", *ENVELOPE}
+    extra = set(obj) - {"class_name", "config", "id", EXCLUDE, *ENVELOPE}
     if extra:
         raise ConfigError(f"{where}: unknown key {sorted(extra)[0]!r} (expected class_name, "
-                          "config, and optionally id, module, registered_name)")
+                          f"config, and optionally id, {EXCLUDE}, module, registered_name)")
     class_name = obj.get("class_name")
     if not isinstance(class_name, str):
         raise ConfigError(f"{where}: class_name must be a string naming a Keras optimizer")
@@ -157,9 +259,9 @@ def from_keras(obj, where="--config", explicit_id=None) -> Configuration:
                           f"{json.dumps(registered)[:60]}: not a built-in Keras optimizer "
                           "(a module of keras, registered_name null or the class name), "
                           "which alone have a reference")
-    if class_name not in reference.OPTIMIZERS:
+    if class_name not in reference.CLASSES:
         raise ConfigError(f"{where}: unknown optimizer class {class_name!r}: the reference "
-                          f"models {', '.join(sorted(reference.OPTIMIZERS))}")
+                          f"models {', '.join(reference.CLASSES)}")
     config = obj.get("config", {})
     if not isinstance(config, dict):
         raise ConfigError(f"{where}: config must be an object, got {_kind(config)}")
@@ -173,11 +275,23 @@ def from_keras(obj, where="--config", explicit_id=None) -> Configuration:
                 raise ConfigError(f"{where}: {key}={json.dumps(value)} is not a Keras 3 "
                                   "optimizer")
             continue
+        if key == EXCLUDE:
+            raise ConfigError(f"{where}: {EXCLUDE} is a method of the optimizer, not an "
+                              f"argument: give it beside config, \"{EXCLUDE}\": "
+                              '{"var_names": [...]}')
         if key not in defaults:
             raise ConfigError(f"{where}: unknown argument {key!r} (it takes "
-                              f"{', '.join(sorted(defaults))})")
+                              f"{', '.join(sorted(k for k in defaults if k != EXCLUDE))})")
         _check_value(key, value, defaults[key], where)
         kept[key] = value
+    for needed in ("optimizer_map", "inner_optimizer"):
+        if needed in defaults and needed not in kept:
+            raise ConfigError(f"{where}: {class_name} needs {needed}")
+    if EXCLUDE in obj:
+        if EXCLUDE not in defaults:
+            raise ConfigError(f"{where}: {class_name} has no weight decay of its own to "
+                              "exclude variables from")
+        kept[EXCLUDE] = _exclusion(obj[EXCLUDE], where)
     given = obj.get("id", explicit_id)
     if given is None:
         given = derived_id(class_name, kept)
@@ -269,3 +383,24 @@ def user_selection(configurations: list, known=CONFIGURATIONS) -> list:
                               "same config given twice has the same derived id)")
         seen.add(c.id)
     return configurations
+
+
+def check_names(configurations: list, names: list, known=CONFIGURATIONS) -> None:
+    """ConfigError for a user configuration whose exclude_from_weight_decay, or one
+    of whose OptimizerMap patterns, names no variable of the run (`names`): it would
+    verify nothing of it.  A built-in one is verified as it is."""
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    for c in configurations:
+        if known.get(c.id) is c:
+            continue
+        exclude = c.config.get(EXCLUDE)
+        if exclude and not any(re.search("|".join(exclude["var_names"]), n) for n in names):
+            raise ConfigError(f"configuration {c.id!r}: {EXCLUDE} var_names "
+                              f"{json.dumps(exclude['var_names'])[:60]} match no variable of "
+                              f"this run (its variables: {shown})")
+        mapping = c.config.get("optimizer_map")
+        for pattern in (mapping["config"].get("optimizer_map", {}) if mapping else {}):
+            if not any(n == pattern or re.fullmatch(pattern, n) for n in names):
+                raise ConfigError(f"configuration {c.id!r}: the OptimizerMap's pattern "
+                                  f"{pattern[:40]!r} fullmatches no variable of this run, so "
+                                  f"its optimizer would update nothing (its variables: {shown})")

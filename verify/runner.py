@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import reference
-from verify import compare, scenarios, workers
+from verify import compare, configurations, scenarios, workers
 from verify.protocol import read_message
 
 CHUNK = 50
@@ -61,6 +61,7 @@ class Selection:
                               for n in self.scenarios}
         if self.initial is None:
             self.initial = scenarios.initial_weights(count, self.seed)
+        configurations.check_names(self.configurations, [p for p, *_ in self.variables()])
 
     def runs(self, every=False) -> list:
         """(configuration, backend, dtype, mode) of each run, in run order.  A run

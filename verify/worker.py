@@ -46,6 +46,8 @@ def _state_layout(optimizer, variables):
     the weight's path plus "_<state>" (the longest such path); its state name is
     that suffix, else its own name, or the list's attribute name where it is
     named after its weight."""
+    if isinstance(getattr(optimizer, "optimizers", None), list):  # a MultiOptimizer
+        return _inner_layouts(optimizer, variables)
     own = {id(v) for v in optimizer.variables}
     skip = {id(iteration_variable(optimizer))}
     # the learning rate, also of the optimizer a LossScaleOptimizer wraps (whose
@@ -98,6 +100,22 @@ def _state_layout(optimizer, variables):
     return layout
 
 
+def _inner_layouts(multi, variables):
+    """A MultiOptimizer's states: each inner optimizer's (its own layout on the
+    variables it was given) named "<class in lower case><index>.<state>", and its
+    iteration counter "<...>.iteration" (reference/multi.py names them alike)."""
+    layout = []
+    for k, inner in enumerate(multi.optimizers):
+        label = f"{type(inner).__name__.lower()}{k}"
+        mine = [i for i, v in enumerate(variables)
+                if multi._var_to_optimizer_idx[multi._var_key(v)] == k]
+        layout.append((None, f"{label}.iteration", iteration_variable(inner)))
+        if mine:  # an inner optimizer without variables is never built
+            layout += [(None if i is None else mine[i], f"{label}.{state}", v) for i, state, v
+                       in _state_layout(inner, [variables[i] for i in mine])]
+    return layout
+
+
 class ClassMissing(ValueError):
     """The installed Keras has no such optimizer class (an older release)."""
 
@@ -115,19 +133,43 @@ def iteration_variable(optimizer):
 
 
 def build_optimizer(keras, class_name, config):
-    """The optimizer from its class, as a user writes it."""
+    """The optimizer from its class, as a user writes it: a serialized schedule
+    deserialized, a MultiOptimizer's OptimizerMap built from its optimizers, and
+    `exclude_from_weight_decay` (a method, kept in the config by
+    verify/configurations.py) called before build."""
     cls = getattr(keras.optimizers, class_name, None)
     if not isinstance(cls, type):
         raise ClassMissing(f"keras.optimizers has no class {class_name} "
                            f"(Keras {keras.__version__})")
+    config = dict(config)
+    exclude = config.pop("exclude_from_weight_decay", None)
     if isinstance(config.get("learning_rate"), dict):  # a serialized schedule
-        config = {**config, "learning_rate": keras.optimizers.schedules.deserialize(
-            config["learning_rate"])}
+        config["learning_rate"] = keras.optimizers.schedules.deserialize(config["learning_rate"])
     if isinstance(config.get("inner_optimizer"), dict):  # LossScaleOptimizer's, serialized
-        config = {**config, "inner_optimizer": build_optimizer(
+        config["inner_optimizer"] = build_optimizer(
             keras, config["inner_optimizer"]["class_name"],
-            config["inner_optimizer"].get("config", {}))}
-    return cls(**config)
+            config["inner_optimizer"].get("config", {}))
+    if "optimizer_map" in config:
+        config["optimizer_map"] = _optimizer_map(keras, config["optimizer_map"])
+    optimizer = cls(**config)
+    if exclude is not None:
+        optimizer.exclude_from_weight_decay(**exclude)
+    return optimizer
+
+
+def _optimizer_map(keras, serialized):
+    """keras.optimizers.OptimizerMap(default_optimizer, {pattern: optimizer})."""
+    cls = getattr(keras.optimizers, "OptimizerMap", None)
+    if not isinstance(cls, type):
+        raise ClassMissing(f"keras.optimizers has no class OptimizerMap "
+                           f"(Keras {keras.__version__})")
+    config = serialized["config"]
+
+    def build(inner):
+        return build_optimizer(keras, inner["class_name"], inner.get("config", {}))
+    return cls(build(config["default_optimizer"]),
+               {pattern: build(inner)
+                for pattern, inner in config.get("optimizer_map", {}).items()})
 
 
 ROUND_TRIP_STEPS = 10
@@ -139,6 +181,7 @@ def round_trip(keras, class_name, config, make_variables, grads, steps):
     the rebuilt optimizer run beside one built from the class for a few steps.
     None, or what went wrong (a finding)."""
     original = build_optimizer(keras, class_name, config)
+    excluded = config.get("exclude_from_weight_decay")
     try:
         text = json.dumps(keras.optimizers.serialize(original))
         rebuilt = keras.optimizers.deserialize(json.loads(text))
@@ -152,6 +195,16 @@ def round_trip(keras, class_name, config, make_variables, grads, steps):
         variables = make_variables()
         optimizer.build(variables)
         runs.append((optimizer, variables))
+    if excluded is not None:
+        (a, vars_a), (b, vars_b) = runs
+        lost = [v.name for v, w in zip(vars_a, vars_b)
+                if a._use_weight_decay(v) != b._use_weight_decay(w)]
+        if lost:
+            return ("keras.optimizers.serialize does not keep exclude_from_weight_decay "
+                    "(a method call, not in get_config; model.save and load_model lose it "
+                    f"too): the rebuilt optimizer decays {lost[0]}"
+                    + (f" and {len(lost) - 1} more variables" if len(lost) > 1 else "")
+                    + ", which the original excludes")
     for t in range(min(steps, ROUND_TRIP_STEPS)):
         states = []
         for optimizer, variables in runs:
@@ -199,7 +252,8 @@ class Run:
         self.layout = _state_layout(self.optimizer, self.variables)
         self.state_vars = ([(i, "variable", v) for i, v in enumerate(self.variables)]
                            + self.layout)
-        self.step_fn, self.read = self._make_step(job["backend"], spec["mode"])
+        self.step_fn, read = self._make_step(job["backend"], spec["mode"])
+        self.read = _counters_in(self.dtype, read)
         # The trainer multiplies the loss by a LossScaleOptimizer's current scale
         # (`scale_loss`), so `apply` receives the scenario's gradient times it: the
         # worker plays that part, in numpy, with the scale of the last state read.
@@ -331,6 +385,17 @@ class Run:
         self.read()
         write_message(out, {"type": "run_end", "id": self.spec["id"],
                             "seconds": {"step": time.process_time() - start}})
+
+
+def _counters_in(dtype, read):
+    """`read` with every integer state (an inner optimizer's iteration counter,
+    int32 or int64 by backend) in the working dtype, as the comparison holds
+    every state: exact below 2**24 steps."""
+    def read_states():
+        values, iteration = read()
+        return [v.astype(dtype) if np.issubdtype(v.dtype, np.integer) else v
+                for v in values], iteration
+    return read_states
 
 
 def raised_in_keras(exc, keras) -> bool:

@@ -26,6 +26,7 @@ import re
 
 import numpy as np
 
+from reference import base
 from reference.arithmetic import Arithmetic, Tracked, matmul, norm, sqrt, square
 from reference.optimizer import Optimizer, Point
 from reference.pieces import ema, hyperparameter
@@ -257,6 +258,8 @@ def muon_update(ar, hp, c, s, g, lr):
 
 
 def update(ar, hp, c, s, g, t, lr):
+    if not base.decays(hp, s["path"]):  # Muon's _apply_weight_decay asks _use_weight_decay
+        hp = {**hp, "weight_decay": None, "adam_weight_decay": None}
     if uses_adamw(hp, np.shape(s["variable"].v)[1:], s["path"]):
         return adamw_update(ar, hp, c, s, g, t, lr)
     return muon_update(ar, hp, c, s, g, lr)
