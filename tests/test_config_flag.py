@@ -275,7 +275,8 @@ def test_matrix_hands_a_user_config_to_its_per_release_runs(tmp_path):
 
 @pytest.mark.parametrize("inner,problem", [
     ({"class_name": "Adam", "config": {"bogus": 0.01}}, "unknown argument 'bogus'"),
-    ({"class_name": "LossScaleOptimizer", "config": {}}, "cannot be the inner optimizer"),
+    ({"class_name": "LossScaleOptimizer", "config": {"inner_optimizer": {
+        "class_name": "Adam", "config": {}}}}, "cannot be the inner optimizer"),
     (None, "needs inner_optimizer"),
 ], ids=["unknown-inner-key", "wrapper-in-wrapper", "no-inner"])
 def test_a_loss_scale_optimizers_inner_optimizer_is_checked(inner, problem):
