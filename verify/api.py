@@ -25,8 +25,8 @@ import pandas as pd
 
 import reference
 from verify import scenarios as scenario_module
-from verify.cli import (DEFAULT_SIZE, DEFAULT_STEPS, DTYPES, FORMATS, MODES, UsageError,
-                        _choices, check_run_size, chosen_backends, report_order,
+from verify.cli import (DEFAULT_MODES, DEFAULT_SIZE, DEFAULT_STEPS, DTYPES, FORMATS, MODES,
+                        UsageError, _choices, check_has_runs, check_run_size, chosen_backends, report_order,
                         settings_of, timing_of, write_shard_file)
 from verify.configurations import (CONFIGURATIONS, ConfigError, Configuration, from_keras,
                                    user_selection)
@@ -90,11 +90,12 @@ def run(optimizers, *, backends=None, dtypes=None, families=None, scenarios=None
         steps=DEFAULT_STEPS, size=DEFAULT_SIZE, seed=0, output=None,
         formats=FORMATS) -> Result:
     """Verify `optimizers` (see `configurations`) on the selection (None: every
-    installed backend, every dtype, family, scenario and mode); with `output`
-    the reports are written there too.  The per-step tables are kept in memory."""
-    def names(values, allowed, what):
+    installed backend, every dtype, family and scenario, the modes eager and
+    compiled); with `output` the reports are written there too.  The per-step
+    tables are kept in memory."""
+    def names(values, allowed, what, default=None):
         values = [values] if isinstance(values, str) else list(values or [])
-        return _choices(values, allowed, what) or list(allowed)
+        return _choices(values, allowed, what) or list(default or allowed)
 
     for name, value in (("steps", steps), ("size", size), ("seed", seed)):
         if not isinstance(value, int) or isinstance(value, bool):
@@ -106,7 +107,9 @@ def run(optimizers, *, backends=None, dtypes=None, families=None, scenarios=None
                     dtypes=names(dtypes, DTYPES, "dtype"),
                     families=names(families, reference.FAMILIES, "family"),
                     configurations=configurations(optimizers), scenarios=chosen_scenarios,
-                    modes=names(modes, MODES, "mode"), steps=steps, size=size, seed=seed)
+                    modes=names(modes, MODES, "mode", DEFAULT_MODES), steps=steps, size=size,
+                    seed=seed)
+    check_has_runs(sel)
     return execute(sel, output, names(formats, FORMATS, "format"), keep_tables=True)
 
 

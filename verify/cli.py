@@ -32,11 +32,14 @@ from verify import compare, configurations, scenarios
 from verify.configurations import CONFIGURATIONS
 from verify.report import pivot
 from verify.output import OutputRefused, check_folder
-from verify.runner import Selection
+from verify.runner import SAME_AS, Selection
 
 BACKENDS = ("tensorflow", "jax", "torch")
 DTYPES = ("float32", "float64")
-MODES = ("eager", "compiled")
+MODES = ("eager", "compiled", "jit")
+# jit (model.compile(jit_compile=True)) only when asked for: torch.compile adds about
+# TORCH_COMPILE_COST to the run for every configuration (docs/how-it-works.md)
+DEFAULT_MODES = ("eager", "compiled")
 FORMATS = ("md", "csv", "json", "html")
 # Error cells that are Keras's own answer, not the harness failing: Keras raised on the
 # configuration, or the installed release lacks the class. Reported, not exit 2.
@@ -144,7 +147,7 @@ def build_parser(shard=True) -> argparse.ArgumentParser:
                         "names are the ids); as --config")
     p.add_argument("--scenario", action="append", default=[],
                    help="gradient scenarios (default all; see `list`)")
-    p.add_argument("--mode", action="append", default=[], help="eager, compiled (default both)")
+    p.add_argument("--mode", action="append", default=[], help="eager, compiled, jit (default eager and compiled)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"optimizer steps (default {DEFAULT_STEPS}; --full: {FULL_STEPS})")
     p.add_argument("--size", type=int, default=None,
@@ -199,7 +202,7 @@ def selection_from_args(args, replace_output=True) -> tuple:
     known = {**CONFIGURATIONS, **getattr(args, "recorded", {})}
     optimizer_ids = _choices(args.optimizer, list(known), "optimizer") or (
         [] if user else list(CONFIGURATIONS))
-    modes = _choices(args.mode, MODES, "mode") or list(MODES)
+    modes = _choices(args.mode, MODES, "mode") or list(DEFAULT_MODES)
     formats = _choices(args.format, FORMATS, "format") or list(FORMATS)
     if args.full and (args.steps is not None or args.size is not None or args.gradients):
         raise UsageError("--full sets --steps and --size; give either --full or those")
@@ -239,11 +242,20 @@ def selection_from_args(args, replace_output=True) -> tuple:
                                     if i not in {c.id for c in user}] + user,
                     scenarios=names, modes=modes, steps=steps, size=size, seed=args.seed,
                     gradients=gradients, weights=weights, shard=shard)
+    check_has_runs(sel)
     if shard is not None and shard[1] > len(sel.runs(every=True)):
         raise UsageError(f"--shard {shard[0]}/{shard[1]}: the selection has only "
                          f"{len(sel.runs(every=True))} runs (configuration x backend x dtype x "
                          "mode) to share out")
     return sel, output, formats
+
+
+def check_has_runs(sel: Selection) -> None:
+    """UsageError for a selection whose every run is another mode's (SAME_AS)."""
+    if not sel.runs(every=True):
+        same = "; ".join(f"{m} on {b} is {other}: {why}" for (b, m), (other, why)
+                         in SAME_AS.items() if b in sel.backends and m in sel.modes)
+        raise UsageError(f"the selection has no run of its own ({same})")
 
 
 def user_configurations(args) -> list:

@@ -26,7 +26,7 @@ import numpy as np
 
 from verify.protocol import write_message
 
-MODES = ("eager", "compiled")
+MODES = ("eager", "compiled", "jit")
 
 
 def _probe_float64(keras) -> bool:
@@ -215,6 +215,8 @@ class Run:
             return ([to_numpy(v.value) for _, _, v in self.state_vars],
                     int(to_numpy(iteration_variable(opt).value)))
 
+        if mode == "jit":
+            return _jit_step(backend, opt, variables), read_variables
         if mode == "eager" or backend == "torch":
             # torch has no compiled training step: model.fit runs it eagerly.
             return (lambda grads: opt.apply(grads, variables)), read_variables
@@ -317,6 +319,50 @@ def gradient_digest():
     """A digest of gradients: each step's arrays in the variables' order, in the
     working dtype, C order (the runner's rows of the same steps hash alike)."""
     return hashlib.blake2b(digest_size=8)
+
+
+def _jit_step(backend, opt, variables):
+    """The update as model.compile(jit_compile=True) runs it: the train step in
+    tf.function(jit_compile=True) (XLA) on TensorFlow, torch.compile with the update
+    under torch.no_grad() on torch (keras/src/backend/{tensorflow,torch}/trainer.py).
+    Its first call checks that the backend really compiled it: RuntimeError if not."""
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        step = tf.function(lambda grads: opt.apply(grads, variables), jit_compile=True,
+                           reduce_retracing=True)
+
+        def compiled(grads):  # the attribute by which TensorFlow's runtime hands it to XLA
+            return step.get_concrete_function(grads).function_def.attr["_XlaMustCompile"].b
+    elif backend == "torch":
+        import torch
+        from torch._dynamo.utils import counters
+
+        def one_step(grads):
+            with torch.no_grad():
+                opt.apply(grads, variables)
+
+        # Dynamo caches graphs per code object: without a reset, after its recompile
+        # limit the runs of one process would fall back to eager without a word.
+        torch._dynamo.reset()
+        graphs = counters["stats"]["unique_graphs"]
+        step = torch.compile(one_step)
+
+        def compiled(grads):  # Dynamo captured a graph and handed it to Inductor
+            return counters["stats"]["unique_graphs"] > graphs
+    else:  # JAX's compiled mode is already jit_compile=True (runner.SAME_AS)
+        raise ValueError(f"no jit mode of its own on {backend}")
+    checked = []
+
+    def first_checked(grads):
+        out = step(grads)
+        if not checked:
+            if not compiled(grads):
+                raise RuntimeError(f"jit mode ran uncompiled on {backend}")
+            checked.append(True)
+        return out
+
+    return first_checked
 
 
 def _tf_uses_xla(keras) -> bool:
