@@ -129,6 +129,7 @@ print(json.dumps(evidence))
 
 
 def probe(backend, mode, tmp_path, eager_compile=False):
+    tmp_path.mkdir(exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="0",
                TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
     proc = subprocess.run([sys.executable, "-c", PROBE, backend, mode,

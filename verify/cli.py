@@ -37,8 +37,9 @@ from verify.runner import SAME_AS, Selection
 BACKENDS = ("tensorflow", "jax", "torch")
 DTYPES = ("float32", "float64")
 MODES = ("eager", "compiled", "jit")
-# jit (model.compile(jit_compile=True)) only when asked for: torch.compile adds about
-# TORCH_COMPILE_COST to the run for every configuration (docs/how-it-works.md)
+# jit (model.compile(jit_compile=True)) only when asked for, also with --full: it compiles
+# every configuration and dtype anew, more than the whole default run costs on
+# TensorFlow alone and several times that on torch (docs/how-it-works.md)
 DEFAULT_MODES = ("eager", "compiled")
 FORMATS = ("md", "csv", "json", "html")
 # Error cells that are Keras's own answer, not the harness failing: Keras raised on the
