@@ -157,3 +157,22 @@ def test_jit_mode_really_compiles(backend, tmp_path):
 def test_a_jit_that_runs_eagerly_is_an_error(backend, tmp_path):
     evidence, _ = probe(backend, "jit", tmp_path, eager_compile=True)
     assert evidence == {"error": f"jit mode ran uncompiled on {backend}"}
+
+
+def test_jax_jit_shards_merge_and_check_without_its_cells(tmp_path, capsys):
+    """A selection with jit on JAX has no JAX jit cell: merge and check expect none."""
+    if "jax" not in cli.installed_backends():
+        pytest.skip("JAX not installed")
+    base = ["--backend", "jax", "--mode", "compiled,jit", "--optimizer", "nadam,adam",
+            "--dtype", "float64", "--scenario", "gaussian", "--steps", "10", "--size", "8",
+            "--family", "keras", "--quiet"]
+    for k in (1, 2):
+        assert cli.main(base + ["--shard", f"{k}/2", "--output", str(tmp_path / f"s{k}")]) == 0
+    merged, baseline = tmp_path / "merged", tmp_path / "baseline"
+    assert cli.main(["merge", str(tmp_path / "s1"), str(tmp_path / "s2"),
+                     "--output", str(merged)]) == 0
+    assert cli.main(["check", "--update-baseline", "--from", str(merged),
+                     "--baseline", str(baseline)]) == 0
+    assert cli.main(["check", "--from", str(merged), "--baseline", str(baseline)]) == 0
+    assert "no change: all 2 cells" in capsys.readouterr().out
+    assert set(pd.read_csv(baseline / "cells.csv")["mode"]) == {"compiled"}
