@@ -43,14 +43,24 @@ def jit_of(backend):
     return SAME_AS.get((backend, "jit"), ("jit",))[0]
 
 
+# Found: torch.compile recompiles Keras's update at every step of these (Dynamo's guards
+# fail anew each step) and gives up at its recompile limit, after which Keras's trainer
+# runs on eagerly; the harness states them as unsupported with that reason.
+RECOMPILED_ON_TORCH = {"adam_accumulation", "adam_ema", "lion_cosine_decay_warmup"}
+
+
 def test_keras_family_agrees_in_jit_mode_on_every_backend(jit_rows, backends):
     keras = jit_rows[jit_rows.family == "keras"]
     for backend in backends:
         mode = jit_of(backend)
         got = keras[(keras.backend == backend) & (keras["mode"] == mode)]
         assert set(got.optimizer) == set(CONFIGURATIONS), (backend, mode)
-        assert set(got.verdict) <= {"exact", "match"}, got[got.verdict.isin(
+        recompiled = got.optimizer.isin(RECOMPILED_ON_TORCH) & (backend == "torch")
+        assert set(got[~recompiled].verdict) <= {"exact", "match"}, got[got.verdict.isin(
             ["mismatch", "error"])][["optimizer", "dtype", "scenario", "reason"]]
+        assert got[recompiled].reason.str.startswith(
+            "unsupported: torch.compile recompiles Keras's update past Dynamo's recompile "
+            "limit").all()
 
 
 def test_one_real_change_is_a_jit_mismatch_on_every_backend(jit_rows, backends):

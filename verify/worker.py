@@ -100,7 +100,11 @@ class ClassMissing(ValueError):
     """The installed Keras has no such optimizer class (an older release)."""
 
 
-UNSUPPORTED = "unsupported: "  # how a run error that is a missing class begins
+class NotCompiled(RuntimeError):
+    """jit mode cannot keep the update compiled: the backend falls back to eager."""
+
+
+UNSUPPORTED = "unsupported: "  # how a run error that is a missing class or NotCompiled begins
 
 
 def iteration_variable(optimizer):
@@ -343,8 +347,10 @@ def _jit_step(backend, opt, variables):
                 opt.apply(grads, variables)
 
         # Dynamo caches graphs per code object: without a reset, after its recompile
-        # limit the runs of one process would fall back to eager without a word.
+        # limit the runs of one process would fall back to eager without a word; a run
+        # that reaches the limit on its own fails instead (an error, never a verdict).
         torch._dynamo.reset()
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
         graphs = counters["stats"]["unique_graphs"]
         step = torch.compile(one_step)
 
@@ -355,11 +361,18 @@ def _jit_step(backend, opt, variables):
     checked = []
 
     def first_checked(grads):
-        out = step(grads)
-        if not checked:
-            if not compiled(grads):
-                raise RuntimeError(f"jit mode ran uncompiled on {backend}")
-            checked.append(True)
+        try:
+            out = step(grads)
+        except Exception as exc:
+            if type(exc).__name__ != "FailOnRecompileLimitHit":
+                raise
+            raise NotCompiled(
+                f"torch.compile recompiles Keras's update past Dynamo's recompile limit at "
+                f"step {len(checked) + 1}: model.compile(jit_compile=True) runs it on "
+                "eagerly from there") from None
+        if not checked and not compiled(grads):
+            raise RuntimeError(f"jit mode ran uncompiled on {backend}")
+        checked.append(True)
         return out
 
     return first_checked
@@ -430,7 +443,7 @@ def main(job_path: str) -> int:
             for line in traceback.format_exc().splitlines():  # not taken for a fatal error
                 print(f"run {spec['id']}: {line}", file=sys.stderr)
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            if isinstance(exc, ClassMissing):
+            if isinstance(exc, (ClassMissing, NotCompiled)):
                 reason = f"{UNSUPPORTED}{exc}"
             elif raised_in_keras(exc, keras):
                 reason = f"Keras raises {reason}"
