@@ -28,8 +28,8 @@ import pandas as pd
 
 import reference
 from verify import scenarios as scenario_module
-from verify.cli import (DEFAULT_SIZE, DEFAULT_STEPS, DTYPES, FORMATS, FULL_SIZE, FULL_STEPS,
-                        MAX_GRADIENT_BYTES, MODES, UsageError, choices, check_run_size,
+from verify.cli import (DEFAULT_MODES, DEFAULT_SIZE, DEFAULT_STEPS, DTYPES, FORMATS, FULL_SIZE, FULL_STEPS,
+                        MAX_GRADIENT_BYTES, MODES, UsageError, check_has_runs, choices, check_run_size,
                         chosen_backends, parse_shard, report_order, settings_of, timing_of,
                         write_shard_file)
 from verify.configurations import (CONFIGURATIONS, ConfigError, Configuration, from_keras,
@@ -96,10 +96,11 @@ def configurations(optimizers) -> list:
     return chosen
 
 
-def _names(values, allowed, what) -> list:
-    """A name or names (each may be comma-separated), checked; none: all of `allowed`."""
+def _names(values, allowed, what, default=None) -> list:
+    """A name or names (each may be comma-separated), checked; none: `default`, else
+    all of `allowed`."""
     values = [values] if isinstance(values, str) else list(values or [])
-    return choices(values, allowed, what) or list(allowed)
+    return choices(values, allowed, what) or list(default or allowed)
 
 
 def selection(optimizers=None, *, backends=None, dtypes=None, families=None, scenarios=None,
@@ -145,8 +146,10 @@ def selection(optimizers=None, *, backends=None, dtypes=None, families=None, sce
                     dtypes=chosen_dtypes, families=_names(families, reference.FAMILIES, "family"),
                     configurations=configurations(list(CONFIGURATIONS) if optimizers is None
                                                   else optimizers),
-                    scenarios=names, modes=_names(modes, MODES, "mode"), steps=steps, size=size,
-                    seed=seed, gradients=arrays, weights=weights, shard=part)
+                    scenarios=names, modes=_names(modes, MODES, "mode", DEFAULT_MODES),
+                    steps=steps, size=size, seed=seed, gradients=arrays, weights=weights,
+                    shard=part)
+    check_has_runs(sel)
     if part is not None and part[1] > len(sel.runs(every=True)):
         raise UsageError(f"--shard {shard}: the selection has only {len(sel.runs(every=True))} "
                          "runs (configuration x backend x dtype x mode) to share out")
@@ -157,8 +160,9 @@ def run(optimizers, *, backends=None, dtypes=None, families=None, scenarios=None
         steps=DEFAULT_STEPS, size=DEFAULT_SIZE, seed=0, output=None,
         formats=FORMATS) -> Result:
     """Verify `optimizers` (see `configurations`) on the selection (None: every
-    installed backend, every dtype, family, scenario and mode); with `output`
-    the reports are written there too.  The per-step tables are kept in memory."""
+    installed backend, every dtype, family and scenario, the modes eager and
+    compiled); with `output` the reports are written there too.  The per-step
+    tables are kept in memory."""
     sel = selection(optimizers, backends=backends, dtypes=dtypes, families=families,
                     scenarios=scenarios, modes=modes, steps=steps, size=size, seed=seed)
     return execute(sel, output, _names(formats, FORMATS, "format"), keep_tables=True)

@@ -48,6 +48,7 @@ from verify.cli import (UsageError, add_shard_flag, build_parser, installed_back
 from verify.configurations import CONFIGURATIONS
 from verify.output import OutputRefused, add_files, check_folder, replacing_folder
 from verify.report import records
+from verify.runner import distinct
 
 FORMAT = 1
 DEFAULT_BASELINE = "reports/baseline"
@@ -231,8 +232,9 @@ def load_baseline(path) -> Baseline:
     if not isinstance(backends, dict) or not all(isinstance(v, dict) for v in backends.values()):
         raise _bad(path, "environment `backends` must map backends to objects")
     cells = _read_cells(path, cells_path)
-    expected = [dict(zip(CELL, combo)) for combo in
-                itertools.product(*(settings[LISTS[k]] for k in CELL))]
+    expected = [c for c in (dict(zip(CELL, combo)) for combo in
+                            itertools.product(*(settings[LISTS[k]] for k in CELL)))
+                if distinct(c["backend"], c["mode"])]
     have = {tuple(c[k] for k in CELL) for c in cells}
     missing = [c for c in expected if tuple(c[k] for k in CELL) not in have]
     if missing:

@@ -32,11 +32,15 @@ from verify.configurations import CONFIGURATIONS
 from verify.report import pivot
 from verify.output import OutputRefused, check_folder
 from verify.protocol import peak_memory_mb
-from verify.runner import Selection
+from verify.runner import SAME_AS, Selection
 
 BACKENDS = ("tensorflow", "jax", "torch")
 DTYPES = ("float32", "float64")
-MODES = ("eager", "compiled")
+MODES = ("eager", "compiled", "jit")
+# jit (model.compile(jit_compile=True)) only when asked for, also with --full: it compiles
+# every configuration and dtype anew, more than the whole default run costs on
+# TensorFlow alone and several times that on torch (docs/how-it-works.md)
+DEFAULT_MODES = ("eager", "compiled")
 FORMATS = ("md", "csv", "json", "html")
 # Error cells that are Keras's own answer, not the harness failing: Keras raised on the
 # configuration, or the installed release lacks the class. Reported, not exit 2.
@@ -144,7 +148,7 @@ def build_parser(shard=True) -> argparse.ArgumentParser:
                         "names are the ids); as --config")
     p.add_argument("--scenario", action="append", default=[],
                    help="gradient scenarios (default all; see `list`)")
-    p.add_argument("--mode", action="append", default=[], help="eager, compiled (default both)")
+    p.add_argument("--mode", action="append", default=[], help="eager, compiled, jit (default eager and compiled)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"optimizer steps (default {DEFAULT_STEPS}; --full: {FULL_STEPS})")
     p.add_argument("--size", type=int, default=None,
@@ -214,6 +218,14 @@ def selection_from_args(args, replace_output=True) -> tuple:
     output = claim_output(args.output, [("the gradient file", args.gradients)]
                           + list(getattr(args, "inputs", [])), replace=replace_output)
     return sel, output, formats
+
+
+def check_has_runs(sel: Selection) -> None:
+    """UsageError for a selection whose every run is another mode's (SAME_AS)."""
+    if not sel.runs(every=True):
+        same = "; ".join(f"{m} on {b} is {other}: {why}" for (b, m), (other, why)
+                         in SAME_AS.items() if b in sel.backends and m in sel.modes)
+        raise UsageError(f"the selection has no run of its own ({same})")
 
 
 def user_configurations(args) -> list:

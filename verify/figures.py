@@ -57,7 +57,7 @@ def png(fig, dpi=DPI) -> bytes:
 class Line:
     trace: object                    # verify.html_report.Trace
     color: int                       # index into PALETTE
-    dashed: bool = False
+    style: str = "-"                 # matplotlib linestyle
     reference_step: int | None = None  # marked by a vertical dotted line (the baseline's step)
 
 
@@ -92,7 +92,7 @@ def divergence_figure(title: str, panels: dict, legend: list, tolerance: float, 
     for (label, lines), (ax_s, ax_d) in zip(panels.items(), axes):
         for line in lines:
             t, color = line.trace, PALETTE[line.color % len(PALETTE)]
-            style, width = ("--", 0.9) if line.dashed else ("-", 1.3)
+            style, width = line.style, 1.3 if line.style == "-" else 0.9
             _draw(ax_s, t.scaled_step, t.scaled, SCALED_FLOOR, top_scaled, color, style, width)
             _draw(ax_d, t.drift_step, t.drift, DRIFT_FLOOR, top_drift, color, style, width)
             if t.first is not None:

@@ -198,20 +198,23 @@ def _scenario_legend(settings, scenarios) -> list:
     return [(s, order.index(s), "-") for s in order if s in scenarios]
 
 
+MODE_STYLES = {"eager": ("-", ""), "compiled": ("--", " (dashed)"), "jit": ("-.", " (dash-dot)")}
+
+
 def _mode_legend(settings, modes) -> list:
-    return [(f"{m}{' (dashed)' if m == 'compiled' else ''}", None,
-             "--" if m == "compiled" else "-") for m in settings["modes"] if m in modes]
+    return [(m + MODE_STYLES[m][1], None, MODE_STYLES[m][0]) for m in settings["modes"]
+            if m in modes]
 
 
 def _finding(figs, family, optimizer, cells, settings) -> tuple:
     """cells: [(key, Trace)], all of one family x configuration -> (title, panels,
     legend, alt): one row per backend x dtype, a line per mode x scenario
-    (colour: scenario; dashed: compiled)."""
+    (colour: scenario; line style: mode)."""
     panels = {}
     for key, t in cells:
         _, _, backend, dtype, mode, scenario = key
         panels.setdefault(f"{backend}\n{dtype}", []).append(figs.Line(
-            t, settings["scenarios"].index(scenario), mode == "compiled"))
+            t, settings["scenarios"].index(scenario), MODE_STYLES[mode][0]))
     states = ", ".join(dict.fromkeys(t.state for _, t in cells))
     legend = _scenario_legend(settings, {k[5] for k, _ in cells})
     legend += _mode_legend(settings, {k[4] for k, _ in cells})
@@ -422,7 +425,7 @@ def _check_figure(figs, family, optimizer, changes, describe, folder, settings) 
         drawn.append(cell_id(key))
         before = c.before["first_divergent_step"] if _mismatch(c.before) else None
         panels.setdefault(f"{backend}\n{dtype}", []).append(figs.Line(
-            t, settings["scenarios"].index(scenario), mode == "compiled", before))
+            t, settings["scenarios"].index(scenario), MODE_STYLES[mode][0], before))
     out = []
     if panels:
         scenarios = {k.split("-")[-1] for k in drawn}
@@ -516,7 +519,7 @@ def _matrix_figure(figs, family, optimizer, changes, describe, runs, settings) -
                 continue
             drawn.append(f"{cell_id(key)}@{version}")
             panels.setdefault(f"{backend} {dtype}\n{mode}, {a} -> {b}", []).append(figs.Line(
-                t, settings["scenarios"].index(scenario), dashed))
+                t, settings["scenarios"].index(scenario), "--" if dashed else "-"))
     out = []
     if panels:
         scenarios = {k.split("@")[0].split("-")[-1] for k in drawn}

@@ -22,6 +22,7 @@ from pathlib import Path
 from verify.cli import UsageError, Parser, claim_output, conclude, report_order
 from verify.output import replacing_folder
 from verify.report import ROW_FIELDS, Sink, steps_path
+from verify.runner import distinct
 
 CELL = ("family", "optimizer", "backend", "dtype", "mode", "scenario")
 LISTS = ("families", "optimizers", "backends", "dtypes", "modes", "scenarios")
@@ -105,7 +106,8 @@ def check_shards(shards) -> None:
     missing = [f"{k}/{n}" for k in range(1, n + 1) if k not in seen]
     if missing:
         raise UsageError(f"shard(s) {', '.join(missing)} missing")
-    expected = set(itertools.product(*(common[k] for k in LISTS)))
+    expected = {c for c in itertools.product(*(common[k] for k in LISTS))
+                if distinct(c[CELL.index("backend")], c[CELL.index("mode")])}
     owner = {}
     for s in shards:
         for r in s["rows"]:

@@ -29,6 +29,18 @@ from verify.protocol import read_message
 
 CHUNK = 50
 
+# A mode that is the very computation of another on a backend runs once: on JAX,
+# model.compile's default jit_compile="auto" resolves to True (keras/src/trainers/
+# trainer.py, _resolve_auto_jit_compile), so the compiled mode is what jit_compile=True
+# runs, jax.jit of the train step.
+SAME_AS = {("jax", "jit"): ("compiled", "on JAX the compiled mode is jit_compile=True "
+                                        "(Keras's jit_compile='auto' resolves to True)")}
+
+
+def distinct(backend, mode) -> bool:
+    """Is this mode a computation of its own on this backend (SAME_AS)?"""
+    return (backend, mode) not in SAME_AS
+
 
 @dataclass
 class Selection:
@@ -70,7 +82,7 @@ class Selection:
         the shards share out every backend and dtype evenly and each run is in
         exactly one shard."""
         runs = [(c, b, d, m) for b in self.backends for d in self.dtypes
-                for c in self.configurations for m in self.modes]
+                for c in self.configurations for m in self.modes if distinct(b, m)]
         if every or self.shard is None:
             return runs
         k, n = self.shard

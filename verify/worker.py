@@ -25,7 +25,7 @@ import numpy as np
 
 from verify.protocol import peak_memory_mb, write_message
 
-MODES = ("eager", "compiled")
+MODES = ("eager", "compiled", "jit")
 
 
 def _probe_float64(keras) -> bool:
@@ -120,7 +120,11 @@ class ClassMissing(ValueError):
     """The installed Keras has no such optimizer class (an older release)."""
 
 
-UNSUPPORTED = "unsupported: "  # how a run error that is a missing class begins
+class NotCompiled(RuntimeError):
+    """jit mode cannot keep the update compiled: the backend falls back to eager."""
+
+
+UNSUPPORTED = "unsupported: "  # how a run error that is a missing class or NotCompiled begins
 
 
 def iteration_variable(optimizer):
@@ -292,6 +296,8 @@ class Run:
             return ([to_numpy(v.value) for _, _, v in self.state_vars],
                     int(to_numpy(iteration_variable(opt).value)))
 
+        if mode == "jit":
+            return _jit_step(backend, opt, variables), read_variables
         if mode == "eager" or backend == "torch":
             # torch has no compiled training step: model.fit runs it eagerly.
             return (lambda grads: opt.apply(grads, variables)), read_variables
@@ -414,6 +420,59 @@ def gradient_digest():
     return hashlib.blake2b(digest_size=8)
 
 
+def _jit_step(backend, opt, variables):
+    """The update as model.compile(jit_compile=True) runs it: the train step in
+    tf.function(jit_compile=True) (XLA) on TensorFlow, torch.compile with the update
+    under torch.no_grad() on torch (keras/src/backend/{tensorflow,torch}/trainer.py).
+    Its first call checks that the backend really compiled it: RuntimeError if not."""
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        step = tf.function(lambda grads: opt.apply(grads, variables), jit_compile=True,
+                           reduce_retracing=True)
+
+        def compiled(grads):  # the attribute by which TensorFlow's runtime hands it to XLA
+            return step.get_concrete_function(grads).function_def.attr["_XlaMustCompile"].b
+    elif backend == "torch":
+        import torch
+        from torch._dynamo.utils import counters
+
+        def one_step(grads):
+            with torch.no_grad():
+                opt.apply(grads, variables)
+
+        # Dynamo caches graphs per code object: without a reset, after its recompile
+        # limit the runs of one process would fall back to eager without a word; a run
+        # that reaches the limit on its own fails instead (an error, never a verdict).
+        torch._dynamo.reset()
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
+        graphs = counters["stats"]["unique_graphs"]
+        step = torch.compile(one_step)
+
+        def compiled(grads):  # Dynamo captured a graph and handed it to Inductor
+            return counters["stats"]["unique_graphs"] > graphs
+    else:  # JAX's compiled mode is already jit_compile=True (runner.SAME_AS)
+        raise ValueError(f"no jit mode of its own on {backend}")
+    checked = []
+
+    def first_checked(grads):
+        try:
+            out = step(grads)
+        except Exception as exc:
+            if type(exc).__name__ != "FailOnRecompileLimitHit":
+                raise
+            raise NotCompiled(
+                f"torch.compile recompiles Keras's update past Dynamo's recompile limit at "
+                f"step {len(checked) + 1}: model.compile(jit_compile=True) runs it on "
+                "eagerly from there") from None
+        if not checked and not compiled(grads):
+            raise RuntimeError(f"jit mode ran uncompiled on {backend}")
+        checked.append(True)
+        return out
+
+    return first_checked
+
+
 def _tf_uses_xla(keras) -> bool:
     import tensorflow as tf
     return any(d.device_type != "CPU" for d in tf.config.list_physical_devices())
@@ -479,7 +538,7 @@ def main(job_path: str) -> int:
             for line in traceback.format_exc().splitlines():  # not taken for a fatal error
                 print(f"run {spec['id']}: {line}", file=sys.stderr)
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            if isinstance(exc, ClassMissing):
+            if isinstance(exc, (ClassMissing, NotCompiled)):
                 reason = f"{UNSUPPORTED}{exc}"
             elif raised_in_keras(exc, keras):
                 reason = f"Keras raises {reason}"
