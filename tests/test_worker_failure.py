@@ -48,3 +48,28 @@ def test_the_wrapper_passes_a_whole_stream_through(tmp_path, backends):
 if os.name == "nt":  # a /bin/sh wrapper
     del test_a_broken_worker_stream_makes_its_unfinished_runs_errors
     del test_the_wrapper_passes_a_whole_stream_through
+
+
+def test_a_stream_the_harness_cannot_read_ends_in_errors_not_a_hang(tmp_path, backends,
+                                                                     monkeypatch):
+    """The reader fails while the worker is alive and still writing (the worker
+    blocks on a full pipe): the worker is stopped, its unfinished runs are errors
+    with the reader's exception, and the run ends."""
+    from verify import runner
+    calls = {"n": 0}
+    real = runner.read_message
+
+    def failing(stream):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise ValueError("a header that is not JSON")
+        return real(stream)
+
+    monkeypatch.setattr(runner, "read_message", failing)
+    sel = make_selection(backends[:1], ["keras"], configurations=["sgd", "adam", "nadam"],
+                         dtypes=["float32"], modes=["eager"], names=["gaussian"],
+                         steps=2000, size=256)
+    df = run_selection(sel, tmp_path / "out")
+    errors = df[df.verdict == "error"]
+    assert len(errors) > 0 and errors.reason.str.contains(
+        "stream could not be read: ValueError: a header that is not JSON").all(), errors.reason

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import subprocess
 import sys
 import tempfile
 import threading
@@ -28,6 +29,7 @@ from verify import compare, configurations, scenarios, workers
 from verify.protocol import read_message
 
 CHUNK = 50
+EXIT_SECONDS = 60  # a worker's exit after its stream ends
 
 # A mode that is the very computation of another on a backend runs once: on JAX,
 # model.compile's default jit_compile="auto" resolves to True (keras/src/trainers/
@@ -222,7 +224,7 @@ class Runner:
                         break
                     q.put((w, msg))
             except Exception as exc:  # a torn stream is reported as the worker's failure
-                q.put((w, ({"type": "torn", "reason": str(exc)}, {})))
+                q.put((w, ({"type": "torn", "reason": f"{type(exc).__name__}: {exc}"}, {})))
             q.put((w, None))
 
         def each_family(run_id, method, *args):
@@ -249,7 +251,12 @@ class Runner:
                 diff.raise_failure()
                 if msg is None:
                     open_workers -= 1
-                    w["proc"].wait()
+                    if "torn" in w:  # nobody reads its stream: it would block writing
+                        workers.stop(w["proc"])
+                    try:
+                        w["proc"].wait(timeout=EXIT_SECONDS)
+                    except subprocess.TimeoutExpired:
+                        workers.stop(w["proc"])
                     w["log"].close()
                     reason = workers.death_reason(w["proc"].returncode, w["log_path"])
                     for run_id in w["runs"]:
@@ -259,6 +266,14 @@ class Runner:
                     continue
                 header, arrays = msg
                 kind = header["type"]
+                if kind == "torn":
+                    w["torn"] = header["reason"]
+                    for run_id in w["runs"]:
+                        if run_id not in done:
+                            failed(run_id, f"{w['backend']} worker's stream could not be "
+                                           f"read: {header['reason']}")
+                            done.add(run_id)
+                    continue
                 run_id = header.get("id")
                 if run_id in done and kind in ("chunk", "run_end", "run_error"):
                     continue  # a run already failed (its rows are written)
@@ -302,7 +317,7 @@ class Runner:
                     else:
                         each_family(run_id, self._finish, active)
                     done.add(run_id)
-                elif kind in ("run_error", "torn") and run_id is not None:
+                elif kind == "run_error":
                     failed(run_id, header["reason"])
                     done.add(run_id)
         except BaseException:
