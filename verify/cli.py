@@ -249,6 +249,19 @@ def check_run_size(steps: int, size: int, scenario_count: int, seed: int) -> Non
         raise UsageError(f"--seed must be a non-negative integer (got {seed})")
 
 
+def claim_report_file(value):
+    """--output of a subcommand that writes one report file: the path, checked
+    (UsageError if the harness may not write it), or None when not given."""
+    from verify.output import check_file
+
+    if not value:
+        return None
+    try:
+        return check_file(Path(value))
+    except OutputRefused as exc:
+        raise UsageError(str(exc)) from None
+
+
 def claim_output(output, inputs, replace=True) -> Path:
     """--output, checked before any work: UsageError unless the harness may write it."""
     try:

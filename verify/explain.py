@@ -9,7 +9,6 @@ the piece(s) separating the paper's rule from them.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from tabulate import tabulate
 
@@ -78,8 +77,9 @@ def run_variants(configurations, backend, names, steps, size, seed):
 
 def main(argv) -> int:
     from verify import cli
-    from verify.cli import UsageError, check_run_size, installed_backends, one_line
-    from verify.output import OutputRefused, check_file, replace_file
+    from verify.cli import (UsageError, check_run_size, claim_report_file, installed_backends,
+                            one_line)
+    from verify.output import replace_file
 
     args = build_parser().parse_args(argv)
     ids = (cli.choices(args.optimizer, list(CONFIGURATIONS), "optimizer")
@@ -93,12 +93,7 @@ def main(argv) -> int:
         raise UsageError(f"backend not installed: {backend}")
     names = cli.choices(args.scenario, scenarios.SCENARIOS, "scenario") or list(scenarios.SCENARIOS)
     check_run_size(args.steps, args.size, len(names), args.seed)
-    output = Path(args.output) if args.output else None
-    if output is not None:
-        try:
-            check_file(output)
-        except OutputRefused as exc:
-            raise UsageError(str(exc)) from None
+    output = claim_report_file(args.output)
 
     configurations = [CONFIGURATIONS[i] for i in ids]
     variants, df = run_variants(configurations, backend, names, args.steps, args.size,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import sys
-from pathlib import Path
 
 from tabulate import tabulate
 
@@ -153,8 +152,8 @@ def _subjects(args, library):
 
 
 def main(argv) -> int:
-    from verify.cli import UsageError, choices, check_run_size, one_line
-    from verify.output import OutputRefused, check_file, replace_file
+    from verify.cli import UsageError, choices, check_run_size, claim_report_file, one_line
+    from verify.output import replace_file
 
     args = build_parser().parse_args(argv)
     names = choices(args.scenario, scenarios.SCENARIOS, "scenario") or list(scenarios.SCENARIOS)
@@ -162,12 +161,7 @@ def main(argv) -> int:
     library = args.to or args.source
     if importlib.util.find_spec(peer_run.MODULES[library]) is None:
         raise UsageError(f"not installed: {library} (pip install -e '.[peers]')")
-    output = None
-    if args.output:
-        try:
-            output = check_file(Path(args.output))
-        except OutputRefused as exc:
-            raise UsageError(str(exc)) from None
+    output = claim_report_file(args.output)
     try:
         subjects = _subjects(args, library)
     except peers.PeerError as exc:

@@ -210,8 +210,8 @@ def build_parser():
 
 
 def main(argv) -> int:
-    from verify.cli import UsageError, choices, check_run_size, one_line
-    from verify.output import OutputRefused, check_file, replace_file
+    from verify.cli import UsageError, choices, check_run_size, claim_report_file, one_line
+    from verify.output import replace_file
 
     args = build_parser().parse_args(argv)
     try:
@@ -232,12 +232,7 @@ def main(argv) -> int:
     dtypes = choices(args.dtype, list(DTYPES), "dtype") or list(DTYPES)
     names = choices(args.scenario, scenarios.SCENARIOS, "scenario") or list(scenarios.SCENARIOS)
     check_run_size(args.steps, args.size, len(names), args.seed)
-    output = Path(args.output) if args.output else None
-    if output is not None:
-        try:
-            check_file(output)
-        except OutputRefused as exc:
-            raise UsageError(str(exc)) from None
+    output = claim_report_file(args.output)
     variants, df, environment = run_peers(configurations, dtypes, names, args.steps,
                                           args.size, args.seed)
     results = analyse(configurations, variants, df, dtypes)
