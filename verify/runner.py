@@ -31,12 +31,15 @@ from verify.protocol import read_message
 CHUNK = 50
 EXIT_SECONDS = 60  # a worker's exit after its stream ends
 
-# A mode that is the very computation of another on a backend runs once: on JAX,
-# model.compile's default jit_compile="auto" resolves to True (keras/src/trainers/
-# trainer.py, _resolve_auto_jit_compile), so the compiled mode is what jit_compile=True
-# runs, jax.jit of the train step.
+# A mode that is the very computation of another on a backend runs once.  Keras's
+# model.compile default jit_compile="auto" (keras/src/trainers/trainer.py,
+# _resolve_auto_jit_compile, the same in every Keras 3 release) resolves to True on
+# JAX, so there the compiled mode is jit_compile=True's computation, jax.jit of the
+# train step; on torch it resolves to False, and the trainer runs the eager step.
 SAME_AS = {("jax", "jit"): ("compiled", "on JAX the compiled mode is jit_compile=True "
-                                        "(Keras's jit_compile='auto' resolves to True)")}
+                                        "(Keras's jit_compile='auto' resolves to True)"),
+           ("torch", "compiled"): ("eager", "on torch the compiled mode is the eager step "
+                                            "(Keras's jit_compile='auto' resolves to False)")}
 
 
 def distinct(backend, mode) -> bool:

@@ -298,8 +298,7 @@ class Run:
 
         if mode == "jit":
             return _jit_step(backend, opt, variables), read_variables
-        if mode == "eager" or backend == "torch":
-            # torch has no compiled training step: model.fit runs it eagerly.
+        if mode == "eager":
             return (lambda grads: opt.apply(grads, variables)), read_variables
         if backend == "tensorflow":
             import tensorflow as tf
