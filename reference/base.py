@@ -54,6 +54,7 @@ from typing import Callable
 
 import numpy as np
 
+from reference import schedules
 from reference.arithmetic import (Arithmetic, Tracked, maximum, sqrt, square, where,
                                   sum_over)
 
@@ -185,14 +186,18 @@ def clip(ar: Arithmetic, hp: dict, grads: list) -> list:
 
 # --- 4. weight decay --------------------------------------------------------
 def decoupled_weight_decay(ar: Arithmetic, w: Tracked, weight_decay: float,
-                           lr: Tracked) -> Tracked:
+                           lr: Tracked, python_lr: float | None = None) -> Tracked:
     """w = w - w * wd * lr (`BaseOptimizer._apply_weight_decay`).
 
     With the `decay_factor_float32` precision setting the factor (1 - wd*lr)
-    is formed in float32 and then multiplies the weights (torch backend).
+    is formed in float32 and then multiplies the weights (torch backend); from
+    a plain callable's Python-float learning rate `python_lr` it is a Python
+    float, which the product rounds to the weights' dtype.
     """
     if np.ndim(lr.v):  # a schedule's value per step [k]
         lr = lr.reshape(np.shape(per_row(lr.v, w)))
+    if ar.precision.decay_factor_float32 and python_lr is not None:
+        return w * ar.exact(np.asarray(1 - weight_decay * python_lr, ar.dtype))
     if ar.precision.decay_factor_float32:
         # torch: 1 - wd * lr on a float32 scalar tensor, every step rounded to
         # float32 and known exactly, so it carries no error bound of its own.
@@ -226,9 +231,11 @@ def weight_decay(ar: Arithmetic, hp: dict, c: dict, variables: list, grads: list
     """
     if hp["weight_decay"] is None or c.get("decay_form", "base_optimizer") != "base_optimizer":
         return variables, grads
-    scale = lr if c.get("decay_scale", "lr") == "lr" else ar.const(1.0)
-    return [decoupled_weight_decay(ar, w, hp["weight_decay"], scale) if decays(hp, path)
-            else w for w, path in zip(variables, paths)], grads
+    by_lr = c.get("decay_scale", "lr") == "lr"
+    scale = lr if by_lr else ar.const(1.0)
+    python_lr = schedules.python_float(hp["learning_rate"]) if by_lr else None
+    return [decoupled_weight_decay(ar, w, hp["weight_decay"], scale, python_lr)
+            if decays(hp, path) else w for w, path in zip(variables, paths)], grads
 
 
 # --- 2. accumulate ----------------------------------------------------------

@@ -86,8 +86,10 @@ class Optimizer:
         def unstated(hp):
             if schedules.is_schedule(hp["learning_rate"]):
                 if not point.keras_base:
-                    return (f"{family} states a constant learning rate, not Keras's "
-                            f"{hp['learning_rate'].get('class_name')} schedule")
+                    return (f"{family} states a constant learning rate, not "
+                            + ("a callable" if schedules.is_callable(hp["learning_rate"])
+                               else f"Keras's {hp['learning_rate'].get('class_name')} "
+                                    "schedule"))
                 if reason := schedules.unsupported(hp["learning_rate"]):
                     return reason
             if point.textbook_base and (reason := base.textbook_unstated(hp)):
@@ -102,7 +104,8 @@ class Optimizer:
     def _step(self, point: Point):
         def step(ar, hp, state, grads, t, paths):
             c = point.resolve(hp)
-            lr = schedules.learning_rate(ar, hp["learning_rate"], t)
+            lr = schedules.learning_rate(ar, hp["learning_rate"], t,
+                                         hp.get("gradient_accumulation_steps"))
 
             def own(state, grads, t):
                 return self._apply(ar, hp, c, state, grads, t, lr, paths)

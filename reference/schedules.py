@@ -44,11 +44,26 @@ DEFAULTS = {
 
 
 def is_schedule(value) -> bool:
+    """A learning rate that is not a constant: a schedule or a plain callable."""
     return isinstance(value, dict)
+
+
+def is_callable(value) -> bool:
+    """A plain callable learning rate, {"callable": x} (verify/configurations.py)."""
+    return isinstance(value, dict) and "callable" in value
+
+
+def python_float(value) -> float | None:
+    """The Python float a plain callable learning rate returns, else None."""
+    if is_callable(value) and not is_schedule(value["callable"]):
+        return float(value["callable"])
+    return None
 
 
 def unsupported(value) -> str | None:
     """Why a serialized schedule is not one this module models, or None."""
+    if is_callable(value):
+        return unsupported(value["callable"])
     if not is_schedule(value):
         return None
     name = value.get("class_name")
@@ -63,9 +78,23 @@ def unsupported(value) -> str | None:
     return None
 
 
-def learning_rate(ar: Arithmetic, value, t: Tracked) -> Tracked:
+def learning_rate(ar: Arithmetic, value, t: Tracked, accumulation=None) -> Tracked:
     """The learning rate the optimizer uses at stored iteration t ([k]): a
-    constant from Keras's float32 variable, or the schedule's value at t."""
+    constant from Keras's float32 variable, or the schedule's value at t.
+
+    A plain callable is called with no argument (`_get_current_learning_rate`):
+    a number it returns is a Python float that each update passes through
+    ops.cast to the weights' dtype, never a float32 variable; a schedule it
+    calls with `optimizer.iterations` sees the property, _iterations // n under
+    gradient accumulation over n calls.
+    """
+    if is_callable(value):
+        inner = value["callable"]
+        if not is_schedule(inner):
+            return ar.cast(inner)
+        if accumulation:
+            t = ar.step_count(np.floor_divide(np.asarray(t.v, np.float64), accumulation))
+        return learning_rate(ar, inner, t)
     if not is_schedule(value):
         return ar.learning_rate(value)
     s = Arithmetic(dtype(ar), ar.precision, track=ar.track, tie_width=ar.tie_width)

@@ -147,8 +147,9 @@ def build_optimizer(keras, class_name, config):
                            f"(Keras {keras.__version__})")
     config = dict(config)
     exclude = config.pop("exclude_from_weight_decay", None)
-    if isinstance(config.get("learning_rate"), dict):  # a serialized schedule
-        config["learning_rate"] = keras.optimizers.schedules.deserialize(config["learning_rate"])
+    built = []  # the optimizer, for a callable that reads its iterations
+    if isinstance(config.get("learning_rate"), dict):
+        config["learning_rate"] = _learning_rate(keras, config["learning_rate"], built)
     if isinstance(config.get("inner_optimizer"), dict):  # LossScaleOptimizer's, serialized
         config["inner_optimizer"] = build_optimizer(
             keras, config["inner_optimizer"]["class_name"],
@@ -156,9 +157,23 @@ def build_optimizer(keras, class_name, config):
     if "optimizer_map" in config:
         config["optimizer_map"] = _optimizer_map(keras, config["optimizer_map"])
     optimizer = cls(**config)
+    built.append(optimizer)
     if exclude is not None:
         optimizer.exclude_from_weight_decay(**exclude)
     return optimizer
+
+
+def _learning_rate(keras, value, built):
+    """A serialized schedule, deserialized; a plain callable as users write one:
+    {"callable": x} is `lambda: x`, or for a serialized schedule x
+    `lambda: x(optimizer.iterations)`."""
+    if "callable" not in value:
+        return keras.optimizers.schedules.deserialize(value)
+    inner = value["callable"]
+    if not isinstance(inner, dict):
+        return lambda: inner
+    schedule = keras.optimizers.schedules.deserialize(inner)
+    return lambda: schedule(built[0].iterations)
 
 
 def _optimizer_map(keras, serialized):
