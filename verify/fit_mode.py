@@ -39,7 +39,7 @@ import time
 import numpy as np
 
 from verify.protocol import write_message
-from verify.worker import Run, iteration_variable
+from verify.worker import Run, _json_safe, gradient_digest, iteration_variable
 
 MODE = "fit"
 # Prime to gradient_accumulation_steps (4) and ema_overwrite_frequency (10) of the
@@ -79,6 +79,7 @@ def _linear_model(keras, variables, places, dtype):
         def __init__(self):
             super().__init__(dtype=dtype)
             self.weights_held = list(variables)  # tracked: the model's trainable weights
+            self.slices = places
 
         def call(self, x):
             total = None
@@ -91,9 +92,7 @@ def _linear_model(keras, variables, places, dtype):
                          training=True):
             return y_pred
 
-    model = LinearLoss()
-    model.slices = places
-    return model
+    return LinearLoss()
 
 
 class FitRun(Run):
@@ -182,6 +181,8 @@ class FitRun(Run):
         if [id(v) for v in model.trainable_variables] != [id(v) for v in self.variables]:
             raise RuntimeError("fit model: its trainable variables are not the run's")
         model.compile(optimizer=self.optimizer, steps_per_execution=steps_per_execution(backend))
+        # fit's frames in Keras stay in a traceback, for worker.raised_in_keras
+        keras.config.disable_traceback_filtering()
         data = self._data(steps)
         model.fit(((data[t:t + 1],) for t in range(steps)), steps_per_epoch=steps, epochs=1,
                   verbose=0)
@@ -248,7 +249,6 @@ class FitRun(Run):
             "round_trip": self.round_trip,
         }, {**{n: v[None] for n, v in zip(names, start_values)},
             "iterations": np.array([start_iteration])})
-        from verify.worker import gradient_digest
         t = time.process_time()
         for t0 in range(0, len(states), chunk):
             part = states[t0:t0 + chunk]
@@ -271,16 +271,10 @@ class FitRun(Run):
 
 
 def _differing(g, w) -> str:
-    """Where two gradient arrays of one shape first differ."""
-    if g.shape != w.shape:
-        return "shapes differ"
-    flat_g, flat_w = g.reshape(-1), w.astype(g.dtype).reshape(-1)
-    for k in range(flat_g.size):
-        if flat_g[k:k + 1].tobytes() != flat_w[k:k + 1].tobytes():
-            return f"element {k}: {flat_g[k]!r} vs {flat_w[k]!r}"
-    return "same values, other dtype"
+    """Where two gradient arrays first differ in their bytes."""
+    if g.shape != w.shape or g.dtype != w.dtype:
+        return "shape or dtype differs"
+    bits = np.dtype(f"u{g.dtype.itemsize}")
+    k = int(np.flatnonzero(g.reshape(-1).view(bits) != w.reshape(-1).view(bits))[0])
+    return f"element {k}: {g.reshape(-1)[k]!r} vs {w.reshape(-1)[k]!r}"
 
-
-def _json_safe(value):
-    from verify.worker import _json_safe as safe
-    return safe(value)
