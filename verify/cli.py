@@ -36,10 +36,11 @@ from verify.runner import SAME_AS, Selection
 
 BACKENDS = ("tensorflow", "jax", "torch")
 DTYPES = ("float32", "float64")
-MODES = ("eager", "compiled", "jit")
+MODES = ("eager", "compiled", "jit", "fit")
 # jit (model.compile(jit_compile=True)) only when asked for, also with --full: it compiles
 # every configuration and dtype anew, more than the whole default run costs on
 # TensorFlow alone and several times that on torch (docs/how-it-works.md)
+# fit (a real model.fit, verify/fit_mode.py) likewise: docs/how-it-works.md has its cost
 DEFAULT_MODES = ("eager", "compiled")
 FORMATS = ("md", "csv", "json", "html")
 # Error cells that are Keras's own answer, not the harness failing: Keras raised on the
@@ -148,7 +149,7 @@ def build_parser(shard=True) -> argparse.ArgumentParser:
                         "names are the ids); as --config")
     p.add_argument("--scenario", action="append", default=[],
                    help="gradient scenarios (default all; see `list`)")
-    p.add_argument("--mode", action="append", default=[], help="eager, compiled, jit (default eager and compiled)")
+    p.add_argument("--mode", action="append", default=[], help="eager, compiled, jit, fit (default eager and compiled)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"optimizer steps (default {DEFAULT_STEPS}; --full: {FULL_STEPS})")
     p.add_argument("--size", type=int, default=None,

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 import reference
-from verify import compare, configurations, scenarios, workers
+from verify import compare, configurations, fit_mode, scenarios, workers
 from verify.protocol import read_message
 
 CHUNK = 50
@@ -362,9 +362,12 @@ class Runner:
     def _start(self, run_id, family, states, iteration, layout, active):
         run = self.runs[run_id]
         keras_states = [n for n in states if n != "variable"]
+        gradients = self.all_gradients[run.scenarios]
+        if run.mode == fit_mode.MODE:  # apply receives them times the trainer's loss scale
+            gradients = fit_mode.intended(gradients, run.configuration.config, run.dtype)
         c, reason = compare.build(family, reference.get_rule, run.configuration, run.dtype,
                                   reference.PRECISIONS[run.backend], self.segments[run.scenarios],
-                                  self.all_gradients[run.scenarios], keras_states)
+                                  gradients, keras_states)
         if c is not None:
             c.on_table = self.sink.step_files(family, run, run.scenarios,
                                               self.spill / f"{run_id}-{family}")

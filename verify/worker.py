@@ -25,7 +25,7 @@ import numpy as np
 
 from verify.protocol import peak_memory_mb, write_message
 
-MODES = ("eager", "compiled", "jit")
+MODES = ("eager", "compiled", "jit", "fit")
 
 
 def _probe_float64(keras) -> bool:
@@ -536,7 +536,11 @@ def main(job_path: str) -> int:
                 raise RuntimeError(f"{job['backend']} computes float64 in float32 in this "
                                    "process (JAX without x64)")
             started = time.process_time()
-            run = Run(keras, spec, job, gradients, initial)
+            if spec["mode"] == "fit":  # a real model.fit (verify/fit_mode.py)
+                from verify.fit_mode import FitRun as run_class
+            else:
+                run_class = Run
+            run = run_class(keras, spec, job, gradients, initial)
             build += time.process_time() - started
             key = (spec["class_name"], json.dumps(spec["config"], sort_keys=True), spec["dtype"],
                    json.dumps(spec["weights"]))
