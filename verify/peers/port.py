@@ -38,6 +38,50 @@ def _neutral(key, value) -> bool:
         key == "ema_momentum") or value == base.DEFAULTS.get(key, object())
 
 
+def _normal(value):
+    """A serialized schedule with every argument (Keras's defaults for the absent)."""
+    if not reference.schedules.is_schedule(value):
+        return value
+    defaults = reference.schedules.DEFAULTS[value["class_name"]]
+    return {"class_name": value["class_name"],
+            "config": {k: v for k, v in {**defaults, **value.get("config", {})}.items()
+                       if k != "name"}}
+
+
+def wrapper_options(library, hp) -> tuple:
+    """([[wrapper call, ...] per stage], Keras arguments they cover, {wrapper: why not})
+    for the base-optimizer arguments and the schedule of a Keras configuration."""
+    stages, covered, blocked = {}, set(), {}
+    schedule = _normal(hp["learning_rate"])
+    for (lib, name), w in sorted(peers.WRAPPERS.items()):
+        if lib != library:
+            continue
+        if w["stage"] == "schedule":
+            if not isinstance(schedule, dict) or schedule["class_name"] != w["schedule"]:
+                continue
+            config = schedule["config"]
+            stated = {**dict.fromkeys(w["keras"].values()), **w.get("implies", {}),
+                      "initial_learning_rate": None}
+            apart = [f"{k}={v!r}" for k, v in config.items()
+                     if k in w.get("implies", {}) and w["implies"][k] != v or (
+                         k not in stated
+                         and v != reference.schedules.DEFAULTS[w["schedule"]][k])]
+            if apart:
+                blocked[name] = f"cannot express {', '.join(apart)}"
+                continue
+            args = {a: config[t] for a, t in w["keras"].items()}
+            covered.add("learning_rate")
+        else:
+            if any(hp.get(k) != v for k, v in w.get("implies", {}).items()):
+                continue
+            if not w.get("implies") and all(_neutral(t, hp.get(t)) for t in w["keras"].values()):
+                continue
+            args = {a: hp[t] for a, t in w["keras"].items() if hp.get(t) is not None}
+            covered |= set(w["keras"].values()) | set(w.get("implies", {}))
+        stages.setdefault(w["stage"], []).append(peers._call(name, args))
+    return list(stages.values()), covered, blocked
+
+
 def candidates(library, class_name, config) -> tuple:
     """([PeerConfiguration], {peer class: why it cannot port}) for a Keras configuration."""
     hp = reference.get_rule("keras", class_name).hyperparameters(config)
@@ -49,11 +93,18 @@ def candidates(library, class_name, config) -> tuple:
             blocked[peer_class] = "only for " + ", ".join(f"{k}={v!r}" for k, v
                                                           in entry["implies"].items())
             continue
-        arguments, covered = {}, set(entry.get("implies", {}))
+        options, wrapped, why = wrapper_options(library, hp)
+        schedule = hp["learning_rate"]
+        if reference.schedules.is_schedule(schedule) and "learning_rate" not in wrapped:
+            blocked[peer_class] = (f"no {library} schedule reproduces {schedule['class_name']}"
+                                   + "".join(f" ({w}: {r})" for w, r in why.items()))
+            continue
+        arguments, covered = {}, set(entry.get("implies", {})) | wrapped
         for name, target in entry["arguments"].items():
             targets = target if isinstance(target, list) else [target]
             covered |= set(targets)
-            values = [hp[t] for t in targets]
+            values = [peers.initial_learning_rate(hp["learning_rate"]) if t == "learning_rate"
+                      else hp[t] for t in targets]
             keras_default = [reference.get_rule("keras", class_name).defaults.get(t)
                              for t in targets]
             if values == [None] and name in entry.get("defaults", {}):
@@ -62,25 +113,23 @@ def candidates(library, class_name, config) -> tuple:
                     "defaults", {}) and name not in entry.get("required", [])):
                 continue  # left out: the peer's own absent default means Keras's
             arguments[name] = values if isinstance(target, list) else values[0]
-        if reference.schedules.is_schedule(hp["learning_rate"]):
-            blocked[peer_class] = "a learning-rate schedule (not ported yet)"
-            continue
         loose = [f"{k}={v!r}" for k, v in hp.items() if k not in covered and not _neutral(k, v)]
         if loose:
-            blocked[peer_class] = f"no counterpart of {', '.join(loose)}"
+            blocked[peer_class] = f"no counterpart of {', '.join(loose)}" + "".join(
+                f" ({w}: {reason})" for w, reason in why.items())
             continue
         grid = entry.get("search", {})
-        for values in itertools.product(*grid.values()):
+        for values, wrappers in itertools.product(itertools.product(*grid.values()),
+                                                  itertools.product(*options)):
             chosen = {**arguments, **dict(zip(grid, values))}
-            text = f"{library}:{peer_class}(" + ", ".join(
-                f"{k}={v!r}" for k, v in chosen.items()) + ")"
+            text = f"{library}:" + " + ".join([peers._call(peer_class, chosen), *wrappers])
             candidate = peers.parse(text)
             theirs = reference.get_rule("keras", class_name).hyperparameters(candidate.config)
-            apart = [f"{k}={hp[k]!r}" for k in hp if theirs.get(k) != hp[k]
+            apart = [f"{k}={hp[k]!r}" for k in hp if _normal(theirs.get(k)) != _normal(hp[k])
                      and not (_neutral(k, theirs.get(k)) and _neutral(k, hp[k]))]
             if apart:  # the candidate would be compared with another Keras configuration
-                blocked[peer_class] = f"cannot express {', '.join(apart)}"
-                break
+                blocked[candidate.describe()] = f"cannot express {', '.join(apart)}"
+                continue
             found.append(candidate)
     return found, blocked
 
