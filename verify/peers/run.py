@@ -141,6 +141,13 @@ def default_differences(c) -> str:
     return "; ".join(diff) or "same"
 
 
+def why(c, explanations) -> str:
+    """The explanations of the peer class and of each of its wrappers."""
+    keys = [c.peer_class, *(name for name, _ in c.wrappers)]
+    return " ".join(explanations[f"{c.library}.{k}"] for k in keys
+                    if f"{c.library}.{k}" in explanations)
+
+
 def report(results, explanations, settings, environment) -> str:
     by_class = {}
     for r in results:
@@ -176,8 +183,7 @@ def report(results, explanations, settings, environment) -> str:
                      f"step {int(first['first_divergent_step'])}, {first['divergent_state']}")
             drift = " / ".join(f"{cells[d]['drift']:.2g}" for d in cells)
             table.append([c.id, c.describe(), verdicts, pieces, where, drift,
-                          default_differences(c),
-                          explanations.get(f"{c.library}.{c.peer_class}", "")])
+                          default_differences(c), why(c, explanations)])
             summary.append([class_name, c.library, c.id, verdicts, pieces])
         lines += [f"## {class_name}", "",
                   f"Keras's point: {name_of(space.keras)}.", "",
