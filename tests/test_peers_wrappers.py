@@ -13,10 +13,13 @@ schedule, optax.ema averaging the updates, incremental_update's first average)."
 import dataclasses
 import importlib.util
 import inspect
+import re
+from pathlib import Path
 
 import pytest
 
-from verify import cli, peers
+from verify import cli, peers, scenarios
+from verify.configurations import CONFIGURATIONS
 from verify.peers import port
 from verify.peers import run as peer_run
 
@@ -234,3 +237,42 @@ def test_port_with_a_wrapper_proved(capsys):
     out = capsys.readouterr().out
     assert code == 0 and ("port: torch:SGD(lr=0.01, momentum=0.0, nesterov=False)"
                           " + clip_grad_value_(clip_value=0.5) (match)") in out
+
+
+REPORTS = Path(__file__).resolve().parent.parent / "reports" / "peers"
+
+
+def stale(text: str, ids) -> list:
+    """What a committed peers/port report lacks of the current selection: a scenario
+    not in its settings, an id not in its tables."""
+    settings = re.search(r"scenarios ([a-z, ]+), seed", text)
+    named = settings.group(1).split(", ") if settings else []
+    return ([f"scenario {s}" for s in scenarios.SCENARIOS if s not in named]
+            + [i for i in ids if f"| {i} " not in text])
+
+
+def test_committed_reports_are_current():
+    assert stale((REPORTS / "peers.md").read_text(), peers.load()) == []
+    for library in peers.LIBRARIES:
+        text = (REPORTS / f"port-to-{library}.md").read_text()
+        assert stale(text, [f"Keras {i}:" for i in CONFIGURATIONS]) == [], library
+
+
+def test_a_stale_report_is_told():
+    text = (REPORTS / "peers.md").read_text()
+    assert stale(text.replace(", nonfinite", ""), []) == ["scenario nonfinite"]
+    assert stale(text.replace("| torch_sgd_steplr ", "| "), peers.load()) == [
+        "torch_sgd_steplr"]
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+def test_nonfinite_judged_apart():
+    """torch's EMA lerp makes NaN of inf - inf where Keras keeps the infinity: Keras's
+    math on finite gradients, a mismatch with NaN and inf, told apart; a run of the
+    nonfinite scenario alone is judged on it."""
+    c = peers.load()["torch_sgd_momentum_ema"]
+    r = _run([c], "float64", ["gaussian", "nonfinite"], 12)[c.id]
+    assert r["keras"] in ("exact", "match") and r["nonfinite"] == "mismatch"
+    assert peer_run.nonfinite_text(r) == "mismatch (step 10, variable)"
+    alone = _run([c], "float64", ["nonfinite"], 12)[c.id]
+    assert alone["keras"] == "mismatch" and alone["nonfinite"] is None

@@ -145,12 +145,13 @@ def parted_by(r) -> str:
 
 def answer(results, blocked) -> list:
     """Rows: each candidate's verdict; the port first, else the closest."""
-    rows = [[r["configuration"].describe(), r["keras"],
+    rows = [[r["configuration"].describe(), r["keras"], peer_run.nonfinite_text(r),
              "" if r["keras"] in ("exact", "match") else parted_by(r),
              f"{r['final_drift']:.2g}"]
             for r in sorted(results, key=lambda r: (r["keras"] not in ("exact", "match"),
                                                     r["final_drift"]))]
-    rows += [[f"{name}: not a candidate", "blocked", why, ""] for name, why in blocked.items()]
+    rows += [[f"{name}: not a candidate", "blocked", "", why, ""]
+             for name, why in blocked.items()]
     return rows
 
 
@@ -230,13 +231,16 @@ def main(argv) -> int:
             p = found[0]
             keras = "Keras " + _call(p.class_name, p.config)
             r = results[0]
-            verdict = (f"{keras}: {r['keras']}" if ported else
+            odd = f" (with NaN and inf: {peer_run.nonfinite_text(r)})" if r["nonfinite"] else ""
+            verdict = (f"{keras}: {r['keras']}{odd}" if ported else
                        f"{keras} does not reproduce it: {parted_by(r)}, "
                        f"{r['final_drift']:.2g} apart after {args.steps} steps")
             summary.append([subject, verdict])
             continue
         closest = min(results, key=lambda r: r["final_drift"], default=None)
-        verdict = (f"port: {ported[0]['configuration'].describe()} ({ported[0]['keras']})"
+        verdict = (f"port: {ported[0]['configuration'].describe()} ({ported[0]['keras']}"
+                   + (f"; with NaN and inf: {peer_run.nonfinite_text(ported[0])})"
+                      if ported[0]["nonfinite"] else ")")
                    if ported else f"no {library} port" + (
                        f": {parted_by(closest)}; closest "
                        f"{closest['configuration'].describe()}, "
@@ -248,7 +252,8 @@ def main(argv) -> int:
         summary.append([subject, verdict])
         lines += [f"## {subject}", "", verdict, "",
                   tabulate(answer(results, blocked),
-                           headers=[f"{library} candidate", "Keras's math", "parts by",
+                           headers=[f"{library} candidate", "Keras's math", "with NaN and inf",
+                                    "parts by",
                                     f"weights apart after {args.steps} steps"],
                            tablefmt="github", disable_numparse=True), ""]
     direction = f"to {library}" if args.to else f"from {library}"
@@ -262,8 +267,10 @@ def main(argv) -> int:
         text = "\n".join([f"# Ports {direction}", "",
                           f"float64, {args.steps} steps, {args.size} elements, scenarios "
                           f"{', '.join(names)}, seed {args.seed}: a port is a {library} "
-                          "configuration the `keras` family finds exact or match "
-                          "(`verify-optimizers port`, docs/peers.md).", "",
+                          "configuration the `keras` family finds exact or match over the "
+                          "scenarios of finite gradients; its verdict with NaN and inf "
+                          "(nonfinite) is given beside it (`verify-optimizers port`, "
+                          "docs/peers.md).", "",
                           tabulate(summary, headers=["configuration", f"port {direction}"],
                                    tablefmt="github", disable_numparse=True), ""] + lines)
         replace_file(output, text)
