@@ -49,7 +49,7 @@ class Peer:
         self.places = _places(spec)
         self.wrappers = self.peer.get("wrappers", {})
         self.steps = 0    # calls, as Keras's _iterations
-        self.updates = 0  # optimizer steps taken (fewer under accumulation)
+        self.updates = 0  # optimizer steps taken (torch: fewer under accumulation)
         self.start([initial[o:o + n].reshape(shape).astype(self.dtype)
                     for shape, _, o, n in self.places])
 
