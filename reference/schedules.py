@@ -26,19 +26,21 @@ import numpy as np
 from reference.arithmetic import (Arithmetic, Tracked, ceil, cos, floor, log, minimum,
                                   quotient, to_float32, where)
 
-# each schedule's arguments at Keras's defaults (None: required)
+REQUIRED = object()  # an argument Keras's schedule has no default for
+
+# each schedule's arguments at Keras's defaults
 DEFAULTS = {
-    "ExponentialDecay": {"initial_learning_rate": None, "decay_steps": None,
-                         "decay_rate": None, "staircase": False, "name": None},
-    "PiecewiseConstantDecay": {"boundaries": None, "values": None, "name": None},
-    "PolynomialDecay": {"initial_learning_rate": None, "decay_steps": None,
+    "ExponentialDecay": {"initial_learning_rate": REQUIRED, "decay_steps": REQUIRED,
+                         "decay_rate": REQUIRED, "staircase": False, "name": None},
+    "PiecewiseConstantDecay": {"boundaries": REQUIRED, "values": REQUIRED, "name": None},
+    "PolynomialDecay": {"initial_learning_rate": REQUIRED, "decay_steps": REQUIRED,
                         "end_learning_rate": 0.0001, "power": 1.0, "cycle": False,
                         "name": None},
-    "InverseTimeDecay": {"initial_learning_rate": None, "decay_steps": None,
-                         "decay_rate": None, "staircase": False, "name": None},
-    "CosineDecay": {"initial_learning_rate": None, "decay_steps": None, "alpha": 0.0,
+    "InverseTimeDecay": {"initial_learning_rate": REQUIRED, "decay_steps": REQUIRED,
+                         "decay_rate": REQUIRED, "staircase": False, "name": None},
+    "CosineDecay": {"initial_learning_rate": REQUIRED, "decay_steps": REQUIRED, "alpha": 0.0,
                     "warmup_target": None, "warmup_steps": 0, "name": None},
-    "CosineDecayRestarts": {"initial_learning_rate": None, "first_decay_steps": None,
+    "CosineDecayRestarts": {"initial_learning_rate": REQUIRED, "first_decay_steps": REQUIRED,
                             "t_mul": 2.0, "m_mul": 1.0, "alpha": 0.0, "name": None},
 }
 
@@ -71,7 +73,7 @@ def unsupported(value) -> str | None:
         return f"no model of the learning-rate schedule {name!r}"
     config = value.get("config", {})
     unknown = sorted(set(config) - set(DEFAULTS[name]))
-    missing = sorted(k for k, v in DEFAULTS[name].items() if v is None and k != "name"
+    missing = sorted(k for k, v in DEFAULTS[name].items() if v is REQUIRED
                      and k not in config)
     if unknown or missing:
         return f"{name} {'has no argument' if unknown else 'needs'} {(unknown or missing)[0]!r}"
