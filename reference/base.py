@@ -367,10 +367,11 @@ def textbook_unstated(hp: dict) -> str | None:
     """Why the textbook family does not state a base configuration, or None."""
     hp = {**DEFAULTS, **hp}
     if hp["gradient_accumulation_steps"]:
-        return "no paper the textbook family follows states gradient accumulation"
+        return ("gradient_accumulation_steps: no paper the textbook family follows states "
+                "gradient accumulation")
     if hp.get("exclude_from_weight_decay"):
-        return ("Hanson and Pratt, and Loshchilov and Hutter, decay every weight: excluding "
-                "weights by name is Keras's API, not a paper's")
+        return ("exclude_from_weight_decay: Hanson and Pratt, and Loshchilov and Hutter, decay "
+                "every weight; excluding weights by name is Keras's API, not a paper's")
     if hp["use_ema"] and hp["ema_overwrite_frequency"]:
         return ("Polyak and Juditsky 1992 never write the average back into the iterates: "
                 "ema_overwrite_frequency has no textbook form")
