@@ -25,7 +25,7 @@ import numpy as np
 
 from verify.protocol import peak_memory_mb, write_message
 
-MODES = ("eager", "compiled", "jit")
+MODES = ("eager", "compiled", "jit", "resume")
 
 
 def _probe_float64(keras) -> bool:
@@ -250,9 +250,8 @@ class Run:
                 self.places.append((f"{scenario}_{name}", tuple(shape), scenario, offset, size))
                 offset += size
         self.variables = self.make_variables()
-        self.optimizer = build_optimizer(keras, spec["class_name"], spec["config"])
+        self.optimizer = self.make_optimizer()
         self.round_trip = None  # what Keras's serialization does to it (set by main)
-        self.optimizer.build(self.variables)
         self.layout = _state_layout(self.optimizer, self.variables)
         self.state_vars = ([(i, "variable", v) for i, v in enumerate(self.variables)]
                            + self.layout)
@@ -273,6 +272,11 @@ class Run:
         # would reach Keras as a Python float, of dtype floatx)
         with np.errstate(over="ignore", invalid="ignore"):
             return [np.asarray(a * scale) for a in arrays]
+
+    def make_optimizer(self):
+        optimizer = build_optimizer(self.keras, self.spec["class_name"], self.spec["config"])
+        optimizer.build(self.variables)
+        return optimizer
 
     def make_variables(self):
         return [self.keras.Variable(self.initial[o:o + n].reshape(shape).astype(self.dtype),
@@ -522,7 +526,11 @@ def main(job_path: str) -> int:
                 raise RuntimeError(f"{job['backend']} computes float64 in float32 in this "
                                    "process (JAX without x64)")
             started = time.process_time()
-            run = Run(keras, spec, job, gradients, initial)
+            if spec["mode"] == "resume":
+                from verify.resume_mode import ResumeRun as run_class
+            else:
+                run_class = Run
+            run = run_class(keras, spec, job, gradients, initial)
             build += time.process_time() - started
             key = (spec["class_name"], json.dumps(spec["config"], sort_keys=True), spec["dtype"],
                    json.dumps(spec["weights"]))
