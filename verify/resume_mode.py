@@ -3,19 +3,19 @@ fresh process.
 
 The run's variables are the weights of a minimal Keras model (Holder), compiled with
 the optimizer; every step is `optimizer.apply` as in eager mode, so the save and the
-load are the only difference.  The worker runs all steps uninterrupted and, after
-step K1 = steps // 3, writes `model.save(".keras")`.  A fresh process (same backend
-and environment) loads it with `keras.models.load_model` and goes on; after step
-K2 = 2 * steps // 3 it writes `model.save_weights(".weights.h5")`, and another fresh
-process builds the model anew, compiles it with the optimizer built from the
-configuration, builds the optimizer (Keras skips the optimizer's variables, with a
-warning, when it is not built) and calls `load_weights`.  The states the comparison
-receives are the worker's up to K1, the first resumed process's up to K2, the second's
-after: a lost slot, a reset iteration count or a changed EMA parts from the reference
-at K1 + 1 or K2 + 1.  Each resumed process is also compared bit for bit with the one
-it was resumed from, which ran on uninterrupted: the first state, dtype or iteration
-count that differs, and any warning Keras gave while loading, is a finding in the
-row's `serialization` column.  Files go to a temporary folder inside the worker's
+load are the only difference.  The worker runs all steps uninterrupted; after step
+K1 = steps // 3 it writes `model.save(".keras")`, after K2 = 2 * steps // 3
+`model.save_weights(".weights.h5")`.  A fresh process (same backend and environment)
+loads the first with `keras.models.load_model` and goes on to the end; another builds
+the model anew, compiles it with the optimizer built from the configuration, builds
+the optimizer (Keras skips the optimizer's variables, with a warning, when it is not
+built), calls `load_weights` and goes on.  The states the comparison receives are the
+worker's up to K1, the first resumed process's up to K2, the second's after: a lost
+slot, a reset iteration count or a lost EMA parts from the reference at K1 + 1 or
+K2 + 1.  Each resumed process is also compared bit for bit with the worker's run,
+which went on uninterrupted: the first state or iteration count that differs, a
+changed dtype, a missing state and any warning Keras gave while loading are a
+finding in the row's `serialization` column.  Files go to a temporary folder inside the worker's
 own (the runner's, removed after the run).
 """
 
@@ -105,15 +105,16 @@ class ResumeRun(Run):
     def names(self):
         return [f"{'g' if i is None else i}/{name}" for i, name, _ in self.state_vars]
 
-    def trajectory(self, start, steps, save=None):
+    def trajectory(self, start, steps, saves=()):
         """States after steps start..steps (the first: as they are now), iterations,
-        each state's dtype in Keras, and each step's gradient digest.  `save`:
-        (step, write()) to call after that step."""
+        each state's dtype in Keras, and each step's gradient digest.  `saves`:
+        [(step, write())], each write called after its step."""
         values, iteration = self.read()
         rows, iterations, digests = [values], [iteration], []
         for t in range(start, steps):
-            if save is not None and t == save[0]:
-                save[1]()
+            for step, write in saves:
+                if step == t:
+                    write()
             arrays = self._gradient_arrays(t)
             applied = gradient_digest()
             for a in arrays:
@@ -132,10 +133,10 @@ class ResumeRun(Run):
         with tempfile.TemporaryDirectory(prefix="verify-resume-") as tmp:
             tmp = Path(tmp)
             keras_file, weights_file = tmp / "model.keras", tmp / "model.weights.h5"
-            mine = self.trajectory(0, steps, (k1, lambda: self.model.save(keras_file)))
-            first = self._resumed(tmp, "first", ("keras", keras_file, k1),
-                                  (k2, str(weights_file)), steps)
-            second = (self._resumed(tmp, "second", ("weights", weights_file, k2), None, steps)
+            mine = self.trajectory(0, steps, [(k1, lambda: self.model.save(keras_file)),
+                                              (k2, lambda: self.model.save_weights(weights_file))])
+            first = self._resumed(tmp, "first", ("keras", keras_file, k1), steps)
+            second = (self._resumed(tmp, "second", ("weights", weights_file, k2), steps)
                       if not isinstance(first, str) else first)
         failed = next((r for r in (first, second) if isinstance(r, str)), None)
         if failed is None and (first[3] != mine[3][k1:] or second[3] != mine[3][k2:]):
@@ -144,19 +145,19 @@ class ResumeRun(Run):
             return write_message(out, {"type": "run_error", "id": self.spec["id"],
                                        "reason": failed})
         findings = [self.finding("keras", k1, mine, first, k1),
-                    self.finding("weights", k2, first, second, k2 - k1)]
+                    self.finding("weights", k2, mine, second, k2)]
         states, iterations = self.assemble(mine, first, second, k1, k2)
         self.round_trip = "; ".join(f for f in [self.round_trip, *findings] if f) or None
         self.send(out, states, iterations, steps, chunk)
 
-    def _resumed(self, tmp, label, load, save, steps):
+    def _resumed(self, tmp, label, load, steps):
         """A fresh process loading `load` = (path kind, file, step) and running on to
         the end: its trajectory and Keras's warnings while loading, or the reason it
         failed (a run error)."""
         how, path, step = load
         job = {**{k: self.job[k] for k in ("backend", "inputs")},
                "python_path": self.job.get("python_path", []), "spec": self.spec,
-               "steps": steps, "load": [how, str(path), step], "save": save,
+               "steps": steps, "load": [how, str(path), step],
                "out": str(tmp / f"{label}.npz"), "error": str(tmp / f"{label}.json")}
         job_path = tmp / f"{label}-job.json"
         job_path.write_text(json.dumps(job))
@@ -201,7 +202,8 @@ class ResumeRun(Run):
             j = min(j for j, _ in found)
             names = [n if n == "iterations" else self._label(n) for jj, n in found if jj == j]
             when = {0: " (on loading)", 1: " (the first step after loading)"}.get(j, "")
-            notes.append(f"{', '.join(names)} differ from the uninterrupted run from step "
+            notes.append(f"{', '.join(names)} {'differ' if len(names) > 1 else 'differs'} "
+                         f"from the uninterrupted run from step "
                          f"{step + j}{when}")
         if not notes:
             return None
@@ -211,7 +213,9 @@ class ResumeRun(Run):
     def assemble(mine, first, second, k1, k2):
         """The states the comparison receives: this process's up to K1, the first
         resumed process's up to K2, the second's after (a state a resumed process
-        lacks is NaN there: it parts from the reference at once)."""
+        lacks is NaN there: it parts from the reference at once).  Both resumed from
+        this process's saves: where the first has already parted from it, the second
+        starts from another state than the first's at K2 (after that first mismatch)."""
         parts = [(mine, 0, k1 + 1), (first, 1, k2 - k1 + 1), (second, 1, None)]
         states = {}
         for name, values in mine[0].items():
@@ -286,11 +290,7 @@ def resume(job_path: str) -> int:
                 run.model.load_weights(path)
         said = [str(w.message).splitlines()[0] for w in caught
                 if os.path.abspath(w.filename).startswith(keras_dir)]
-        save = None
-        if job["save"] is not None:
-            save_step, save_path = job["save"]
-            save = (save_step, lambda: run.model.save_weights(save_path))
-        states, iterations, dtypes, digests = run.trajectory(step, job["steps"], save)
+        states, iterations, dtypes, digests = run.trajectory(step, job["steps"])
         names = list(states)
         np.savez(job["out"], names=json.dumps(names), iterations=iterations,
                  dtypes=json.dumps(dtypes), digests=json.dumps(digests),
