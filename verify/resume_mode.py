@@ -298,10 +298,11 @@ def resume(job_path: str) -> int:
     except Exception as exc:
         traceback.print_exc()
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        if raised_in_keras(exc, keras):
-            reason = f"Keras raises {reason}"
-        Path(job["error"]).write_text(json.dumps(
-            {"reason": f"resuming from {PATHS[how]} at step {step}: {reason}"}))
+        where = f"resuming from {PATHS[how]} at step {step}"
+        # Keras's own refusal begins with "Keras raises", as in the other modes
+        reason = (f"Keras raises {reason} ({where})" if raised_in_keras(exc, keras)
+                  else f"{where}: {reason}")
+        Path(job["error"]).write_text(json.dumps({"reason": reason}))
     return 0
 
 
