@@ -56,6 +56,8 @@ def _holder_class(keras):
         def __init__(self, names, shapes, held=None, **kwargs):
             super().__init__(**kwargs)
             self.names, self.shapes = list(names), [list(s) for s in shapes]
+            # as load_model builds it from its config: variables of the right kind, whose
+            # values the saved weights replace
             self.held = held if held is not None else [
                 keras.Variable(np.zeros(s), dtype=self.dtype_policy.variable_dtype, name=n)
                 for n, s in zip(names, shapes)]
@@ -84,13 +86,13 @@ class ResumeRun(Run):
         else:
             self.model = loaded
 
-    def new_model(self, held=None):
+    def new_model(self, held):
         return _holder_class(self.keras)([p[0] for p in self.places],
                                           [p[1] for p in self.places], held=held,
                                           dtype=self.dtype, name="holder")
 
     def make_variables(self):
-        if getattr(self, "loaded", None) is not None:
+        if self.loaded is not None:
             return list(self.loaded.trainable_variables)
         return super().make_variables()
 
