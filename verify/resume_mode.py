@@ -91,10 +91,10 @@ class ResumeRun(Run):
                                           [p[1] for p in self.places], held=held,
                                           dtype=self.dtype, name="holder")
 
-    def make_variables(self):
+    def make_variables(self, scenario=None):
         if self.loaded is not None:
             return list(self.loaded.trainable_variables)
-        return super().make_variables()
+        return super().make_variables(scenario)
 
     def make_optimizer(self):
         if self.loaded is not None:
