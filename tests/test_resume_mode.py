@@ -102,3 +102,18 @@ def test_a_save_that_loses_state_is_caught_after_loading(tmp_path, edit, state, 
     assert f"{finding}" in resumed.serialization.split(";")[0]
     assert f"from step {K1} (on loading)" in resumed.serialization
     assert f"at step {K2}: " in resumed.serialization  # the weights path loses it too
+
+
+def test_the_keras_file_loses_the_exclusion_from_weight_decay(tmp_path):
+    """Found (Keras 3.15.1, every backend): exclude_from_weight_decay is a method call
+    that get_config does not record, so the optimizer load_model rebuilds decays the
+    excluded weight from the first step after loading; the weights path, whose
+    optimizer the user builds, keeps it."""
+    rows = resumed_rows([fast_backend()], tmp_path, configurations=["adamw_exclude"],
+                        modes=["resume"], dtypes=["float32"])
+    resumed = rows.iloc[0]
+    assert resumed.verdict == "mismatch" and resumed.first_divergent_step == K1 + 1
+    assert (f"resumed from model.save(.keras) and keras.models.load_model at step {K1}: "
+            f"variable of gaussian_vector differs from the uninterrupted run from step "
+            f"{K1 + 1} (the first step after loading)") in resumed.serialization
+    assert "load_weights" not in resumed.serialization
