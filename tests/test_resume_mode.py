@@ -117,3 +117,26 @@ def test_the_keras_file_loses_the_exclusion_from_weight_decay(tmp_path):
             f"variable of gaussian_vector differs from the uninterrupted run from step "
             f"{K1 + 1} (the first step after loading)") in resumed.serialization
     assert "load_weights" not in resumed.serialization
+
+
+def test_a_finding_names_the_step_the_state_a_dtype_and_a_warning():
+    run = ResumeRun.__new__(ResumeRun)  # finding reads only the places' paths
+    run.places = [("gaussian_vector", (2,), "gaussian", 0, 2)]
+    rows = np.arange(8.0).reshape(4, 2)
+    before = ({"0/variable": rows, "0/momentum": rows + 10, "g/average": rows[:, :1]},
+              np.arange(4), {"0/variable": "float64", "0/momentum": "float64",
+                             "g/average": "float32"}, [])
+    same = ({n: v[1:] for n, v in before[0].items()}, before[1][1:], before[2], [], [])
+    assert run.finding("keras", 1, before, same, 1) is None
+    zeroed = {**same[0], "0/momentum": np.zeros((3, 2))}
+    text = run.finding("keras", 1, before, (zeroed, same[1], {**same[2], "0/momentum":
+                                                              "float32"}, [], ["w"]), 1)
+    assert text == ("resumed from model.save(.keras) and keras.models.load_model at step 1: "
+                    "Keras warns 'w'; momentum of gaussian_vector is float32 after loading, "
+                    "float64 before; momentum of gaussian_vector differs from the "
+                    "uninterrupted run from step 1 (on loading)")
+    reset = ({n: v for n, v in same[0].items() if n != "g/average"}, same[1] - 1, same[2],
+             [], [])
+    text = run.finding("weights", 1, before, reset, 1)
+    assert "the loaded optimizer has no average" in text
+    assert "iterations differs from the uninterrupted run from step 1 (on loading)" in text
