@@ -199,7 +199,7 @@ def _scenario_legend(settings, scenarios) -> list:
 
 
 MODE_STYLES = {"eager": ("-", ""), "compiled": ("--", " (dashed)"), "jit": ("-.", " (dash-dot)"),
-               "fit": (":", " (dotted)")}
+               "fit": (":", " (dotted)"), "resume": ((0, (3, 1, 1, 1, 1, 1)), " (dash-dot-dot)")}
 
 
 def _mode_legend(settings, modes) -> list:

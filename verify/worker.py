@@ -25,7 +25,7 @@ import numpy as np
 
 from verify.protocol import peak_memory_mb, write_message
 
-MODES = ("eager", "compiled", "jit", "fit")
+MODES = ("eager", "compiled", "jit", "fit", "resume")
 
 
 def _probe_float64(keras) -> bool:
@@ -267,9 +267,8 @@ class Run:
                 self.places.append((f"{scenario}_{name}", tuple(shape), scenario, offset, size))
                 offset += size
         self.variables = self.make_variables()
-        self.optimizer = build_optimizer(keras, spec["class_name"], spec["config"])
+        self.optimizer = self.make_optimizer()
         self.round_trip = None  # what Keras's serialization does to it (set by main)
-        self.optimizer.build(self.variables)
         self.layout = _state_layout(self.optimizer, self.variables)
         self.state_vars = ([(i, "variable", v) for i, v in enumerate(self.variables)]
                            + self.layout)
@@ -290,6 +289,11 @@ class Run:
         # would reach Keras as a Python float, of dtype floatx)
         with np.errstate(over="ignore", invalid="ignore"):
             return [np.asarray(a * scale) for a in arrays]
+
+    def make_optimizer(self):
+        optimizer = build_optimizer(self.keras, self.spec["class_name"], self.spec["config"])
+        optimizer.build(self.variables)
+        return optimizer
 
     def make_variables(self, scenario=None):
         """The run's variables, or those of one of its scenarios."""
@@ -542,6 +546,8 @@ def main(job_path: str) -> int:
             started = time.process_time()
             if spec["mode"] == "fit":  # a real model.fit (verify/fit_mode.py)
                 from verify.fit_mode import FitRun as run_class
+            elif spec["mode"] == "resume":  # saved and resumed (verify/resume_mode.py)
+                from verify.resume_mode import ResumeRun as run_class
             else:
                 run_class = Run
             run = run_class(keras, spec, job, gradients, initial)
