@@ -1,7 +1,7 @@
 """Floating-point arithmetic that carries a running error bound.
 
 Every value computed by a reference rule is a `Tracked`: the value rounded in
-the working dtype (float32 or float64), exactly as numpy computes it, and a
+the working dtype (float32, float64, float16 or bfloat16), exactly as numpy computes it, and a
 first-order bound on its absolute distance from the exact real-number result
 of the same formula (a running error analysis, Higham, "Accuracy and Stability
 of Numerical Algorithms", 2nd ed. 2002, section 3.3).  For each operation
@@ -43,6 +43,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+
+def numpy_dtype(name) -> np.dtype:
+    """A dtype by name; bfloat16, which numpy lacks, is ml_dtypes's (what JAX,
+    TensorFlow's numpy conversion and Keras's convert_to_numpy give)."""
+    if str(name) == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def finfo(dtype):
+    """np.finfo, for bfloat16 too (ml_dtypes.finfo)."""
+    dtype = numpy_dtype(dtype)
+    if dtype.name == "bfloat16":
+        import ml_dtypes
+        return ml_dtypes.finfo(dtype)
+    return np.finfo(dtype)
 
 
 @dataclass(frozen=True)
@@ -154,10 +172,10 @@ class Arithmetic:
 
     def __init__(self, dtype, precision: Precision, *, track: bool = True,
                  tie_width: float = 32.0):
-        self.dtype = np.dtype(dtype)
+        self.dtype = numpy_dtype(dtype)
         self.precision = precision
         self.track = track
-        info = np.finfo(self.dtype)
+        info = finfo(self.dtype)
         self.u = float(info.eps) / 2
         # absolute error of an underflowing result (Higham 2002, eq. 2.8)
         self.smallest_normal = float(info.smallest_normal)
@@ -576,7 +594,7 @@ def matmul(a: Tracked, b: Tracked) -> Tracked:
     With subnormals flushed, each of the n products and n - 1 additions may
     also lose up to the smallest normal number.
     """
-    z = np.matmul(a.v, b.v)
+    z = np.matmul(a.v, b.v).astype(a.ar.dtype, copy=False)  # bfloat16's is float32
     if not a.ar.track:
         return Tracked(z, None, a.ar)
     n = np.shape(a.v)[-1]

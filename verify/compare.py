@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from reference import Arithmetic, Unsupported
+from reference.arithmetic import numpy_dtype
+from verify import dtypes
 
 TOLERANCE = 16.0
 # a rule that overflows or divides by zero gives the IEEE result (inf, NaN), which is
@@ -217,7 +219,8 @@ class RunComparison:
         self.only_reference = [n for n in self.ref_states
                                if n != "variable" and n not in self.keras_states]
         self.unmatched = {}  # state -> how Keras's layout of it differs from the reference's
-        self.dtype = np.dtype(dtype)
+        self.run_dtype = dtype  # a dtype or a mixed policy (verify/dtypes.py)
+        self.dtype = numpy_dtype(dtypes.variables(dtype))
         self.segments = segments  # the variables, grouped by scenario
         # each state's arrays laid end to end in the variables' order (None: optimizer-wide)
         self.state_segments = {"variable": segments}
@@ -235,8 +238,8 @@ class RunComparison:
             self.layouts = self.state_segments
             self.paths = segments.names
         self.gradients = gradients  # [steps, N] float64, the variables laid end to end
-        self.ar = Arithmetic(dtype, precision, tie_width=2 * TOLERANCE)
-        self.free_ar = Arithmetic(dtype, precision, track=False)
+        self.ar = Arithmetic(self.dtype, precision, tie_width=2 * TOLERANCE)
+        self.free_ar = Arithmetic(self.dtype, precision, track=False)
         S = segments.group_count
         self.exact = np.ones(S, bool)
         self.divergence: list = [None] * S
@@ -277,7 +280,7 @@ class RunComparison:
                 continue
             c = (self.ar.cast if spec.initial_via_cast else self.ar.const)(spec.initial)
             shape = (1, 1) if seg is None else (1, seg.total)
-            ref[name] = np.broadcast_to(c.v, shape).astype(spec.dtype or self.dtype)
+            ref[name] = np.broadcast_to(c.v, shape).astype(numpy_dtype(spec.dtype or self.dtype))
             bounds[name] = np.broadcast_to(c.e, shape)
         for name, parts in (layout or {}).items():
             if name in self.state_segments and name != "variable":
@@ -299,7 +302,7 @@ class RunComparison:
     def feed(self, start: int, states: dict, iterations: np.ndarray) -> None:
         """States after steps start .. start+k-1 (1-based), [k, N] or [k, 1]."""
         k = len(iterations)
-        g = self.gradients[start - 1:start - 1 + k].astype(self.dtype)
+        g = dtypes.gradients(self.gradients[start - 1:start - 1 + k], self.run_dtype)
         t_before = np.concatenate([[self.prev_iteration], iterations[:-1]])
         drift = self._free_run(states, g, t_before)
         ref, bounds = self._lockstep(states, g, t_before)

@@ -23,6 +23,8 @@ import traceback
 
 import numpy as np
 
+from reference.arithmetic import numpy_dtype
+from verify import dtypes
 from verify.protocol import peak_memory_mb, write_message
 
 MODES = ("eager", "compiled", "jit")
@@ -237,7 +239,9 @@ class Run:
     def __init__(self, keras, spec, job, gradients, initial):
         self.keras = keras
         self.spec = spec
-        self.dtype = spec["dtype"]
+        # the weights' dtype; spec["dtype"] may be a mixed policy (verify/dtypes.py)
+        self.dtype = dtypes.variables(spec["dtype"])
+        self.np_dtype = numpy_dtype(self.dtype)
         self.gradients = gradients
         self.initial = initial
         # (path, shape, scenario, offset) of every variable: each scenario's weights
@@ -249,6 +253,10 @@ class Run:
                 size = int(np.prod(shape, dtype=int))
                 self.places.append((f"{scenario}_{name}", tuple(shape), scenario, offset, size))
                 offset += size
+        # the global policy as a user's model sets it (the optimizer does not read it;
+        # its variables take their weights' dtype)
+        keras.mixed_precision.set_global_policy(
+            spec["dtype"] if spec["dtype"] in dtypes.POLICIES else "float32")
         self.variables = self.make_variables()
         self.optimizer = build_optimizer(keras, spec["class_name"], spec["config"])
         self.round_trip = None  # what Keras's serialization does to it (set by main)
@@ -257,7 +265,7 @@ class Run:
         self.state_vars = ([(i, "variable", v) for i, v in enumerate(self.variables)]
                            + self.layout)
         self.step_fn, read = self._make_step(job["backend"], spec["mode"])
-        self.read = _counters_in(self.dtype, read)
+        self.read = _counters_in(self.np_dtype, read)
         # The trainer multiplies the loss by a LossScaleOptimizer's current scale
         # (`scale_loss`), so `apply` receives the scenario's gradient times it: the
         # worker plays that part, in numpy, with the scale of the last state read.
@@ -268,19 +276,19 @@ class Run:
     def _scaled(self, arrays, values):
         if self.scale_at is None:
             return arrays
-        scale = np.asarray(values[self.scale_at], dtype=self.dtype)
+        scale = np.asarray(values[self.scale_at], dtype=self.np_dtype)
         # IEEE, as the trainer's product; a 0-d product stays an array (a numpy scalar
         # would reach Keras as a Python float, of dtype floatx)
         with np.errstate(over="ignore", invalid="ignore"):
             return [np.asarray(a * scale) for a in arrays]
 
     def make_variables(self):
-        return [self.keras.Variable(self.initial[o:o + n].reshape(shape).astype(self.dtype),
+        return [self.keras.Variable(self.initial[o:o + n].reshape(shape).astype(self.np_dtype),
                                     dtype=self.dtype, name=path)
                 for path, shape, _, o, n in self.places]
 
     def _gradient_arrays(self, t):
-        rows = {name: np.asarray(self.gradients[name][t], dtype=self.dtype)
+        rows = {name: dtypes.gradients(self.gradients[name][t], self.spec["dtype"])
                 for name in self.spec["scenarios"]}
         return [rows[scenario][o:o + n].reshape(shape) for _, shape, scenario, o, n in self.places]
 
