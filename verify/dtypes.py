@@ -22,6 +22,7 @@ from reference.arithmetic import numpy_dtype
 POLICIES = {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
 DTYPES = ("float32", "float64", "float16", "bfloat16", *POLICIES)
 DEFAULT = ("float32", "float64")
+LOW = ("float16", "bfloat16")  # compute dtypes whose runs report low-precision findings
 
 
 def variables(name: str) -> str:

@@ -24,6 +24,7 @@ ROW_FIELDS = [
     "first_divergent_step", "divergent_state", "divergent_weight", "keras_value", "reference_value",
     "error_bound", "max_abs_error", "max_rel_error", "max_scaled_error", "mismatch_steps",
     "drift", "final_drift", "precision", "reason", "serialization", "explanation",
+    "low_precision",
 ]
 EXCERPT_STEPS = 6  # steps shown around a divergence in the markdown excerpts
 STEP_ROWS = 10_000  # rows of a per-step table read at once
@@ -164,6 +165,7 @@ class Sink:
             "max_abs_error": s["max_abs_error"], "max_rel_error": s["max_rel_error"],
             "max_scaled_error": s["max_scaled_error"], "mismatch_steps": s["mismatch_steps"],
             "drift": s["drift"], "final_drift": s["final_drift"], "reason": reason.strip(),
+            "low_precision": s["low_precision"] or None,
         })
         key = (family, run.configuration.id, run.backend, run.dtype, run.mode, scenario)
         self.steps(key, steps, None if d is None else (d.step, d.state))
@@ -273,6 +275,13 @@ class Sink:
         lines += serialization(df) or ["Every configuration survives it: the rebuilt "
                                        "optimizer computes bit for bit what the original does.",
                                        ""]
+        if "low_precision" in df and df.low_precision.fillna("").ne("").any():
+            lines += ["## Low precision", "",
+                      "Where float16 or bfloat16 changes the math qualitatively: Keras's "
+                      "state compared, each step, with the keras rule in float64 from the "
+                      "same state and the unrounded gradient (verify/compare.py, "
+                      "LowPrecision).", ""]
+            lines += low_precision(df)
         lines += ["## Findings", "",
                   "Where the article's or the papers' formulas depart from what Keras "
                   "computes, why, and where it shows (a mismatch of the keras family would "
@@ -285,7 +294,7 @@ class Sink:
         dev = deviations(df)
         lines += [_table(dev) if len(dev) else "None.", ""]
         lines += ["## All comparisons", "",
-                  _table(df.drop(columns=["precision", "explanation"])), ""]
+                  _table(df.drop(columns=["precision", "explanation", "low_precision"])), ""]
         lines += ["## References", ""]
         for family in s["families"]:
             for opt_id in s["optimizers"]:
@@ -410,6 +419,16 @@ def serialization(df: pd.DataFrame) -> list:
     return [tabulate(rows[["optimizer", "backend", "dtype", "serialization"]].values.tolist(),
                      headers=["configuration", "backend", "dtype", "finding"],
                      tablefmt="github"), ""]
+
+
+def low_precision(df: pd.DataFrame) -> list:
+    """Low-precision findings, one line per configuration, backend, dtype, mode and
+    scenario that has any."""
+    rows = df[df.low_precision.fillna("") != ""]
+    return [tabulate(rows[["optimizer", "backend", "dtype", "mode", "scenario",
+                           "low_precision"]].values.tolist(),
+                     headers=["configuration", "backend", "dtype", "mode", "scenario",
+                              "finding"], tablefmt="github"), ""]
 
 
 def deviations(df: pd.DataFrame) -> pd.DataFrame:
