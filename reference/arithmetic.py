@@ -110,6 +110,13 @@ class Precision:
     accumulator_reset_multiplies: the gradient accumulators are reset by
         multiplying them by 0.0 (torch's `_backend_reset_gradient_accumulators`),
         which leaves NaN where one holds inf or NaN, not 0.
+    kernels_keep_gradient_dtype: the classes whose own kernels (torch:
+        keras/src/backend/torch/optimizers/) use a gradient in the dtype it
+        arrives in, where every generic `update_step` casts it to the variable's
+        dtype first; it differs only for a float32 gradient of a float16 or
+        bfloat16 variable (LossScaleOptimizer's, divided by its float32 scale),
+        which such a kernel squares and scales in float32 before the assign
+        rounds the result to the variable's dtype.
     flushes_subnormals: results below the smallest normal number may be
         flushed to zero (TensorFlow and XLA set FTZ/DAZ on CPU), so each
         operation's underflow error is up to the smallest normal number
@@ -130,6 +137,7 @@ class Precision:
     moving_average_weighted: bool = False
     sign_of_nan_zero: bool = False
     accumulator_reset_multiplies: bool = False
+    kernels_keep_gradient_dtype: tuple = ()
 
     def describe(self) -> str:
         parts = [text for flag, text in DESCRIPTIONS.items() if getattr(self, flag)]
@@ -151,6 +159,9 @@ DESCRIPTIONS = {  # each setting as the reports state it, in this order
     "moving_average_weighted": "Adam, AdamW, Nadam and Adamax moments as beta*m + (1-beta)*g",
     "sign_of_nan_zero": "sign(NaN) is 0",
     "accumulator_reset_multiplies": "gradient accumulators reset by multiplying by 0.0",
+    "kernels_keep_gradient_dtype": "the own kernels of Adadelta, Adagrad, Adam, Adamax, AdamW, "
+                                   "Lion, Nadam, RMSprop and SGD use a float32 gradient of a "
+                                   "float16/bfloat16 variable uncast",
 }
 
 PRECISIONS = {
@@ -161,7 +172,10 @@ PRECISIONS = {
     "torch": Precision("torch", decay_factor_float32=True, operand_float32=True,
                        min_max_float32=True, mean_float32=True, norm_float32=True,
                        value_aliases_variable=True, moving_average_weighted=True,
-                       sign_of_nan_zero=True, accumulator_reset_multiplies=True),
+                       sign_of_nan_zero=True, accumulator_reset_multiplies=True,
+                       kernels_keep_gradient_dtype=("Adadelta", "Adagrad", "Adam", "Adamax",
+                                                    "AdamW", "Lion", "Nadam", "RMSprop",
+                                                    "SGD")),
     # No rounding beyond the working dtype: the formulas as real-number math.
     "exact": Precision("exact", learning_rate_float32=False),
 }
@@ -483,6 +497,20 @@ def to_float32(x: Tracked) -> Tracked:
         underflow = (float(f32.smallest_normal) if x.ar.precision.flushes_subnormals
                      else float(f32.smallest_subnormal) / 2)
         e = e + np.where((az < float(f32.smallest_normal)) & (x.v != 0), underflow, 0.0)
+    return Tracked(z, e, x.ar, x.tie)
+
+
+def stored(x: Tracked) -> Tracked:
+    """x assigned to a variable of the working dtype: a value computed in a wider
+    dtype (a float32 gradient's terms, `kernels_keep_gradient_dtype`) rounded to
+    it, with that rounding."""
+    if x.v.dtype == x.ar.dtype:
+        return x
+    z = x.v.astype(x.ar.dtype)
+    if not x.ar.track:
+        return Tracked(z, None, x.ar, x.tie)
+    az = np.abs(z.astype(np.float64))
+    e = x.e + az * x.ar.u + np.where((az < x.ar.smallest_normal) & (z != 0), x.ar.underflow, 0.0)
     return Tracked(z, e, x.ar, x.tie)
 
 

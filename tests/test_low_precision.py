@@ -24,6 +24,7 @@ from reference.arithmetic import Tracked, finfo, numpy_dtype
 from reference.rule import REGISTRY
 from test_compare import S, judge, stream
 from verify import compare, dtypes
+from verify.configurations import Configuration
 from verify.protocol import read_message, write_message
 
 ADAM = ("Adam", {"learning_rate": 0.01})
@@ -137,18 +138,20 @@ def low_precision_run(tmp_path_factory):
                          configurations=["sgd_momentum", "adam", "rmsprop"],
                          dtypes=["float16", "bfloat16", "mixed_bfloat16"], modes=["eager"],
                          names=["gaussian", "sparse"], steps=10, size=64)
+    # steps of about 0.1: beyond bfloat16's rounding of most weights (see above)
+    sel.configurations.append(Configuration("adam_fast", "Adam", {"learning_rate": 0.1}))
     return run_selection(sel, tmp_path_factory.mktemp("low-precision"))
 
 
 def test_keras_is_exact_or_match_in_low_precision(low_precision_run):
     keras = low_precision_run[low_precision_run.family == "keras"]
-    assert len(keras) == 3 * 3 * 2
+    assert len(keras) == 4 * 3 * 2
     assert set(keras.verdict) <= {"exact", "match"}, keras[["optimizer", "dtype", "reason"]]
 
 
 def test_real_keras_adam_in_bfloat16_against_an_unrounded_beta_2(low_precision_run):
     df = low_precision_run
-    perturbed = df[(df.family == UNROUNDED) & (df.optimizer == "adam")]
+    perturbed = df[(df.family == UNROUNDED) & (df.optimizer == "adam_fast")]
     assert set(perturbed[perturbed.dtype == "bfloat16"].verdict) == {"mismatch"}
     # under the policy the variables are float32: beta_2 is not rounded, nothing to catch
     assert set(perturbed[perturbed.dtype == "mixed_bfloat16"].verdict) <= {"exact", "match"}

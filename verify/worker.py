@@ -354,8 +354,8 @@ class Run:
             # own: LossScaleOptimizer's scale is float32 for any weights)
             "computed_dtypes": sorted({str(v.dtype) for (i, _, _), v in zip(self.state_vars,
                                                                              values)
-                                       if i is not None and np.issubdtype(v.dtype,
-                                                                          np.floating)}),
+                                       if i is not None and not np.issubdtype(v.dtype,
+                                                                              np.integer)}),
             "keras_config": _json_safe(self.optimizer.get_config()),
             "round_trip": self.round_trip,
         }, {**{n: v[None] for n, v in zip(names, values)},
