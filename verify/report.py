@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -421,14 +422,35 @@ def serialization(df: pd.DataFrame) -> list:
                      tablefmt="github"), ""]
 
 
+# one finding of a row's low_precision (compare.LowPrecision.describe)
+LOW_PRECISION_ITEM = re.compile(r"(?P<what>.+?) from step (?P<step>\d+)(?: \((?P<weight>\w+)\))?, "
+                                r"(?P<count>\d+) of (?P<total>\d+) element-steps$")
+
+
 def low_precision(df: pd.DataFrame) -> list:
-    """Low-precision findings, one line per configuration, backend, dtype, mode and
-    scenario that has any."""
-    rows = df[df.low_precision.fillna("") != ""]
-    return [tabulate(rows[["optimizer", "backend", "dtype", "mode", "scenario",
-                           "low_precision"]].values.tolist(),
-                     headers=["configuration", "backend", "dtype", "mode", "scenario",
-                              "finding"], tablefmt="github"), ""]
+    """Low-precision findings grouped over backends, modes and scenarios: one line
+    per configuration, dtype and finding, with where it shows, its first step and
+    the share of element-steps it touches (cells.csv has each cell's)."""
+    items = []
+    for r in df[df.low_precision.fillna("") != ""].itertuples():
+        for text in r.low_precision.split("; "):
+            m = LOW_PRECISION_ITEM.match(text)
+            items.append({"optimizer": r.optimizer, "dtype": r.dtype, "backend": r.backend,
+                          "mode": r.mode, "scenario": r.scenario,
+                          "finding": m["what"] if m else text,
+                          "step": int(m["step"]) if m else 1,
+                          "count": int(m["count"]) if m else 0,
+                          "total": int(m["total"]) if m else 0})
+    table = []
+    for (opt, dtype, finding), g in pd.DataFrame(items).groupby(
+            ["optimizer", "dtype", "finding"], sort=False):
+        total = g.total.sum()
+        table.append([opt, dtype, finding, ", ".join(dict.fromkeys(g.backend)),
+                      ", ".join(dict.fromkeys(g["mode"])), g.scenario.nunique(), g.step.min(),
+                      f"{100 * g['count'].sum() / total:.2g}%" if total else ""])
+    return [tabulate(table, headers=["configuration", "dtype", "finding", "backends", "modes",
+                                     "scenarios", "first step", "element-steps"],
+                     tablefmt="github", disable_numparse=True), ""]
 
 
 def deviations(df: pd.DataFrame) -> pd.DataFrame:
