@@ -447,7 +447,7 @@ def low_precision(df: pd.DataFrame) -> list:
         total = g.total.sum()
         table.append([opt, dtype, finding, ", ".join(dict.fromkeys(g.backend)),
                       ", ".join(dict.fromkeys(g["mode"])), g.scenario.nunique(), g.step.min(),
-                      f"{100 * g['count'].sum() / total:.2g}%" if total else ""])
+                      f"{100 * g['count'].sum() / total:.3g}%" if total else ""])
     return [tabulate(table, headers=["configuration", "dtype", "finding", "backends", "modes",
                                      "scenarios", "first step", "element-steps"],
                      tablefmt="github", disable_numparse=True), ""]
