@@ -157,3 +157,20 @@ def test_real_keras_adam_in_bfloat16_against_an_unrounded_beta_2(low_precision_r
     assert set(perturbed[perturbed.dtype == "mixed_bfloat16"].verdict) <= {"exact", "match"}
     row = df[(df.family == "keras") & (df.optimizer == "adam") & (df.dtype == "bfloat16")]
     assert row.low_precision.str.startswith("beta_2=0.999 rounds to 1 in bfloat16").all()
+
+
+def test_the_summary_groups_a_finding_over_backends_and_scenarios():
+    import pandas as pd
+
+    from verify.report import low_precision
+    text = ("beta_2=0.999 rounds to 1 in bfloat16; variable: update lost from step 1 (scalar), "
+            "{} of 10 element-steps")
+    df = pd.DataFrame([{"optimizer": "adam", "dtype": "bfloat16", "backend": b, "mode": "eager",
+                        "scenario": s, "low_precision": text.format(n)}
+                       for b, s, n in (("jax", "tiny", 10), ("torch", "tiny", 10),
+                                       ("torch", "large", 0))])
+    rows = [line.split("|")[1:-1] for line in low_precision(df)[0].splitlines()[2:]]
+    assert [[c.strip() for c in r] for r in rows] == [
+        ["adam", "bfloat16", "beta_2=0.999 rounds to 1 in bfloat16", "jax, torch", "eager", "2",
+         "1", ""],
+        ["adam", "bfloat16", "variable: update lost", "jax, torch", "eager", "2", "1", "66.7%"]]
