@@ -126,10 +126,9 @@ class LowPrecision:
     def __init__(self, comparison: "RunComparison"):
         self.c = comparison
         self.ar = Arithmetic(np.float64, comparison.ar.precision, track=False)
-        S = comparison.segments.group_count
         # (kind, state) -> [first step per scenario (0: none), its weight, count, of how many]
         self.seen = {}
-        self.S = S
+        self.S = comparison.segments.group_count
 
     def rounded_hyperparameters(self) -> list:
         """[(name, value, rounded)] of the configuration's real hyperparameters that
@@ -166,9 +165,8 @@ class LowPrecision:
 
     def _count(self, kind, name, steps, hit, eligible):
         seg = self.c.state_segments.get(name)
-        if seg is None:
+        if seg is None:  # optimizer-wide: one value for every scenario
             seg = Segments(["g"], [hit.shape[1]], [0], 1)
-            hit = np.broadcast_to(hit, (len(hit), 1)) if hit.shape[1] == 1 else hit
         record = self.seen.setdefault((kind, name), [np.zeros(self.S, int), [""] * self.S,
                                                       np.zeros(self.S, int),
                                                       np.zeros(self.S, int)])
