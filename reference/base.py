@@ -54,6 +54,7 @@ from typing import Callable
 
 import numpy as np
 
+from reference import schedules
 from reference.arithmetic import (Arithmetic, Tracked, maximum, sqrt, square, where,
                                   sum_over)
 
@@ -185,14 +186,18 @@ def clip(ar: Arithmetic, hp: dict, grads: list) -> list:
 
 # --- 4. weight decay --------------------------------------------------------
 def decoupled_weight_decay(ar: Arithmetic, w: Tracked, weight_decay: float,
-                           lr: Tracked) -> Tracked:
+                           lr: Tracked, python_lr: float | None = None) -> Tracked:
     """w = w - w * wd * lr (`BaseOptimizer._apply_weight_decay`).
 
     With the `decay_factor_float32` precision setting the factor (1 - wd*lr)
-    is formed in float32 and then multiplies the weights (torch backend).
+    is formed in float32 and then multiplies the weights (torch backend); from
+    a plain callable's Python-float learning rate `python_lr` it is a Python
+    float, which the product rounds to the weights' dtype.
     """
     if np.ndim(lr.v):  # a schedule's value per step [k]
         lr = lr.reshape(np.shape(per_row(lr.v, w)))
+    if ar.precision.decay_factor_float32 and python_lr is not None:
+        return w * ar.exact(np.asarray(1 - weight_decay * python_lr, ar.dtype))
     if ar.precision.decay_factor_float32:
         # torch: 1 - wd * lr on a float32 scalar tensor, every step rounded to
         # float32 and known exactly, so it carries no error bound of its own.
@@ -226,9 +231,11 @@ def weight_decay(ar: Arithmetic, hp: dict, c: dict, variables: list, grads: list
     """
     if hp["weight_decay"] is None or c.get("decay_form", "base_optimizer") != "base_optimizer":
         return variables, grads
-    scale = lr if c.get("decay_scale", "lr") == "lr" else ar.const(1.0)
-    return [decoupled_weight_decay(ar, w, hp["weight_decay"], scale) if decays(hp, path)
-            else w for w, path in zip(variables, paths)], grads
+    by_lr = c.get("decay_scale", "lr") == "lr"
+    scale = lr if by_lr else ar.const(1.0)
+    python_lr = schedules.python_float(hp["learning_rate"]) if by_lr else None
+    return [decoupled_weight_decay(ar, w, hp["weight_decay"], scale, python_lr)
+            if decays(hp, path) else w for w, path in zip(variables, paths)], grads
 
 
 # --- 2. accumulate ----------------------------------------------------------
@@ -304,6 +311,91 @@ def moving_average(ar, hp, state, out, t_opt) -> dict:
                            for a, w in zip(averages, out["variable"])]
     out["average"] = averages
     return out
+
+
+# --- the textbook family's forms of the same stages ------------------------
+def pascanu_clip(ar: Arithmetic, grads: list, threshold: float) -> list:
+    """Pascanu, Mikolov and Bengio 2013, Algorithm 1: g_hat <- (threshold /
+    ||g_hat||) g_hat where ||g_hat|| >= threshold, g_hat the gradient of all
+    parameters together (the norm is Keras's global_clipnorm's, not the
+    per-variable norm of its clipnorm); a NaN norm fails the test, so the
+    gradient is kept, and an infinite one scales it by c / inf = 0."""
+    norm = global_norm(ar, grads)
+    with np.errstate(invalid="ignore"):
+        over = np.asarray(norm.v) >= threshold
+    scale = ar.const(threshold) / norm
+    return [where(per_row(over, g), g * scale.reshape(per_row(over, g).shape), g)
+            for g in grads]
+
+
+def textbook_clip(ar: Arithmetic, hp: dict, grads: list) -> list:
+    """clipnorm and global_clipnorm: `pascanu_clip`; clipvalue: each component
+    clipped to [-v, v] (Mikolov 2012, as Pascanu et al. 2013, section 3.2,
+    describe it)."""
+    norm = hp["clipnorm"] or hp["global_clipnorm"]
+    if norm and norm > 0:
+        return pascanu_clip(ar, grads, norm)
+    if hp["clipvalue"] and hp["clipvalue"] > 0:
+        v = ar.const(hp["clipvalue"])
+        return [_minimum(maximum(g, -v), v) for g in grads]
+    return grads
+
+
+def hanson_pratt_decay(ar: Arithmetic, hp: dict, c: dict, variables: list) -> list:
+    """Weight decay as Hanson and Pratt 1988 define it, in Loshchilov and
+    Hutter 2019, eq. (1): theta_(t+1) = (1 - lambda) theta_t - alpha grad_t,
+    the decay not scaled by the learning rate; a point whose update decays
+    in its own form (its `decay_form` piece) is left to it."""
+    if hp["weight_decay"] is None or c.get("decay_form", "base_optimizer") != "base_optimizer":
+        return variables
+    return [ar.const(1.0 - hp["weight_decay"]) * w for w in variables]
+
+
+def polyak_average(ar: Arithmetic, state: dict, out: dict, t: Tracked) -> dict:
+    """Polyak and Juditsky 1992 ("Acceleration of stochastic approximation by
+    averaging", SIAM J. Control Optim. 30(4)): the uniform mean of the iterates,
+    never fed back into the iteration, here of the weights after each update,
+    w_bar_t = w_bar_(t-1) + (w_t - w_bar_(t-1)) / t (Keras's average holds the
+    same iterates)."""
+    count = t + 1
+    averages = [a + (w - a) / count.reshape(per_row(np.asarray(t.v), w).shape)
+                for a, w in zip(state["average"], out["variable"])]
+    return {**out, "average": averages}
+
+
+def textbook_unstated(hp: dict) -> str | None:
+    """Why the textbook family does not state a base configuration, or None."""
+    hp = {**DEFAULTS, **hp}
+    if hp["gradient_accumulation_steps"]:
+        return ("gradient_accumulation_steps: no paper the textbook family follows states "
+                "gradient accumulation")
+    if hp.get("exclude_from_weight_decay"):
+        return ("exclude_from_weight_decay: Hanson and Pratt, and Loshchilov and Hutter, decay "
+                "every weight; excluding weights by name is Keras's API, not a paper's")
+    if hp["use_ema"] and hp["ema_overwrite_frequency"]:
+        return ("Polyak and Juditsky 1992 never write the average back into the iterates: "
+                "ema_overwrite_frequency has no textbook form")
+    return None
+
+
+def run_textbook(ar: Arithmetic, hp: dict, c: dict, state: dict, grads: list, t: Tracked,
+                 lr: Tracked, step: Callable, paths: list) -> dict:
+    """The textbook family's stages around `step`: static loss scaling
+    (Micikevicius et al. 2018, ICLR, "Mixed Precision Training", section 3.2:
+    the gradients divided by the scale before the update, Keras's `unscale`),
+    `textbook_clip`, `hanson_pratt_decay`, the step, `polyak_average`."""
+    hp = {**DEFAULTS, **hp}
+    grads = textbook_clip(ar, hp, unscale(ar, hp, grads))
+    out = step({**state, "variable": hanson_pratt_decay(ar, hp, c, state["variable"])},
+               grads, t)
+    return polyak_average(ar, state, out, t) if hp["use_ema"] else out
+
+
+def textbook_states(hp: dict) -> list:
+    """The average of `polyak_average`, named as Keras's EMA slot."""
+    from reference.rule import StateSpec
+
+    return [StateSpec("average", 0.0)] if hp.get("use_ema") else []
 
 
 # --- the pipeline -------------------------------------------------------------

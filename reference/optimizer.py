@@ -12,7 +12,9 @@ A step of a point (`Optimizer.rule`):
      value at the stored iteration (reference/schedules.py);
   2. for the `keras` point, Keras's base-optimizer pipeline (reference/base.py,
      `base.run`) around steps 3 and 4: unscaling, gradient accumulation,
-     clipping and weight decay before, the EMA of the weights after;
+     clipping and weight decay before, the EMA of the weights after; for a
+     `textbook` point with `textbook_base`, the papers' forms of those stages
+     (`base.run_textbook`);
   3. `prepare`, once per step, over all variables: the optimizer-wide states
      (Nadam's u_product; Keras's `_backend_update_step`);
   4. `update`, once per variable (Keras's `update_step`), which sees the
@@ -46,6 +48,9 @@ class Point:
     doc: str                 # the formula as this point states it (shown in reports)
     notes: str = ""          # the choices its source leaves open (the reports' "Choices")
     keras_base: bool = False  # runs Keras's base-optimizer pipeline (reference/base.py)
+    # runs the textbook forms of those stages (base.run_textbook): for a point whose
+    # paper leaves clipping, decay, loss scaling and averaging to the general ones
+    textbook_base: bool = False
     # hyperparameters -> why the source does not state this configuration, or None
     unstated: Callable[[dict], str | None] | None = None
 
@@ -69,36 +74,46 @@ class Optimizer:
 
     def rule(self, family: str) -> Rule:
         point = self.points[family]
-        defaults = {**base.DEFAULTS, **self.defaults} if point.keras_base else dict(self.defaults)
+        has_base = point.keras_base or point.textbook_base
+        defaults = {**base.DEFAULTS, **self.defaults} if has_base else dict(self.defaults)
 
         def states(hp):
             own = self.states(hp, point.resolve(hp))
-            return own + base.states(hp) if point.keras_base else own
+            if point.keras_base:
+                return own + base.states(hp)
+            return own + base.textbook_states(hp) if point.textbook_base else own
 
         def unstated(hp):
             if schedules.is_schedule(hp["learning_rate"]):
                 if not point.keras_base:
-                    return (f"{family} states a constant learning rate, not Keras's "
-                            f"{hp['learning_rate'].get('class_name')} schedule")
+                    return (f"{family} states a constant learning rate, not "
+                            + ("a callable" if schedules.is_callable(hp["learning_rate"])
+                               else f"Keras's {hp['learning_rate'].get('class_name')} "
+                                    "schedule"))
                 if reason := schedules.unsupported(hp["learning_rate"]):
                     return reason
+            if point.textbook_base and (reason := base.textbook_unstated(hp)):
+                return reason
             return point.unstated(hp) if point.unstated else None
 
         return Rule(family, self.class_name, defaults, states, self._step(point),
                     point.source, point.notes, point.doc, unstated,
                     lambda hp: self.elementwise and (
-                        not point.keras_base or base.elementwise(hp, point.resolve(hp))))
+                        not has_base or base.elementwise(hp, point.resolve(hp))))
 
     def _step(self, point: Point):
         def step(ar, hp, state, grads, t, paths):
             c = point.resolve(hp)
-            lr = schedules.learning_rate(ar, hp["learning_rate"], t)
+            lr = schedules.learning_rate(ar, hp["learning_rate"], t,
+                                         hp.get("gradient_accumulation_steps"))
 
             def own(state, grads, t):
                 return self._apply(ar, hp, c, state, grads, t, lr, paths)
 
             if point.keras_base:
                 return base.run(ar, hp, c, state, grads, t, lr, own, paths)
+            if point.textbook_base:
+                return base.run_textbook(ar, hp, c, state, grads, t, lr, own, paths)
             return own(state, grads, t)
         return step
 

@@ -26,29 +26,46 @@ import numpy as np
 from reference.arithmetic import (Arithmetic, Tracked, ceil, cos, floor, log, minimum,
                                   quotient, to_float32, where)
 
-# each schedule's arguments at Keras's defaults (None: required)
+REQUIRED = object()  # an argument Keras's schedule has no default for
+
+# each schedule's arguments at Keras's defaults
 DEFAULTS = {
-    "ExponentialDecay": {"initial_learning_rate": None, "decay_steps": None,
-                         "decay_rate": None, "staircase": False, "name": None},
-    "PiecewiseConstantDecay": {"boundaries": None, "values": None, "name": None},
-    "PolynomialDecay": {"initial_learning_rate": None, "decay_steps": None,
+    "ExponentialDecay": {"initial_learning_rate": REQUIRED, "decay_steps": REQUIRED,
+                         "decay_rate": REQUIRED, "staircase": False, "name": None},
+    "PiecewiseConstantDecay": {"boundaries": REQUIRED, "values": REQUIRED, "name": None},
+    "PolynomialDecay": {"initial_learning_rate": REQUIRED, "decay_steps": REQUIRED,
                         "end_learning_rate": 0.0001, "power": 1.0, "cycle": False,
                         "name": None},
-    "InverseTimeDecay": {"initial_learning_rate": None, "decay_steps": None,
-                         "decay_rate": None, "staircase": False, "name": None},
-    "CosineDecay": {"initial_learning_rate": None, "decay_steps": None, "alpha": 0.0,
+    "InverseTimeDecay": {"initial_learning_rate": REQUIRED, "decay_steps": REQUIRED,
+                         "decay_rate": REQUIRED, "staircase": False, "name": None},
+    "CosineDecay": {"initial_learning_rate": REQUIRED, "decay_steps": REQUIRED, "alpha": 0.0,
                     "warmup_target": None, "warmup_steps": 0, "name": None},
-    "CosineDecayRestarts": {"initial_learning_rate": None, "first_decay_steps": None,
+    "CosineDecayRestarts": {"initial_learning_rate": REQUIRED, "first_decay_steps": REQUIRED,
                             "t_mul": 2.0, "m_mul": 1.0, "alpha": 0.0, "name": None},
 }
 
 
 def is_schedule(value) -> bool:
+    """A learning rate that is not a constant: a schedule or a plain callable."""
     return isinstance(value, dict)
+
+
+def is_callable(value) -> bool:
+    """A plain callable learning rate, {"callable": x} (verify/configurations.py)."""
+    return isinstance(value, dict) and "callable" in value
+
+
+def python_float(value) -> float | None:
+    """The Python float a plain callable learning rate returns, else None."""
+    if is_callable(value) and not is_schedule(value["callable"]):
+        return float(value["callable"])
+    return None
 
 
 def unsupported(value) -> str | None:
     """Why a serialized schedule is not one this module models, or None."""
+    if is_callable(value):
+        return unsupported(value["callable"])
     if not is_schedule(value):
         return None
     name = value.get("class_name")
@@ -56,16 +73,30 @@ def unsupported(value) -> str | None:
         return f"no model of the learning-rate schedule {name!r}"
     config = value.get("config", {})
     unknown = sorted(set(config) - set(DEFAULTS[name]))
-    missing = sorted(k for k, v in DEFAULTS[name].items() if v is None and k != "name"
+    missing = sorted(k for k, v in DEFAULTS[name].items() if v is REQUIRED
                      and k not in config)
     if unknown or missing:
         return f"{name} {'has no argument' if unknown else 'needs'} {(unknown or missing)[0]!r}"
     return None
 
 
-def learning_rate(ar: Arithmetic, value, t: Tracked) -> Tracked:
+def learning_rate(ar: Arithmetic, value, t: Tracked, accumulation=None) -> Tracked:
     """The learning rate the optimizer uses at stored iteration t ([k]): a
-    constant from Keras's float32 variable, or the schedule's value at t."""
+    constant from Keras's float32 variable, or the schedule's value at t.
+
+    A plain callable is called with no argument (`_get_current_learning_rate`):
+    a number it returns is a Python float that each update passes through
+    ops.cast to the weights' dtype, never a float32 variable; a schedule it
+    calls with `optimizer.iterations` sees the property, _iterations // n under
+    gradient accumulation over n calls.
+    """
+    if is_callable(value):
+        inner = value["callable"]
+        if not is_schedule(inner):
+            return ar.cast(inner)
+        if accumulation:
+            t = ar.step_count(np.floor_divide(np.asarray(t.v, np.float64), accumulation))
+        return learning_rate(ar, inner, t)
     if not is_schedule(value):
         return ar.learning_rate(value)
     s = Arithmetic(dtype(ar), ar.precision, track=ar.track, tie_width=ar.tie_width)

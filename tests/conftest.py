@@ -20,6 +20,21 @@ import perturbations  # noqa: E402
 
 STEPS, SIZE, SEED = 25, 24, 7
 
+# The per-push subset, `pytest -m quick` (.github/workflows/verify.yml; about a minute
+# on two cores): the reference rules and base stages, the comparison's arithmetic, the
+# README's and the workflow's claims, and real runs through a worker
+# (test_gradient_digest).  Plain `pytest` runs everything.
+QUICK = {"test_arithmetic_reductions", "test_compare", "test_diff_pool",
+         "test_gradient_digest", "test_readme", "test_reference_adafactor",
+         "test_reference_base", "test_reference_muon", "test_reference_rules",
+         "test_reference_shapes", "test_reference_textbook_base", "test_workflow"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module.__name__ in QUICK:
+            item.add_marker(pytest.mark.quick)
+
 
 def fast_backend():
     """The installed backend that starts and steps fastest."""

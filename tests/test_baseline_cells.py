@@ -1,5 +1,5 @@
 """The baseline comparison of `verify-optimizers check` as one pytest test per
-cell, with readable ids: `test_keras[adam-torch-float32-compiled-gaussian]`
+cell, with readable ids: `test_keras[adam-torch-float32-eager-gaussian]`
 (the test's name is the family).
 
 VERIFY_CHECK_ARGS holds `check` flags (the CLI's, e.g. "--backend torch

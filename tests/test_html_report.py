@@ -19,11 +19,13 @@ import reference
 from reference.explanations import cause
 from reference.rule import REGISTRY
 from verify import check, cli, compare, html_report, matrix
-from verify.cli import installed_backends
+from verify.cli import DEFAULT_MODES, installed_backends
+from verify.runner import distinct
 
 PNG = b"\x89PNG\r\n\x1a\n"
 BACKEND = "torch" if "torch" in installed_backends() else installed_backends()[0]
 SMALL = ["--backend", BACKEND, "--steps", "20", "--size", "8", "--quiet"]
+MODES = sum(distinct(BACKEND, m) for m in DEFAULT_MODES)  # the modes that run on it
 
 
 class Page(HTMLParser):
@@ -176,7 +178,7 @@ def test_a_run_without_mismatches_has_no_figure(tmp_path):
                          "float64", "--scenario", "gaussian")
     p = page(out / "report.html")
     assert code == 0 and not mismatching(doc)
-    assert p.imgs == [] and "Failures" not in "".join(p.text) and len(p.grid) == 2
+    assert p.imgs == [] and "Failures" not in "".join(p.text) and len(p.grid) == MODES
 
 
 def test_without_matplotlib_the_page_has_tables_only(article_run, monkeypatch):
@@ -238,7 +240,7 @@ def test_check_html_without_changes_has_no_figure(baseline, tmp_path):
     assert cli.main(["check", "--baseline", str(baseline), "--output", str(out),
                      "--quiet"]) == 0
     p = page(out / "check.html")
-    assert p.imgs == [] and len(p.grid) == 2
+    assert p.imgs == [] and len(p.grid) == MODES
     assert not [a for _, a in p.tags if "changed" in a.get("class", "")]
     assert "no change" in "".join(p.text)
 
@@ -287,7 +289,7 @@ def test_matrix_html_without_changes_has_no_figure(baseline, tmp_path):
 
 def test_matrix_html_draws_a_changed_cell_before_and_after(baseline, tmp_path):
     def edit(column):
-        key = next(k for k in column if k[4] == "compiled" and k[5] == "gaussian")
+        key = next(k for k in column if k[4] == "eager" and k[5] == "gaussian")
         column[key] = {**column[key], "verdict": "mismatch", "first_divergent_step": 2,
                        "divergent_state": "momentum", "magnitude": "1e-03"}
         return "-".join(key)

@@ -65,9 +65,19 @@ def test_keras_point_takes_every_base_argument_and_the_others_refuse_them():
     hp = reference.get_rule("keras", "Adam").hyperparameters(config)
     assert {k: hp[k] for k in config} == config and hp["ema_momentum"] == 0.99
     for key, value in config.items():
-        for family in ("textbook", "article"):
-            with pytest.raises(reference.Unsupported, match=key):
-                reference.get_rule(family, "Adam").hyperparameters({key: value})
+        with pytest.raises(reference.Unsupported, match=key):
+            reference.get_rule("article", "Adam").hyperparameters({key: value})
+        # a paper without general stages of its own (Lion's decays in its update)
+        with pytest.raises(reference.Unsupported, match=key):
+            reference.get_rule("textbook", "Lion").hyperparameters({key: value})
+    # the textbook forms (reference/base.py, run_textbook): what a paper states
+    textbook = reference.get_rule("textbook", "Adam")
+    for key in ("clipnorm", "use_ema", "loss_scale_factor"):
+        assert textbook.hyperparameters({key: config[key]})[key] == config[key]
+    for key, why in (("gradient_accumulation_steps", "no paper"),
+                     ("ema_overwrite_frequency", "never write the average back")):
+        with pytest.raises(reference.Unsupported, match=why):
+            textbook.hyperparameters({"use_ema": True, key: config[key]})
     # neutral values stay accepted by every family
     reference.get_rule("textbook", "Adam").hyperparameters(
         {"clipnorm": None, "use_ema": False, "ema_momentum": 0.5, "name": "x"})

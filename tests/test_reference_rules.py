@@ -168,8 +168,8 @@ def test_adamw_decay_comes_from_the_weights_before_the_step():
 
 def test_unmodelled_argument_is_refused():
     with pytest.raises(reference.Unsupported):
-        # the keras family models clipnorm (reference/base.py); the textbook does not
-        reference.get_rule("textbook", "Adam").hyperparameters({"clipnorm": 1.0})
+        # the keras family models clipnorm (reference/base.py); the article does not
+        reference.get_rule("article", "Adam").hyperparameters({"clipnorm": 1.0})
     with pytest.raises(reference.Unsupported):
         reference.get_rule("article", "Adam").hyperparameters({"amsgrad": True, "foo": 1})
 

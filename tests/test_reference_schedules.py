@@ -151,3 +151,14 @@ def test_the_article_and_textbook_families_do_not_state_a_schedule():
 def test_a_schedule_the_reference_does_not_model_is_unsupported(spec, reason):
     with pytest.raises(reference.Unsupported, match=reason):
         reference.get_rule("keras", "Adam").hyperparameters({"learning_rate": spec})
+
+
+@pytest.mark.parametrize("name", list(schedules.DEFAULTS))
+def test_a_schedule_with_only_its_required_arguments_is_modelled(name):
+    """An argument with a default of None (CosineDecay's warmup_target) is not required."""
+    required = {k: 1 for k, v in schedules.DEFAULTS[name].items() if v is schedules.REQUIRED}
+    assert schedules.unsupported({"class_name": name, "config": required}) is None
+    assert "warmup_target" not in required
+    if required:  # sensitivity: one required argument left out is refused
+        missing = dict(list(required.items())[1:])
+        assert "needs" in schedules.unsupported({"class_name": name, "config": missing})

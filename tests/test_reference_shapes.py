@@ -88,8 +88,10 @@ def test_flat_per_variable_and_alone_agree_on_every_rank(family, opt_id, precisi
                 assert same(flat(a[name]), b[name][0]), name
             else:
                 assert np.shape(a[name].v) == (K,) and same(a[name], b[name]), name
-    if hp.get("global_clipnorm") is not None:
-        return  # one norm over all variables: a variable alone is another computation
+    if hp.get("global_clipnorm") is not None or (family == "textbook" and hp.get("clipnorm")):
+        # one norm over all variables (the textbook's clipnorm is Pascanu et al.'s, over
+        # all parameters): a variable alone is another computation
+        return
     for i in range(len(SHAPES)):  # each variable alone
         alone = {n: [v[i]] if isinstance(v, list) else v for n, v in state.items()}
         c = rule(ar, hp, alone, [grads[i]], t, [PATHS[i]])

@@ -17,7 +17,7 @@ from verify import cli
 from verify.output import MARKER
 
 # nadam: the article's departs (excerpts and figures to merge); adam: it matches
-SELECTION = ["--optimizer", "nadam,adam", "--dtype", "float64", "--scenario", "gaussian,tiny",
+SELECTION = ["--optimizer", "nadam,adam", "--dtype", "float32,float64", "--scenario", "gaussian,tiny",
              "--steps", "30", "--size", "8", "--quiet"]
 
 

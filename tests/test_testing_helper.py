@@ -3,6 +3,7 @@ a configuration Keras computes as the reference states, and fails naming the
 first divergent step, state, weight and values where they differ (a real
 formula change, caught by the comparison), or why a cell could not run."""
 
+import json
 import os
 import re
 import subprocess
@@ -92,3 +93,33 @@ def test_a_keras_optimizer_object_in_the_users_process(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "1 passed" in done.stdout
     assert {p.name for p in tmp_path.iterdir()} <= {test.name, "__pycache__"}  # nothing written
+
+
+EXCLUSION_PROBE = r"""
+import json, keras
+from verify import api
+from verify.configurations import ConfigError
+named = keras.optimizers.AdamW(weight_decay=0.1)
+named.exclude_from_weight_decay(var_names=["vector", "kernel"])
+listed = keras.optimizers.AdamW(weight_decay=0.1)
+listed.exclude_from_weight_decay(var_list=[keras.Variable(1.0)])
+try:
+    api.configurations(listed)
+    refused = None
+except ConfigError as exc:
+    refused = str(exc)
+print(json.dumps({"named": api.configurations(named)[0].config, "refused": refused}))
+"""
+
+
+def test_an_optimizer_objects_exclusion_from_weight_decay_is_kept():
+    """Serialization drops it; the API reads it from the object (var_names), and
+    refuses a var_list, whose variables the harness does not have."""
+    env = {**os.environ, "KERAS_BACKEND": fast_backend(), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", EXCLUSION_PROBE], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    (pattern,) = got["named"]["exclude_from_weight_decay"]["var_names"]
+    assert set(pattern.split("|")) == {"vector", "kernel"}
+    assert "var_list" in got["refused"] and "var_names" in got["refused"]

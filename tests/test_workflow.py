@@ -54,14 +54,31 @@ def _runs(job):
     return "\n".join(step.get("run", "") for step in job["steps"])
 
 
-def test_push_runs_the_tests_and_the_check():
+def runs_on(job, event) -> bool:
+    """Does the job run on `event`? (its `if`, of github.event_name comparisons)"""
+    condition = job.get("if", "true").replace("&&", " and ").replace("||", " or ")
+    return eval(condition.replace("github.event_name", repr(event)), {"true": True})
+
+
+def test_push_runs_the_quick_tests_and_the_check_and_pull_requests_every_test():
     wf = load()
-    assert "push" in wf["on"]
-    on_push = [j for j in wf["jobs"].values()
-               if "if" not in j or "github.event_name != 'schedule'" in j["if"]]
-    scripts = "\n".join(_runs(j) for j in on_push)
-    assert re.search(r"python -m pytest\b", scripts)
-    assert re.search(r"^verify-optimizers check\b", scripts, re.M)
+    assert {"push", "pull_request", "schedule"} <= set(wf["on"])
+    scripts = {event: "\n".join(_runs(j) for j in wf["jobs"].values() if runs_on(j, event))
+               for event in ("push", "pull_request", "schedule")}
+    assert re.search(r"^python -m pytest -m quick$", scripts["push"], re.M)
+    assert not re.search(r"^python -m pytest$", scripts["push"], re.M)
+    assert re.search(r"^verify-optimizers check\b", scripts["push"], re.M)
+    for event in ("pull_request", "schedule"):
+        assert re.search(r"^python -m pytest$", scripts[event], re.M), event
+
+
+def test_runs_on_reads_the_conditions():
+    """Sensitivity of the test above: a condition that excludes push is read so."""
+    assert runs_on({"if": "github.event_name != 'push'"}, "pull_request")
+    assert not runs_on({"if": "github.event_name != 'push'"}, "push")
+    assert runs_on({"if": "github.event_name == 'schedule' || github.event_name == 'push'"},
+                   "push")
+    assert runs_on({}, "schedule")
 
 
 def test_weekly_check_against_newest_release_and_nightly_on_every_backend():

@@ -33,7 +33,7 @@ from verify.cli import (DEFAULT_DTYPES, DEFAULT_MODES, DEFAULT_SIZE, DEFAULT_STE
                         MAX_GRADIENT_BYTES, MODES, UsageError, check_has_runs, choices, check_run_size,
                         chosen_backends, parse_shard, report_order, settings_of, timing_of,
                         write_shard_file)
-from verify.configurations import (CONFIGURATIONS, ConfigError, Configuration, from_keras,
+from verify.configurations import (CONFIGURATIONS, EXCLUDE, ConfigError, Configuration, from_keras,
                                    user_selection)
 from verify.output import check_folder, replacing_folder
 from verify.report import Sink
@@ -82,8 +82,7 @@ def configurations(optimizers) -> list:
         elif isinstance(item, dict):
             c = from_keras(item, "configuration")
         elif hasattr(item, "get_config"):  # a Keras optimizer: keras is importable here
-            import keras
-            c = from_keras(keras.optimizers.serialize(item), type(item).__name__)
+            c = from_keras(_serialized(item), type(item).__name__)
         else:
             raise ConfigError(f"cannot verify {type(item).__name__} {str(item)[:40]!r}: give "
                               "a configuration id, a serialized config dict or a Keras "
@@ -95,6 +94,23 @@ def configurations(optimizers) -> list:
         raise ConfigError("no optimizer to verify")
     user_selection(user)
     return chosen
+
+
+def _serialized(optimizer) -> dict:
+    """keras.optimizers.serialize(optimizer), with the exclusion from weight decay
+    that serialization drops (a method call, not in get_config): the pattern
+    BaseOptimizer.exclude_from_weight_decay compiled from var_names."""
+    import keras
+
+    serialized = keras.optimizers.serialize(optimizer)
+    if getattr(optimizer, "_exclude_from_weight_decay", None):
+        raise ConfigError(f"{type(optimizer).__name__}: exclude_from_weight_decay(var_list=...) "
+                          "names variables of your model, which the harness does not have; "
+                          "give var_names instead")
+    pattern = getattr(optimizer, "_exclude_from_weight_decay_pattern", None)
+    if pattern is not None:
+        serialized[EXCLUDE] = {"var_names": [pattern.pattern]}
+    return serialized
 
 
 def _names(values, allowed, what, default=None) -> list:

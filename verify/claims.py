@@ -123,7 +123,7 @@ CHECKS = {f.__name__: f for f in (same_trajectory, fewer_slots, effective_step_s
 
 def run_claims(backends, *, seed=0, claims=None):
     from verify import api
-    from verify.runner import Selection
+    from verify.runner import Selection, distinct
 
     claims = claims or load_claims()
     configurations = {}
@@ -144,7 +144,7 @@ def run_claims(backends, *, seed=0, claims=None):
     for claim in claims:
         outcomes = []
         for backend in backends:
-            for mode in MODES:
+            for mode in (m for m in MODES if distinct(backend, m)):
                 key_a = (f"{claim['id']}:a", backend, DTYPE, mode)
                 key_b = (f"{claim['id']}:b", backend, DTYPE, mode)
                 a, b = recorder.trajectory(key_a), recorder.trajectory(key_b)

@@ -38,10 +38,14 @@ BACKENDS = ("tensorflow", "jax", "torch")
 # the default run's dtypes; float16, bfloat16 and the mixed policies with --dtype
 # (verify/dtypes.py)
 DTYPES, DEFAULT_DTYPES = dtypes.DTYPES, dtypes.DEFAULT
-MODES = ("eager", "compiled", "jit")
+MODES = ("eager", "compiled", "jit", "fit", "resume")
 # jit (model.compile(jit_compile=True)) only when asked for, also with --full: it compiles
 # every configuration and dtype anew, more than the whole default run costs on
 # TensorFlow alone and several times that on torch (docs/how-it-works.md)
+# fit (a real model.fit, verify/fit_mode.py) likewise: docs/how-it-works.md has its cost
+# resume (saved to .keras and to weights, each loaded in a fresh process: verify/resume_mode.py)
+# likewise: a mode, not a flag, because it is another way the same updates run, judged cell
+# by cell like the others; it starts two processes per run
 DEFAULT_MODES = ("eager", "compiled")
 FORMATS = ("md", "csv", "json", "html")
 # Error cells that are Keras's own answer, not the harness failing: Keras raised on the
@@ -151,7 +155,10 @@ def build_parser(shard=True) -> argparse.ArgumentParser:
                         "names are the ids); as --config")
     p.add_argument("--scenario", action="append", default=[],
                    help="gradient scenarios (default all; see `list`)")
-    p.add_argument("--mode", action="append", default=[], help="eager, compiled, jit (default eager and compiled)")
+    p.add_argument("--mode", action="append", default=[],
+                   help="eager, compiled, jit, fit, resume (default eager and compiled; "
+                        "resume: saved after steps//3 to .keras and after 2*steps//3 to "
+                        "weights, each loaded in a fresh process)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"optimizer steps (default {DEFAULT_STEPS}; --full: {FULL_STEPS})")
     p.add_argument("--size", type=int, default=None,

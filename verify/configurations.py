@@ -41,6 +41,8 @@ ENVELOPE = ("module", "registered_name")
 # at the only value that means the same optimizer in Keras 3
 DROPPED = {"is_legacy_optimizer": False}
 EXCLUDE = "exclude_from_weight_decay"
+# a plain callable learning rate (verify/worker.py builds it; reference/schedules.py)
+CALLABLE = "callable"
 
 
 class ConfigError(ValueError):
@@ -75,6 +77,10 @@ def _call(class_name: str, config: dict) -> str:
 
 def _arguments(config: dict) -> str:
     def value(v):
+        if isinstance(v, dict) and CALLABLE in v:
+            inner = v[CALLABLE]
+            return "lambda: " + (value(inner) + "(optimizer.iterations)"
+                                 if isinstance(inner, dict) else repr(inner))
         if isinstance(v, dict) and "class_name" in v:
             return _call(v["class_name"], v.get("config", {}))
         if isinstance(v, dict):
@@ -143,6 +149,20 @@ def _serialized_object(value, where) -> None:
                                                                       dict):
         raise ConfigError(f"{where}: a serialized object needs a string class_name and an "
                           "object config")
+
+
+def _plain_callable(value, where) -> None:
+    """A plain callable learning rate, {"callable": x}: `lambda: x` for a number x,
+    `lambda: schedule(optimizer.iterations)` for a serialized schedule x."""
+    if set(value) != {CALLABLE}:
+        raise ConfigError(f"{where}: a plain callable learning rate is {{\"{CALLABLE}\": x}} "
+                          "alone, x a number or a serialized schedule")
+    inner = value[CALLABLE]
+    if isinstance(inner, dict):
+        _serialized_object(inner, where)
+    elif isinstance(inner, bool) or not isinstance(inner, (int, float)):
+        raise ConfigError(f"{where}: the callable returns {_kind(inner)}, expected a number "
+                          "or a serialized schedule")
 
 
 def _exclusion(value, where) -> dict:
@@ -217,6 +237,9 @@ def _inner_optimizer(value, where) -> None:
 
 def _check_value(key, value, default, where):
     what = f"{where}: {key}={json.dumps(value)[:60]}"
+    if key == "learning_rate" and isinstance(value, dict) and CALLABLE in value:
+        _plain_callable(value, what)
+        return
     if key == "learning_rate" and isinstance(value, dict):
         _serialized_object(value, what)
         return

@@ -12,7 +12,7 @@ import sys
 
 from tabulate import tabulate
 
-from reference import SPACES, name_of, register_variants
+from reference import SPACES, base, name_of, register_variants, schedules
 from verify import compare, scenarios
 from verify.configurations import CONFIGURATIONS
 
@@ -36,14 +36,30 @@ def analyse(space, verdicts: dict, config: dict) -> dict:
             "separating": [[(p, textbook[p], c[p]) for p in distance(c)] for c in nearest]}
 
 
-def sentence(opt_id: str, result: dict) -> str:
+def sentence(opt_id: str, result: dict, config: dict, own: dict) -> str:
+    """`own`: the optimizer class's own hyperparameters (its defaults)."""
     if not result["matching"]:
         return f"no combination of the pieces reproduces Keras's {opt_id}"
+    around = _around_the_update(config, own)
     if result["textbook_matches"]:
-        return "the paper's rule as published"
+        return "the paper's rule as published" + around
     options = [" and ".join(f"{piece} = {got} (paper: {want})" for piece, want, got in diff)
                for diff in result["separating"]]
-    return "the paper's rule with " + "; or ".join(options)
+    return "the paper's rule with " + "; or ".join(options) + around
+
+
+def _around_the_update(config: dict, own: dict) -> str:
+    """The pieces vary the optimizer's own update; what Keras runs around it (its
+    base stages, a schedule) stays Keras's in every combination, so a sentence
+    about the paper's rule says so (the textbook family states those stages)."""
+    used = sorted(k for k, v in config.items() if k in base.DEFAULTS and k not in own
+                  and v not in (None, False, base.DEFAULTS[k]))
+    if schedules.is_schedule(config.get("learning_rate")):
+        used.append("the learning-rate schedule")
+    if not used:
+        return ""
+    return (f", in its own update ({', '.join(used)} as Keras runs them; the textbook "
+            "family's row says where the papers' forms differ)")
 
 
 def build_parser():
@@ -109,7 +125,7 @@ def main(argv) -> int:
             worst_scaled[name_of(choices)] = cell.max_scaled_error.max()
         result = analyse(space, verdicts, c.config)
         keras_point_ok.append(result["keras_matches"])
-        summary.append((c.id, c.describe(), sentence(c.id, result)))
+        summary.append((c.id, c.describe(), sentence(c.id, result, c.config, space.defaults)))
         table = [[*(choices[p] for p in space.pieces), verdicts[name_of(choices)],
                   f"{worst_scaled[name_of(choices)]:.3g}",
                   ", ".join(label for label, point in (("paper", space.paper(c.config)),
@@ -120,7 +136,7 @@ def main(argv) -> int:
                   tabulate(table, headers=[*space.pieces, "verdict", "max scaled error",
                                            "stated by"], tablefmt="github",
                            disable_numparse=True),
-                  "", f"Keras's {c.id} is {sentence(c.id, result)}.", ""]
+                  "", f"Keras's {c.id} is {sentence(c.id, result, c.config, space.defaults)}.", ""]
     headers = ["configuration", "Keras optimizer", "Keras computes"]
     text = "\n".join([
         "# Keras 3 vs the papers", "",

@@ -198,7 +198,8 @@ def _scenario_legend(settings, scenarios) -> list:
     return [(s, order.index(s), "-") for s in order if s in scenarios]
 
 
-MODE_STYLES = {"eager": ("-", ""), "compiled": ("--", " (dashed)"), "jit": ("-.", " (dash-dot)")}
+MODE_STYLES = {"eager": ("-", ""), "compiled": ("--", " (dashed)"), "jit": ("-.", " (dash-dot)"),
+               "fit": (":", " (dotted)"), "resume": ((0, (3, 1, 1, 1, 1, 1)), " (dash-dot-dot)")}
 
 
 def _mode_legend(settings, modes) -> list:

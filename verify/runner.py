@@ -25,18 +25,21 @@ from pathlib import Path
 import numpy as np
 
 import reference
-from verify import compare, configurations, dtypes, scenarios, workers
+from verify import compare, configurations, dtypes, fit_mode, scenarios, workers
 from verify.protocol import read_message
 
 CHUNK = 50
 EXIT_SECONDS = 60  # a worker's exit after its stream ends
 
-# A mode that is the very computation of another on a backend runs once: on JAX,
-# model.compile's default jit_compile="auto" resolves to True (keras/src/trainers/
-# trainer.py, _resolve_auto_jit_compile), so the compiled mode is what jit_compile=True
-# runs, jax.jit of the train step.
+# A mode that is the very computation of another on a backend runs once.  Keras's
+# model.compile default jit_compile="auto" (keras/src/trainers/trainer.py,
+# _resolve_auto_jit_compile, the same in every Keras 3 release) resolves to True on
+# JAX, so there the compiled mode is jit_compile=True's computation, jax.jit of the
+# train step; on torch it resolves to False, and the trainer runs the eager step.
 SAME_AS = {("jax", "jit"): ("compiled", "on JAX the compiled mode is jit_compile=True "
-                                        "(Keras's jit_compile='auto' resolves to True)")}
+                                        "(Keras's jit_compile='auto' resolves to True)"),
+           ("torch", "compiled"): ("eager", "on torch the compiled mode is the eager step "
+                                            "(Keras's jit_compile='auto' resolves to False)")}
 
 
 def distinct(backend, mode) -> bool:
@@ -360,9 +363,12 @@ class Runner:
     def _start(self, run_id, family, states, iteration, layout, active):
         run = self.runs[run_id]
         keras_states = [n for n in states if n != "variable"]
+        gradients = self.all_gradients[run.scenarios]
+        if run.mode == fit_mode.MODE:  # apply receives them times the trainer's loss scale
+            gradients = fit_mode.intended(gradients, run.configuration.config, run.dtype)
         c, reason = compare.build(family, reference.get_rule, run.configuration, run.dtype,
                                   reference.PRECISIONS[run.backend], self.segments[run.scenarios],
-                                  self.all_gradients[run.scenarios], keras_states)
+                                  gradients, keras_states)
         if c is not None:
             c.on_table = self.sink.step_files(family, run, run.scenarios,
                                               self.spill / f"{run_id}-{family}")

@@ -27,7 +27,7 @@ from reference.arithmetic import numpy_dtype
 from verify import dtypes
 from verify.protocol import peak_memory_mb, write_message
 
-MODES = ("eager", "compiled", "jit")
+MODES = ("eager", "compiled", "jit", "fit", "resume")
 
 
 def _probe_float64(keras) -> bool:
@@ -149,8 +149,9 @@ def build_optimizer(keras, class_name, config):
                            f"(Keras {keras.__version__})")
     config = dict(config)
     exclude = config.pop("exclude_from_weight_decay", None)
-    if isinstance(config.get("learning_rate"), dict):  # a serialized schedule
-        config["learning_rate"] = keras.optimizers.schedules.deserialize(config["learning_rate"])
+    built = []  # the optimizer, for a callable that reads its iterations
+    if isinstance(config.get("learning_rate"), dict):
+        config["learning_rate"] = _learning_rate(keras, config["learning_rate"], built)
     if isinstance(config.get("inner_optimizer"), dict):  # LossScaleOptimizer's, serialized
         config["inner_optimizer"] = build_optimizer(
             keras, config["inner_optimizer"]["class_name"],
@@ -158,9 +159,23 @@ def build_optimizer(keras, class_name, config):
     if "optimizer_map" in config:
         config["optimizer_map"] = _optimizer_map(keras, config["optimizer_map"])
     optimizer = cls(**config)
+    built.append(optimizer)
     if exclude is not None:
         optimizer.exclude_from_weight_decay(**exclude)
     return optimizer
+
+
+def _learning_rate(keras, value, built):
+    """A serialized schedule, deserialized; a plain callable as users write one:
+    {"callable": x} is `lambda: x`, or for a serialized schedule x
+    `lambda: x(optimizer.iterations)`."""
+    if "callable" not in value:
+        return keras.optimizers.schedules.deserialize(value)
+    inner = value["callable"]
+    if not isinstance(inner, dict):
+        return lambda: inner
+    schedule = keras.optimizers.schedules.deserialize(inner)
+    return lambda: schedule(built[0].iterations)
 
 
 def _optimizer_map(keras, serialized):
@@ -181,11 +196,14 @@ def _optimizer_map(keras, serialized):
 ROUND_TRIP_STEPS = 10
 
 
-def round_trip(keras, class_name, config, make_variables, grads, steps):
+def round_trip(keras, class_name, config, make_variables, grads, steps, every_variable):
     """Keras's public serialization round trip (keras.optimizers.serialize, JSON,
     keras.optimizers.deserialize; model.save stores the same serialized dict), then
-    the rebuilt optimizer run beside one built from the class for a few steps.
-    None, or what went wrong (a finding)."""
+    the rebuilt optimizer run beside one built from the class for a few steps, on
+    `make_variables()` with `grads(t)` (one scenario's weights: what serialization
+    keeps or loses is a hyperparameter, the same for every scenario); which of
+    `every_variable` each decays is compared too.  None, or what went wrong (a
+    finding)."""
     original = build_optimizer(keras, class_name, config)
     excluded = config.get("exclude_from_weight_decay")
     try:
@@ -196,21 +214,20 @@ def round_trip(keras, class_name, config, make_variables, grads, steps):
     if type(rebuilt) is not type(original):
         return (f"keras.optimizers.deserialize gives {type(rebuilt).__name__} "
                 f"{str(rebuilt)[:40]!r} instead of a {type(original).__name__}")
-    runs = []
-    for optimizer in (original, rebuilt):
-        variables = make_variables()
-        optimizer.build(variables)
-        runs.append((optimizer, variables))
     if excluded is not None:
-        (a, vars_a), (b, vars_b) = runs
-        lost = [v.name for v, w in zip(vars_a, vars_b)
-                if a._use_weight_decay(v) != b._use_weight_decay(w)]
+        lost = [v.name for v in every_variable
+                if original._use_weight_decay(v) != rebuilt._use_weight_decay(v)]
         if lost:
             return ("keras.optimizers.serialize does not keep exclude_from_weight_decay "
                     "(a method call, not in get_config; model.save and load_model lose it "
                     f"too): the rebuilt optimizer decays {lost[0]}"
                     + (f" and {len(lost) - 1} more variables" if len(lost) > 1 else "")
                     + ", which the original excludes")
+    runs = []
+    for optimizer in (original, rebuilt):
+        variables = make_variables()
+        optimizer.build(variables)
+        runs.append((optimizer, variables))
     for t in range(min(steps, ROUND_TRIP_STEPS)):
         states = []
         for optimizer, variables in runs:
@@ -258,9 +275,8 @@ class Run:
         keras.mixed_precision.set_global_policy(
             spec["dtype"] if spec["dtype"] in dtypes.POLICIES else "float32")
         self.variables = self.make_variables()
-        self.optimizer = build_optimizer(keras, spec["class_name"], spec["config"])
+        self.optimizer = self.make_optimizer()
         self.round_trip = None  # what Keras's serialization does to it (set by main)
-        self.optimizer.build(self.variables)
         self.layout = _state_layout(self.optimizer, self.variables)
         self.state_vars = ([(i, "variable", v) for i, v in enumerate(self.variables)]
                            + self.layout)
@@ -282,15 +298,22 @@ class Run:
         with np.errstate(over="ignore", invalid="ignore"):
             return [np.asarray(a * scale) for a in arrays]
 
-    def make_variables(self):
+    def make_optimizer(self):
+        optimizer = build_optimizer(self.keras, self.spec["class_name"], self.spec["config"])
+        optimizer.build(self.variables)
+        return optimizer
+
+    def make_variables(self, scenario=None):
+        """The run's variables, or those of one of its scenarios."""
         return [self.keras.Variable(self.initial[o:o + n].reshape(shape).astype(self.np_dtype),
                                     dtype=self.dtype, name=path)
-                for path, shape, _, o, n in self.places]
+                for path, shape, s, o, n in self.places if scenario in (None, s)]
 
-    def _gradient_arrays(self, t):
+    def _gradient_arrays(self, t, scenario=None):
         rows = {name: dtypes.gradients(self.gradients[name][t], self.spec["dtype"])
                 for name in self.spec["scenarios"]}
-        return [rows[scenario][o:o + n].reshape(shape) for _, shape, scenario, o, n in self.places]
+        return [rows[s][o:o + n].reshape(shape) for _, shape, s, o, n in self.places
+                if scenario in (None, s)]
 
     def _grads(self, t, arrays=None):
         return [self.keras.ops.convert_to_tensor(a)
@@ -306,8 +329,7 @@ class Run:
 
         if mode == "jit":
             return _jit_step(backend, opt, variables), read_variables
-        if mode == "eager" or backend == "torch":
-            # torch has no compiled training step: model.fit runs it eagerly.
+        if mode == "eager":
             return (lambda grads: opt.apply(grads, variables)), read_variables
         if backend == "tensorflow":
             import tensorflow as tf
@@ -530,13 +552,22 @@ def main(job_path: str) -> int:
                 raise RuntimeError(f"{job['backend']} computes float64 in float32 in this "
                                    "process (JAX without x64)")
             started = time.process_time()
-            run = Run(keras, spec, job, gradients, initial)
+            if spec["mode"] == "fit":  # a real model.fit (verify/fit_mode.py)
+                from verify.fit_mode import FitRun as run_class
+            elif spec["mode"] == "resume":  # saved and resumed (verify/resume_mode.py)
+                from verify.resume_mode import ResumeRun as run_class
+            else:
+                run_class = Run
+            run = run_class(keras, spec, job, gradients, initial)
             build += time.process_time() - started
             key = (spec["class_name"], json.dumps(spec["config"], sort_keys=True), spec["dtype"],
                    json.dumps(spec["weights"]))
             if key not in round_trips and not job.get("floor"):
-                round_trips[key] = round_trip(keras, spec["class_name"], spec["config"],
-                                              run.make_variables, run._grads, job["steps"])
+                first = spec["scenarios"][0]
+                round_trips[key] = round_trip(
+                    keras, spec["class_name"], spec["config"], lambda: run.make_variables(first),
+                    lambda t: run._grads(t, run._gradient_arrays(t, first)), job["steps"],
+                    run.variables)
             run.round_trip = round_trips.get(key)
             if job.get("floor"):
                 run.floor(out, job["steps"])

@@ -55,6 +55,7 @@ ADADELTA = Optimizer(
             notes="Algorithm 1 has no learning rate (its point is to need none): the "
                   "update Delta x is added to the weights as it is, so the configured "
                   "learning_rate is not used. E[g^2] and E[Delta x^2] start at 0 (line 3), "
-                  "Keras's accumulated_grad and accumulated_delta_var."),
+                  "Keras's accumulated_grad and accumulated_delta_var.",
+            textbook_base=True),
     },
     explained=("learning_rate",))

@@ -46,7 +46,8 @@ TEXTBOOK = Point(
     notes="G_t is the sum of the squared gradients so far, so it starts at 0 "
           "(initial_accumulator_value is not part of the paper). delta is added "
           "outside the square root, as the paper writes it; it takes Keras's "
-          "epsilon.")
+          "epsilon.",
+    textbook_base=True)
 
 ARTICLE = Point(
     {"initial_accumulator": "zero", "epsilon_placement": "inside"},

@@ -130,7 +130,12 @@ ADAM = Optimizer(
                   "and no epsilon (where v_hat "
                   "is 0, a zero gradient from the start, the step is 0/0), and the "
                   "projection onto F is the identity (unconstrained weights). v_hat is "
-                  "Keras's velocity_hat slot."),
+                  "Keras's velocity_hat slot. A weight_decay takes Loshchilov and "
+                  "Hutter's Algorithm 2, line 12 (AdamW), as Keras's Adam decays as AdamW.",
+            unstated=lambda hp: ("Reddi et al.'s Algorithm 2 states no weight decay"
+                                 if hp["amsgrad"] and hp.get("weight_decay") is not None
+                                 else None),
+            textbook_base=True),
         "article": Point(ARTICLE_CHOICES, source="shared/article.md, section Adam",
                          doc=ARTICLE_DOC, unstated=_no_amsgrad("the article")),
     },
@@ -151,7 +156,8 @@ ADAMW = Optimizer(
                   "so line 12 decays by lambda * theta per step, not by lr * lambda * "
                   "theta; lambda is Keras's weight_decay. Decay and step both use the "
                   "weights before the step, as line 12 writes them.",
-            unstated=_no_amsgrad("Loshchilov and Hutter's Algorithm 2")),
+            unstated=_no_amsgrad("Loshchilov and Hutter's Algorithm 2"),
+            textbook_base=True),
         "article": Point(
             ARTICLE_CHOICES, source="shared/article.md, section AdamW",
             doc="w = w - weight_decay * lr * w, then the Adam step.",

@@ -58,6 +58,7 @@ ADAMAX = Optimizer(
     w = w - (alpha / (1 - beta_1**t)) * m / u.""",
             notes="Algorithm 2 has no epsilon: where u is 0 (a zero gradient from the "
                   "start) the step is 0/0. Its default alpha = 0.002 is not used; alpha "
-                  "takes the configured learning rate."),
+                  "takes the configured learning rate.",
+            textbook_base=True),
     },
     explained=("epsilon",))

@@ -101,7 +101,8 @@ NADAM = Optimizer(
                   "the factor nu (beta_2) is read as a misprint and left out, n_hat = "
                   "n_t / (1 - nu^t): it is not in the bias correction of Adam's "
                   "Algorithm 1 (Kingma and Ba 2015), which the algorithm otherwise "
-                  "follows, and it would scale every step by 1/sqrt(nu)."),
+                  "follows, and it would scale every step by 1/sqrt(nu).",
+            textbook_base=True),
         "article": Point(
             {"schedule_psi": "1", "u_t_1_beta": "beta_2", "u_product_init": "0",
              "u_product_update": "times_beta_then_factor", "ema": "interpolate",

@@ -69,7 +69,8 @@ TEXTBOOK = Point(
     notes="The lecture divides by sqrt(MeanSquare) with no epsilon at all; none is "
           "added (a zero gradient on a zero mean square is then 0/0). Graves's "
           "epsilon is inside the square root. Graves's update Delta is added to "
-          "the weights, Keras's momentum slot is subtracted: momentum = -Delta.")
+          "the weights, Keras's momentum slot is subtracted: momentum = -Delta.",
+    textbook_base=True)
 
 ARTICLE = Point(
     {"epsilon": "inside", "one_minus_rho": "tensor"},

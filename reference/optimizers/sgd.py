@@ -68,7 +68,8 @@ TEXTBOOK = Point(
           "w_{t-1}, which is Keras's momentum slot. Sutskever's Nesterov needs "
           "the gradient at the look-ahead point w + mu v; Bengio et al.'s "
           "reformulation stores the look-ahead point as the weights, which makes "
-          "it computable from the gradient at the stored weights.")
+          "it computable from the gradient at the stored weights.",
+    textbook_base=True)
 
 ARTICLE = Point(
     {"nesterov_form": "momentum_then_gradient", "heavy_ball": "weights_unchanged",

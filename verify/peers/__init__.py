@@ -27,6 +27,7 @@ import reference
 from reference.arithmetic import PRECISIONS, Precision
 
 CLASSES_FILE = Path(__file__).with_name("classes.toml")
+WRAPPERS_FILE = Path(__file__).with_name("wrappers.toml")
 CONFIGURATIONS_FILE = Path(__file__).with_name("configurations.toml")
 # library -> the name of its process in reports (the runner's "backend")
 LIBRARIES = {"torch": "torch.optim", "optax": "optax"}
@@ -54,6 +55,8 @@ def _load_classes(path: Path = CLASSES_FILE) -> dict:
 
 
 CLASSES = _load_classes()
+WRAPPERS = _load_classes(WRAPPERS_FILE)
+STAGES = ("accumulate", "clip", "schedule", "ema")
 
 
 @dataclass(frozen=True)
@@ -66,14 +69,20 @@ class PeerConfiguration:
     config: dict            # the Keras configuration with the same hyperparameters
     states: dict = field(default_factory=dict)   # peer state -> Keras slot
     scale: dict = field(default_factory=dict)    # peer state -> factor to Keras's units
+    wrappers: tuple = ()    # ((wrapper, {argument: value}), ...) as written
+
+    @property
+    def text(self) -> str:
+        return f"{self.library}:" + " + ".join(
+            _call(name, args) for name, args in ((self.peer_class, self.arguments),
+                                                 *self.wrappers))
 
     @property
     def backend(self) -> str:
         return LIBRARIES[self.library]
 
     def describe(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.arguments.items())
-        return f"{self.library}:{self.peer_class}({args})"
+        return self.text
 
     def peer_spec(self) -> dict:
         """What the peer worker needs to build and read the optimizer."""
@@ -81,9 +90,29 @@ class PeerConfiguration:
         entry = CLASSES[self.library, self.peer_class]
         for name in entry.get("required", []):
             kwargs.setdefault(name, self.config[entry["arguments"][name]])
+        wrappers = {}
+        for name, arguments in self.wrappers:
+            w = WRAPPERS[self.library, name]
+            wrappers[w["stage"]] = {"name": name,
+                                    "kwargs": {**w.get("defaults", {}), **arguments}}
+        if "schedule" in wrappers:  # the schedule starts from the optimizer's rate
+            wrappers["schedule"]["kwargs"]["initial"] = self.initial_learning_rate
         return {"library": self.library, "class": self.peer_class, "kwargs": kwargs,
-                "states": self.states, "scale": self.scale,
+                "states": self.states, "scale": self.scale, "wrappers": wrappers,
                 "shared": entry.get("shared", []), "initial": entry.get("initial", {})}
+
+    @property
+    def initial_learning_rate(self) -> float:
+        return initial_learning_rate(self.config["learning_rate"])
+
+
+def initial_learning_rate(value) -> float:
+    """A constant learning rate, or a schedule's initial one."""
+    return value["config"]["initial_learning_rate"] if isinstance(value, dict) else value
+
+
+def _call(name, arguments) -> str:
+    return f"{name}(" + ", ".join(f"{k}={v!r}" for k, v in arguments.items()) + ")"
 
 
 def _literal(node, text):
@@ -94,8 +123,18 @@ def _literal(node, text):
     return list(value) if isinstance(value, tuple) else value
 
 
+def _one_call(node, text) -> tuple:
+    if isinstance(node, ast.Name):
+        return node.id, {}
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args
+            and all(k.arg for k in node.keywords)):
+        raise PeerError(f"{text!r}: not a call Class(name=value, ...) with named arguments")
+    return node.func.id, {k.arg: _literal(k.value, text) for k in node.keywords}
+
+
 def parse_call(text: str) -> tuple:
-    """`library:Class(k=v, ...)` -> (library, class, {k: v})."""
+    """`library:Class(k=v, ...) + Wrapper(k=v, ...) + ...` -> (library, class, {k: v},
+    [(wrapper, {k: v}), ...])."""
     library, sep, call = text.partition(":")
     if not sep or library.strip() not in LIBRARIES:
         raise PeerError(f"{text!r}: a peer configuration is LIBRARY:Class(...), LIBRARY one "
@@ -104,12 +143,12 @@ def parse_call(text: str) -> tuple:
         node = ast.parse(call.strip(), mode="eval").body
     except SyntaxError:
         raise PeerError(f"{text!r}: not a call Class(name=value, ...)") from None
-    if isinstance(node, ast.Name):
-        return library.strip(), node.id, {}
-    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args
-            and all(k.arg for k in node.keywords)):
-        raise PeerError(f"{text!r}: not a call Class(name=value, ...) with named arguments")
-    return library.strip(), node.func.id, {k.arg: _literal(k.value, text) for k in node.keywords}
+    calls = []
+    while isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        calls.insert(0, _one_call(node.right, text))
+        node = node.left
+    name, arguments = _one_call(node, text)
+    return library.strip(), name, arguments, calls
 
 
 def _same(a, b) -> bool:
@@ -152,8 +191,49 @@ def keras_equivalent(library: str, peer_class: str, arguments: dict, text="") ->
     return entry["keras"], config
 
 
+def _wrap(library: str, wrappers: list, config: dict, text: str) -> tuple:
+    """The Keras configuration with each wrapper's arguments, and the wrappers' states
+    and their scales."""
+    config = dict(config)
+    states, scales, stages = {}, {}, set()
+    for name, arguments in wrappers:
+        if (library, name) not in WRAPPERS:
+            known = sorted(n for lib, n in WRAPPERS if lib == library)
+            raise PeerError(f"{text!r}: no {library} wrapper {name} (choose from "
+                            f"{', '.join(known)})")
+        w = WRAPPERS[library, name]
+        if w["stage"] in stages:
+            raise PeerError(f"{text!r}: one {w['stage']} wrapper at most")
+        stages.add(w["stage"])
+        unknown = sorted(set(arguments) - set(w["keras"]))
+        if unknown:
+            raise PeerError(f"{text!r}: {name} takes no argument {unknown[0]!r} (choose "
+                            f"from {', '.join(w['keras'])})")
+        given = {**w.get("defaults", {}), **arguments}
+        for k in w["keras"]:
+            if k not in given:
+                raise PeerError(f"{text!r}: {name} needs {k}")
+            want = _kind(w["defaults"][k]) if k in w.get("defaults", {}) else "number"
+            if _kind(given[k]) != want:
+                raise PeerError(f"{text!r}: {k} must be a {want} (got {given[k]!r})")
+        mapped = {w["keras"][k]: v for k, v in given.items()}
+        if w["stage"] == "schedule":
+            lr = config["learning_rate"]
+            # every argument, as Keras serializes a schedule
+            defaults = {k: v for k, v in reference.schedules.DEFAULTS[w["schedule"]].items()
+                        if k != "name"}
+            config["learning_rate"] = {"class_name": w["schedule"], "config": {
+                **defaults, "initial_learning_rate": lr, **mapped, **w.get("implies", {})}}
+        else:
+            config.update(mapped)
+            config.update(w.get("implies", {}))
+        states.update(w.get("states", {}))
+        scales.update(w.get("scale", {}))
+    return config, states, scales
+
+
 def parse(text: str, id: str | None = None) -> PeerConfiguration:
-    library, peer_class, arguments = parse_call(text)
+    library, peer_class, arguments, wrappers = parse_call(text)
     known = sorted(n for lib, n in CLASSES if lib == library)
     if (library, peer_class) not in CLASSES:
         raise PeerError(f"{text!r}: no {library} class {peer_class} with a Keras counterpart "
@@ -182,21 +262,34 @@ def parse(text: str, id: str | None = None) -> PeerConfiguration:
             raise PeerError(f"{text!r}: {library}:{peer_class} needs {name}")
     mapped = {k: v for k, v in arguments.items() if k not in fixed and k not in free}
     class_name, config = keras_equivalent(library, peer_class, mapped, text)
+    # the optimizer's slots in its own units, at its constant learning rate
+    scale = _scales(entry.get("scale", {}), config)
+    config, wrapper_states, wrapper_scale = _wrap(library, wrappers, config, text)
+    scale.update(_scales(wrapper_scale, config))
     try:
         reference.get_rule("keras", class_name).hyperparameters(config)
     except reference.Unsupported as exc:
         raise PeerError(f"{text!r}: {exc}") from None
+    if reference.schedules.unsupported(config["learning_rate"]):
+        raise PeerError(f"{text!r}: {reference.schedules.unsupported(config['learning_rate'])}")
+    if id is not None and not ID.fullmatch(id):
+        raise PeerError(f"peer configuration id {id!r}: letters, digits, '_', '.', '-'")
+    digest = hashlib.sha256(json.dumps([arguments, wrappers] if wrappers else arguments,
+                                       sort_keys=True).encode()).hexdigest()[:8]
+    return PeerConfiguration(id or f"{library}_{peer_class.lower()}_{digest}", library,
+                             peer_class, dict(arguments), class_name, config,
+                             {**entry["states"], **wrapper_states}, scale,
+                             tuple((name, dict(args)) for name, args in wrappers))
+
+
+def _scales(factors: dict, config: dict) -> dict:
+    """state -> factor: "-name" is minus the Keras argument, "1" one."""
     scale = {}
-    for state, factor in entry.get("scale", {}).items():
+    for state, factor in factors.items():
         sign = -1.0 if factor.startswith("-") else 1.0
         name = factor.lstrip("-")
         scale[state] = sign * (1.0 if name == "1" else float(config[name]))
-    if id is not None and not ID.fullmatch(id):
-        raise PeerError(f"peer configuration id {id!r}: letters, digits, '_', '.', '-'")
-    digest = hashlib.sha256(json.dumps(arguments, sort_keys=True).encode()).hexdigest()[:8]
-    return PeerConfiguration(id or f"{library}_{peer_class.lower()}_{digest}", library,
-                             peer_class, dict(arguments),
-                             class_name, config, dict(entry["states"]), scale)
+    return scale
 
 
 def load(path: Path = CONFIGURATIONS_FILE) -> dict:

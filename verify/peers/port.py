@@ -38,6 +38,50 @@ def _neutral(key, value) -> bool:
         key == "ema_momentum") or value == base.DEFAULTS.get(key, object())
 
 
+def _normal(value):
+    """A serialized schedule with every argument (Keras's defaults for the absent)."""
+    if not reference.schedules.is_schedule(value):
+        return value
+    defaults = reference.schedules.DEFAULTS[value["class_name"]]
+    return {"class_name": value["class_name"],
+            "config": {k: v for k, v in {**defaults, **value.get("config", {})}.items()
+                       if k != "name"}}
+
+
+def wrapper_options(library, hp) -> tuple:
+    """([[wrapper call, ...] per stage], Keras arguments they cover, {wrapper: why not})
+    for the base-optimizer arguments and the schedule of a Keras configuration."""
+    stages, covered, blocked = {}, set(), {}
+    schedule = _normal(hp["learning_rate"])
+    for (lib, name), w in sorted(peers.WRAPPERS.items()):
+        if lib != library:
+            continue
+        if w["stage"] == "schedule":
+            if not isinstance(schedule, dict) or schedule["class_name"] != w["schedule"]:
+                continue
+            config = schedule["config"]
+            stated = {**dict.fromkeys(w["keras"].values()), **w.get("implies", {}),
+                      "initial_learning_rate": None}
+            apart = [f"{k}={v!r}" for k, v in config.items()
+                     if k in w.get("implies", {}) and w["implies"][k] != v or (
+                         k not in stated
+                         and v != reference.schedules.DEFAULTS[w["schedule"]][k])]
+            if apart:
+                blocked[name] = f"cannot express {', '.join(apart)}"
+                continue
+            args = {a: config[t] for a, t in w["keras"].items()}
+            covered.add("learning_rate")
+        else:
+            if any(hp.get(k) != v for k, v in w.get("implies", {}).items()):
+                continue
+            if not w.get("implies") and all(_neutral(t, hp.get(t)) for t in w["keras"].values()):
+                continue
+            args = {a: hp[t] for a, t in w["keras"].items() if hp.get(t) is not None}
+            covered |= set(w["keras"].values()) | set(w.get("implies", {}))
+        stages.setdefault(w["stage"], []).append(peers._call(name, args))
+    return list(stages.values()), covered, blocked
+
+
 def candidates(library, class_name, config) -> tuple:
     """([PeerConfiguration], {peer class: why it cannot port}) for a Keras configuration."""
     hp = reference.get_rule("keras", class_name).hyperparameters(config)
@@ -49,11 +93,18 @@ def candidates(library, class_name, config) -> tuple:
             blocked[peer_class] = "only for " + ", ".join(f"{k}={v!r}" for k, v
                                                           in entry["implies"].items())
             continue
-        arguments, covered = {}, set(entry.get("implies", {}))
+        options, wrapped, why = wrapper_options(library, hp)
+        schedule = hp["learning_rate"]
+        if reference.schedules.is_schedule(schedule) and "learning_rate" not in wrapped:
+            blocked[peer_class] = (f"no {library} schedule reproduces {schedule['class_name']}"
+                                   + "".join(f" ({w}: {r})" for w, r in why.items()))
+            continue
+        arguments, covered = {}, set(entry.get("implies", {})) | wrapped
         for name, target in entry["arguments"].items():
             targets = target if isinstance(target, list) else [target]
             covered |= set(targets)
-            values = [hp[t] for t in targets]
+            values = [peers.initial_learning_rate(hp["learning_rate"]) if t == "learning_rate"
+                      else hp[t] for t in targets]
             keras_default = [reference.get_rule("keras", class_name).defaults.get(t)
                              for t in targets]
             if values == [None] and name in entry.get("defaults", {}):
@@ -62,25 +113,23 @@ def candidates(library, class_name, config) -> tuple:
                     "defaults", {}) and name not in entry.get("required", [])):
                 continue  # left out: the peer's own absent default means Keras's
             arguments[name] = values if isinstance(target, list) else values[0]
-        if reference.schedules.is_schedule(hp["learning_rate"]):
-            blocked[peer_class] = "a learning-rate schedule (not ported yet)"
-            continue
         loose = [f"{k}={v!r}" for k, v in hp.items() if k not in covered and not _neutral(k, v)]
         if loose:
-            blocked[peer_class] = f"no counterpart of {', '.join(loose)}"
+            blocked[peer_class] = f"no counterpart of {', '.join(loose)}" + "".join(
+                f" ({w}: {reason})" for w, reason in why.items())
             continue
         grid = entry.get("search", {})
-        for values in itertools.product(*grid.values()):
+        for values, wrappers in itertools.product(itertools.product(*grid.values()),
+                                                  itertools.product(*options)):
             chosen = {**arguments, **dict(zip(grid, values))}
-            text = f"{library}:{peer_class}(" + ", ".join(
-                f"{k}={v!r}" for k, v in chosen.items()) + ")"
+            text = f"{library}:" + " + ".join([peers._call(peer_class, chosen), *wrappers])
             candidate = peers.parse(text)
             theirs = reference.get_rule("keras", class_name).hyperparameters(candidate.config)
-            apart = [f"{k}={hp[k]!r}" for k in hp if theirs.get(k) != hp[k]
+            apart = [f"{k}={hp[k]!r}" for k in hp if _normal(theirs.get(k)) != _normal(hp[k])
                      and not (_neutral(k, theirs.get(k)) and _neutral(k, hp[k]))]
             if apart:  # the candidate would be compared with another Keras configuration
-                blocked[peer_class] = f"cannot express {', '.join(apart)}"
-                break
+                blocked[candidate.describe()] = f"cannot express {', '.join(apart)}"
+                continue
             found.append(candidate)
     return found, blocked
 
@@ -96,12 +145,13 @@ def parted_by(r) -> str:
 
 def answer(results, blocked) -> list:
     """Rows: each candidate's verdict; the port first, else the closest."""
-    rows = [[r["configuration"].describe(), r["keras"],
+    rows = [[r["configuration"].describe(), r["keras"], peer_run.nonfinite_text(r),
              "" if r["keras"] in ("exact", "match") else parted_by(r),
              f"{r['final_drift']:.2g}"]
             for r in sorted(results, key=lambda r: (r["keras"] not in ("exact", "match"),
                                                     r["final_drift"]))]
-    rows += [[f"{name}: not a candidate", "blocked", why, ""] for name, why in blocked.items()]
+    rows += [[f"{name}: not a candidate", "blocked", "", why, ""]
+             for name, why in blocked.items()]
     return rows
 
 
@@ -181,13 +231,16 @@ def main(argv) -> int:
             p = found[0]
             keras = "Keras " + _call(p.class_name, p.config)
             r = results[0]
-            verdict = (f"{keras}: {r['keras']}" if ported else
+            odd = f" (with NaN and inf: {peer_run.nonfinite_text(r)})" if r["nonfinite"] else ""
+            verdict = (f"{keras}: {r['keras']}{odd}" if ported else
                        f"{keras} does not reproduce it: {parted_by(r)}, "
                        f"{r['final_drift']:.2g} apart after {args.steps} steps")
             summary.append([subject, verdict])
             continue
         closest = min(results, key=lambda r: r["final_drift"], default=None)
-        verdict = (f"port: {ported[0]['configuration'].describe()} ({ported[0]['keras']})"
+        verdict = (f"port: {ported[0]['configuration'].describe()} ({ported[0]['keras']}"
+                   + (f"; with NaN and inf: {peer_run.nonfinite_text(ported[0])})"
+                      if ported[0]["nonfinite"] else ")")
                    if ported else f"no {library} port" + (
                        f": {parted_by(closest)}; closest "
                        f"{closest['configuration'].describe()}, "
@@ -199,7 +252,8 @@ def main(argv) -> int:
         summary.append([subject, verdict])
         lines += [f"## {subject}", "", verdict, "",
                   tabulate(answer(results, blocked),
-                           headers=[f"{library} candidate", "Keras's math", "parts by",
+                           headers=[f"{library} candidate", "Keras's math", "with NaN and inf",
+                                    "parts by",
                                     f"weights apart after {args.steps} steps"],
                            tablefmt="github", disable_numparse=True), ""]
     direction = f"to {library}" if args.to else f"from {library}"
@@ -213,8 +267,10 @@ def main(argv) -> int:
         text = "\n".join([f"# Ports {direction}", "",
                           f"float64, {args.steps} steps, {args.size} elements, scenarios "
                           f"{', '.join(names)}, seed {args.seed}: a port is a {library} "
-                          "configuration the `keras` family finds exact or match "
-                          "(`verify-optimizers port`, docs/peers.md).", "",
+                          "configuration the `keras` family finds exact or match over the "
+                          "scenarios of finite gradients; its verdict with NaN and inf "
+                          "(nonfinite) is given beside it (`verify-optimizers port`, "
+                          "docs/peers.md).", "",
                           tabulate(summary, headers=["configuration", f"port {direction}"],
                                    tablefmt="github", disable_numparse=True), ""] + lines)
         replace_file(output, text)

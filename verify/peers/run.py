@@ -87,20 +87,29 @@ def load_explanations(path: Path = EXPLANATIONS_FILE) -> dict:
         return tomllib.load(f)
 
 
+def _first(keras):
+    first = keras[keras.verdict == "mismatch"].sort_values("first_divergent_step")
+    return None if first.empty else first.iloc[0].to_dict()
+
+
 def analyse(configurations, variants, df, dtypes) -> list:
     """Per configuration and dtype: the Keras point's verdict, the matching variants,
-    where the Keras point first parts."""
+    where the Keras point first parts, over the scenarios of finite gradients; and the
+    Keras point's verdict on those with NaN and inf (scenarios.ISOLATED), where a peer
+    that computes Keras's math may still part by how it propagates them."""
     out = []
     for c in configurations:
         space = SPACES[c.class_name]
         rows = df[df.optimizer == c.id]
         for dtype in dtypes:
-            cell = rows[rows.dtype == dtype]
+            every = rows[rows.dtype == dtype]
+            isolated = every.scenario.isin(scenarios.ISOLATED)
+            cell = every[~isolated] if (~isolated).any() else every
             keras = cell[cell.family == "keras"]
+            odd = every[isolated & (every.family == "keras")]
             matching = [choices for family, choices in variants[c.id]
                         if compare.worst(cell[cell.family == family].verdict) in
                         ("exact", "match")]
-            first = keras[keras.verdict == "mismatch"].sort_values("first_divergent_step")
             out.append({
                 "configuration": c, "dtype": dtype, "space": space,
                 "keras": compare.worst(keras.verdict),
@@ -109,10 +118,22 @@ def analyse(configurations, variants, df, dtypes) -> list:
                 "drift": float(keras.drift.max()),
                 "final_drift": float(keras.final_drift.max()),
                 "matching": matching,
-                "first": None if first.empty else first.iloc[0].to_dict(),
-                "errors": cell[cell.verdict == "error"].reason.dropna().unique().tolist(),
+                "first": _first(keras),
+                "nonfinite": None if odd.empty or cell is every else compare.worst(odd.verdict),
+                "nonfinite_first": _first(odd),
+                "errors": every[every.verdict == "error"].reason.dropna().unique().tolist(),
             })
     return out
+
+
+def nonfinite_text(r) -> str:
+    """The Keras point's verdict with NaN and inf, and where it first parts."""
+    if r["nonfinite"] is None:
+        return ""
+    first = r["nonfinite_first"]
+    return r["nonfinite"] + ("" if first is None else
+                             f" (step {int(first['first_divergent_step'])}, "
+                             f"{first['divergent_state']})")
 
 
 def pieces_text(space, matching) -> str:
@@ -141,6 +162,13 @@ def default_differences(c) -> str:
     return "; ".join(diff) or "same"
 
 
+def why(c, explanations) -> str:
+    """The explanations of the peer class and of each of its wrappers."""
+    keys = [c.peer_class, *(name for name, _ in c.wrappers)]
+    return " ".join(explanations[f"{c.library}.{k}"] for k in keys
+                    if f"{c.library}.{k}" in explanations)
+
+
 def report(results, explanations, settings, environment) -> str:
     by_class = {}
     for r in results:
@@ -148,12 +176,16 @@ def report(results, explanations, settings, environment) -> str:
     head = ["# Keras 3 vs PyTorch vs optax", "",
              f"Each peer runs on the harness's gradient streams ({settings}) and is compared "
              "in lockstep with the reference families at its own hyperparameters. `Keras's "
-             "math` is the `keras` family's verdict on the peer's states (exact or match: the "
+             "math` is the `keras` family's verdict on the peer's states over the scenarios "
+             "of finite gradients (exact or match: the "
              "peer computes what Keras 3 computes, up to rounding; the `keras` family is "
              "verified against real Keras by the main run). `pieces` are the combinations of "
              "the named pieces of Keras's variant space that reproduce the peer in every "
-             "scenario (`explain`'s search), written as where they are not Keras's choice. "
-             "`weights apart`: the largest distance, over the steps and scenarios, between "
+             "scenario of finite gradients (`explain`'s search), written as where they are not "
+             "Keras's choice; `with NaN and inf`: the `keras` family's verdict on the "
+             "scenarios with non-finite gradients (nonfinite), apart, as a peer computing "
+             "Keras's math may still propagate NaN and inf otherwise. "
+             "`weights apart`: the largest distance, over the steps and those scenarios, between "
              "the peer's weights and those of Keras's math run on its own from the same "
              "start, relative to the weights' size. `defaults differ`: the peer's defaults "
              "where they are not Keras's.",
@@ -175,19 +207,20 @@ def report(results, explanations, settings, environment) -> str:
             where = ("" if first is None else
                      f"step {int(first['first_divergent_step'])}, {first['divergent_state']}")
             drift = " / ".join(f"{cells[d]['drift']:.2g}" for d in cells)
-            table.append([c.id, c.describe(), verdicts, pieces, where, drift,
-                          default_differences(c),
-                          explanations.get(f"{c.library}.{c.peer_class}", "")])
-            summary.append([class_name, c.library, c.id, verdicts, pieces])
+            odd = " / ".join(nonfinite_text(cells[d]) for d in cells)
+            table.append([c.id, c.describe(), verdicts, pieces, where, drift, odd,
+                          default_differences(c), why(c, explanations)])
+            summary.append([class_name, c.library, c.id, verdicts, pieces,
+                            " / ".join(cells[d]["nonfinite"] or "" for d in cells)])
         lines += [f"## {class_name}", "",
                   f"Keras's point: {name_of(space.keras)}.", "",
                   tabulate(table, headers=["id", "peer configuration",
                                            f"Keras's math ({' / '.join(cells)})", "pieces",
-                                           "first parts", "weights apart", "defaults differ",
-                                           "why"],
+                                           "first parts", "weights apart", "with NaN and inf",
+                                           "defaults differ", "why"],
                            tablefmt="github", disable_numparse=True), ""]
     return "\n".join(head + [tabulate(summary, headers=[
-        "optimizer", "peer", "id", "Keras's math", "pieces"], tablefmt="github",
+        "optimizer", "peer", "id", "Keras's math", "pieces", "with NaN and inf"], tablefmt="github",
         disable_numparse=True), ""] + lines)
 
 

@@ -7,7 +7,9 @@ imported).  Each run's spec holds, besides the Keras worker's fields, `peer`:
 the library, class, keyword arguments, and which peer state is which Keras slot
 (`states`), in which units (`scale`: Keras's slot is that factor times the peer's),
 which are one optimizer-wide value (`shared`) and the value of a state the peer
-creates lazily on its first step (`initial`, default 0: torch's zeros_like).
+creates lazily on its first step (`initial`, default 0: torch's zeros_like), and
+the training loop's wrappers by stage (`wrappers`, verify/peers/wrappers.toml), run
+in Keras's order: accumulate, clip, step, the schedule's step, EMA.
 Peer states not named in `states` (torch's step counters, optax's count) are not
 sent: `iterations` is the number of steps taken.
 """
@@ -45,9 +47,16 @@ class Peer:
         self.dtype = np.dtype(spec["dtype"])
         self.gradients = gradients
         self.places = _places(spec)
+        self.wrappers = self.peer.get("wrappers", {})
+        self.steps = 0    # calls, as Keras's _iterations
+        self.updates = 0  # optimizer steps taken (torch: fewer under accumulation)
         self.start([initial[o:o + n].reshape(shape).astype(self.dtype)
                     for shape, _, o, n in self.places])
-        self.steps = 0
+
+    def wrapper(self, stage):
+        """(name, kwargs) of the stage's wrapper, or (None, {})."""
+        w = self.wrappers.get(stage)
+        return (w["name"], dict(w["kwargs"])) if w else (None, {})
 
     def gradient_arrays(self, t):
         rows = {name: np.asarray(self.gradients[name][t], dtype=self.dtype)
@@ -102,21 +111,78 @@ class TorchPeer(Peer):
             p.grad = torch.zeros_like(p)
         probe_opt.step()
         self.kept = {name for name in self.peer["states"] if name in probe_opt.state[probe[0]]}
+        name, kw = self.wrapper("schedule")
+        kw.pop("initial", None)
+        self.scheduler = getattr(torch.optim.lr_scheduler, name)(self.opt, **kw) if name else None
+        name, kw = self.wrapper("ema")
+        self.ema = None
+        if name:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.module = torch.nn.ParameterList(self.params)
+            self.ema = AveragedModel(self.module,
+                                     multi_avg_fn=get_ema_multi_avg_fn(kw["decay"]))
+            self.overwrite_every = kw["overwrite_every"]
 
     def step(self, arrays):
-        for p, g in zip(self.params, arrays):
-            p.grad = self.torch.from_numpy(g.copy())
-        self.opt.step()
+        torch = self.torch
         self.steps += 1
+        _, accumulate = self.wrapper("accumulate")
+        if accumulate:  # (loss / steps).backward(): p.grad += g / steps
+            k = accumulate["steps"]
+            for p, g in zip(self.params, arrays):
+                part = torch.from_numpy(g.copy()) / k
+                p.grad = part if p.grad is None else p.grad.add_(part)
+            if self.steps % k:
+                return
+        else:
+            for p, g in zip(self.params, arrays):
+                p.grad = torch.from_numpy(g.copy())
+        name, kw = self.wrapper("clip")
+        if name == "clip_grad_norm_":
+            torch.nn.utils.clip_grad_norm_(self.params, kw["max_norm"])
+        elif name == "clip_grad_norm_each":
+            for p in self.params:
+                torch.nn.utils.clip_grad_norm_(p, kw["max_norm"])
+        elif name == "clip_grad_value_":
+            torch.nn.utils.clip_grad_value_(self.params, kw["clip_value"])
+        self.opt.step()
+        self.updates += 1
+        if accumulate:
+            self.opt.zero_grad()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.module)
+            if self.overwrite_every and self.updates % self.overwrite_every == 0:
+                with torch.no_grad():
+                    for p, a in zip(self.params, self.ema.module.parameters()):
+                        p.copy_(a)
+
+    def wrapper_state(self, name, weights):
+        if name == "grad":
+            return [np.zeros_like(w) if p.grad is None else p.grad.numpy().copy()
+                    for p, w in zip(self.params, weights)]
+        if name == "average":
+            # before its first update_parameters (which copies the weights) the
+            # average holds no value: reported as Keras's initial one
+            if not self.ema.n_averaged.item():
+                return [self.initial_value(name, w) for w in weights]
+            return [a.detach().numpy().copy() for a in self.ema.module.parameters()]
+        return None
 
     def read(self):
         weights = [p.detach().numpy().copy() for p in self.params]
         raw = {}
         for name in self.peer["states"]:
+            values = self.wrapper_state(name, weights)
+            if values is not None:
+                raw[name] = values
+                continue
             values = []
             for p, w in zip(self.params, weights):
                 value = self.opt.state[p].get(name)
-                if value is None and self.steps == 0 and name in self.kept:
+                if value is None and self.updates == 0 and name in self.kept:
                     value = self.initial_value(name, w)  # before the step that creates it
                 values.append(value.detach().numpy().copy() if hasattr(value, "detach")
                               else value)
@@ -130,7 +196,25 @@ class OptaxPeer(Peer):
         import jax
         import optax
 
-        self.tx = getattr(optax, self.peer["class"])(**self.peer["kwargs"])
+        kwargs = dict(self.peer["kwargs"])
+        name, kw = self.wrapper("schedule")
+        if name:
+            kwargs["learning_rate"] = getattr(optax, name)(init_value=kw.pop("initial"), **kw)
+        tx = getattr(optax, self.peer["class"])(**kwargs)
+        name, kw = self.wrapper("clip")
+        if name:
+            tx = optax.chain(getattr(optax, name)(**kw), tx)
+        name, kw = self.wrapper("ema")
+        if name == "ema":
+            tx = optax.chain(tx, optax.ema(**kw))
+        self.average = None
+        if name == "incremental_update":  # the parameters' EMA, kept beside them
+            self.decay, self.overwrite_every = kw["decay"], kw["overwrite_every"]
+            self.average = [jax.numpy.asarray(w) for w in weights]
+        name, kw = self.wrapper("accumulate")
+        if name:
+            tx = optax.MultiSteps(tx, **kw)
+        self.tx = tx
         self.params = [jax.numpy.asarray(w) for w in weights]
         self.state = self.tx.init(self.params)
 
@@ -139,10 +223,17 @@ class OptaxPeer(Peer):
             return optax.apply_updates(params, updates), state
 
         self.jitted = jax.jit(step)  # as a training loop runs it
+        self.jitted_average = jax.jit(lambda params, average: optax.incremental_update(
+            params, average, 1 - self.decay)) if self.average is not None else None
 
     def step(self, arrays):
         self.params, self.state = self.jitted(self.params, self.state, list(arrays))
         self.steps += 1
+        self.updates += 1
+        if self.average is not None:
+            self.average = self.jitted_average(self.params, self.average)
+            if self.overwrite_every and self.updates % self.overwrite_every == 0:
+                self.params = list(self.average)
 
     def read(self):
         weights = [np.asarray(p) for p in self.params]
@@ -162,6 +253,10 @@ class OptaxPeer(Peer):
                     walk(item)
 
         walk(self.state)
+        if "acc_grads" in raw:  # MultiSteps' running mean of mini_step gradients: their sum
+            raw["acc_grads"] = [a * np.asarray(self.state.mini_step) for a in raw["acc_grads"]]
+        if self.average is not None:
+            raw["average"] = [np.asarray(a) for a in self.average]
         return weights, raw
 
 

@@ -1,0 +1,131 @@
+"""Mode fit, a real model.fit through Keras's trainer (verify/fit_mode.py): the keras
+family agrees with it on every backend (specificity), a reference with one real
+change does not (sensitivity), and what fit applied or left that is not what the
+harness intended (another gradient, a loss scale the trainer did not apply, the EMA
+not written at the end of fit) is an error with that reason, never a verdict."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_selection, run_selection
+from verify import cli, fit_mode
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGURATIONS = ["adam", "adam_ema", "loss_scale_adam", "adam_accumulation",
+                  "adam_loss_scale_factor"]
+PERTURBED = "beta_1+1e-4"  # Adam's beta_1 shifted (tests/perturbations.py)
+
+
+@pytest.fixture(scope="module")
+def fit_rows(backends, tmp_path_factory):
+    """fit on every installed backend, both dtypes, every scenario, 25 steps x 24:
+    25 is not a multiple of steps_per_execution, so the last execution is partial."""
+    sel = make_selection(backends, ["keras", PERTURBED], configurations=CONFIGURATIONS,
+                         modes=["fit"])
+    return run_selection(sel, tmp_path_factory.mktemp("fit"))
+
+
+def test_keras_family_agrees_in_fit_mode_on_every_backend(fit_rows, backends):
+    keras = fit_rows[fit_rows.family == "keras"]
+    for backend in backends:
+        got = keras[keras.backend == backend]
+        assert set(got.optimizer) == set(CONFIGURATIONS), backend
+        assert set(got.dtype) == {"float32", "float64"}, backend
+        assert set(got.verdict) <= {"exact", "match"}, got[got.verdict.isin(
+            ["mismatch", "error"])][["optimizer", "dtype", "scenario", "reason"]]
+
+
+def test_one_real_change_is_a_fit_mismatch_on_every_backend(fit_rows, backends):
+    for backend in backends:
+        got = fit_rows[(fit_rows.family == PERTURBED) & (fit_rows.optimizer == "adam")
+                       & (fit_rows.backend == backend) & (fit_rows.dtype == "float64")]
+        assert len(got) and (got.verdict == "mismatch").any(), backend
+
+
+def test_the_comparison_feeds_the_gradient_times_loss_scale_factor():
+    g = np.array([[1.0, 3.0e38, -2.0 ** -140]])
+    got = fit_mode.intended(g, {"loss_scale_factor": 128.0}, "float32")
+    assert got.dtype == np.float32
+    with np.errstate(over="ignore"):
+        assert got.tobytes() == (g.astype(np.float32) * np.float32(128)).tobytes()
+    assert fit_mode.intended(g, {"learning_rate": 0.01}, "float32") is g
+
+
+def test_fit_is_not_in_the_default_modes():
+    args = cli.build_parser().parse_args(["--optimizer", "sgd", "--backend",
+                                          cli.installed_backends()[0]])
+    sel, _, _ = cli.selection_from_args(args)
+    assert "fit" not in sel.modes and "fit" in cli.MODES
+
+
+# One fit run of the worker in a fresh process, with one thing changed: "data" feeds
+# one element of step 5 one ulp off the scenario's; "unscaled" makes the trainer's
+# scale_loss return the loss unscaled; "no-finalize" makes finalize_variable_values do
+# nothing.  It prints, as JSON on its last line, the error the run raised (or none).
+PROBE = r"""
+import io, json, os, sys
+backend, change, class_name, config = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+os.environ["KERAS_BACKEND"] = backend
+import numpy as np, keras
+from verify import fit_mode
+if change == "data":
+    data = fit_mode.FitRun._data
+    def perturbed(self, steps):
+        rows = data(self, steps)
+        rows[4, 0] = np.nextafter(rows[4, 0], np.inf)
+        return rows
+    fit_mode.FitRun._data = perturbed
+if change == "unscaled":
+    keras.optimizers.LossScaleOptimizer.scale_loss = lambda self, loss: loss
+if change == "no-finalize":
+    keras.optimizers.Optimizer.finalize_variable_values = lambda self, var_list: None
+spec = {"id": 0, "scenarios": ["s"], "weights": [["w", [4]], ["m", [2, 3]]],
+        "dtype": "float32", "class_name": class_name, "config": json.loads(config),
+        "mode": "fit"}
+rng = np.random.default_rng(0)
+grads = {"s": rng.normal(size=(25, 10))}
+run = fit_mode.FitRun(keras, spec, {"backend": backend}, grads, rng.normal(size=10))
+try:
+    run.execute(io.BytesIO(), 25, 10)
+    print(json.dumps({}))
+except fit_mode.FitCheckFailed as exc:
+    print(json.dumps({"error": str(exc)}))
+"""
+CHANGES = {
+    "none": ("Adam", {"learning_rate": 0.01}, None),
+    "data": ("Adam", {"learning_rate": 0.01},
+             "fit applied another gradient than intended at step 5 to s_w"),
+    "unscaled": ("LossScaleOptimizer", {"inner_optimizer": {"class_name": "Adam",
+                                                            "config": {}}},
+                 "fit applied another gradient than intended at step 1 to s_w"),
+    "no-finalize": ("Adam", {"use_ema": True, "ema_momentum": 0.9},
+                    "fit: the weights s_w after fit are not the EMA average "
+                    "(finalize_variable_values)"),
+}
+
+
+def probe(backend, change, tmp_path):
+    class_name, config, _ = CHANGES[change]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", PROBE, backend, change, class_name,
+                           json.dumps(config)], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_what_fit_applied_or_left_is_checked_bit_for_bit(change, tmp_path):
+    backend = "torch" if "torch" in cli.installed_backends() else cli.installed_backends()[0]
+    got = probe(backend, change, tmp_path)
+    expected = CHANGES[change][2]
+    if expected is None:
+        assert got == {}
+    else:
+        assert got["error"].startswith(expected), got
