@@ -374,10 +374,8 @@ class Run:
             "type": "run_start", "id": spec["id"], "states": names,
             # of the weights and their slots (an optimizer-wide value may have its
             # own: LossScaleOptimizer's scale is float32 for any weights)
-            "computed_dtypes": sorted({str(v.dtype) for (i, _, _), v in zip(self.state_vars,
-                                                                             values)
-                                       if i is not None and not np.issubdtype(v.dtype,
-                                                                              np.integer)}),
+            "computed_dtypes": computed_dtypes(v for (i, _, _), v in zip(self.state_vars, values)
+                                               if i is not None),
             "keras_config": _json_safe(self.optimizer.get_config()),
             "round_trip": self.round_trip,
         }, {**{n: v[None] for n, v in zip(names, values)},
@@ -432,6 +430,12 @@ def _counters_in(dtype, read):
         return [v.astype(dtype) if np.issubdtype(v.dtype, np.integer) else v
                 for v in values], iteration
     return read_states
+
+
+def computed_dtypes(values) -> list:
+    """The dtypes Keras computed these states in: every one but an integer counter
+    (bfloat16, ml_dtypes's, is no numpy floating type)."""
+    return sorted({str(v.dtype) for v in values if not np.issubdtype(v.dtype, np.integer)})
 
 
 def raised_in_keras(exc, keras) -> bool:
