@@ -1,7 +1,7 @@
 """Floating-point arithmetic that carries a running error bound.
 
 Every value computed by a reference rule is a `Tracked`: the value rounded in
-the working dtype (float32 or float64), exactly as numpy computes it, and a
+the working dtype (float32, float64, float16 or bfloat16), exactly as numpy computes it, and a
 first-order bound on its absolute distance from the exact real-number result
 of the same formula (a running error analysis, Higham, "Accuracy and Stability
 of Numerical Algorithms", 2nd ed. 2002, section 3.3).  For each operation
@@ -43,6 +43,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+
+def numpy_dtype(name) -> np.dtype:
+    """A dtype by name; bfloat16, which numpy lacks, is ml_dtypes's (what JAX,
+    TensorFlow's numpy conversion and Keras's convert_to_numpy give)."""
+    if str(name) == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def finfo(dtype):
+    """np.finfo, for bfloat16 too (ml_dtypes.finfo)."""
+    dtype = numpy_dtype(dtype)
+    if dtype.name == "bfloat16":
+        import ml_dtypes
+        return ml_dtypes.finfo(dtype)
+    return np.finfo(dtype)
 
 
 @dataclass(frozen=True)
@@ -92,6 +110,13 @@ class Precision:
     accumulator_reset_multiplies: the gradient accumulators are reset by
         multiplying them by 0.0 (torch's `_backend_reset_gradient_accumulators`),
         which leaves NaN where one holds inf or NaN, not 0.
+    kernels_keep_gradient_dtype: the classes whose own kernels (torch:
+        keras/src/backend/torch/optimizers/) use a gradient in the dtype it
+        arrives in, where every generic `update_step` casts it to the variable's
+        dtype first; it differs only for a float32 gradient of a float16 or
+        bfloat16 variable (LossScaleOptimizer's, divided by its float32 scale),
+        which such a kernel squares and scales in float32 before the assign
+        rounds the result to the variable's dtype.
     flushes_subnormals: results below the smallest normal number may be
         flushed to zero (TensorFlow and XLA set FTZ/DAZ on CPU), so each
         operation's underflow error is up to the smallest normal number
@@ -112,6 +137,7 @@ class Precision:
     moving_average_weighted: bool = False
     sign_of_nan_zero: bool = False
     accumulator_reset_multiplies: bool = False
+    kernels_keep_gradient_dtype: tuple = ()
 
     def describe(self) -> str:
         parts = [text for flag, text in DESCRIPTIONS.items() if getattr(self, flag)]
@@ -133,6 +159,9 @@ DESCRIPTIONS = {  # each setting as the reports state it, in this order
     "moving_average_weighted": "Adam, AdamW, Nadam and Adamax moments as beta*m + (1-beta)*g",
     "sign_of_nan_zero": "sign(NaN) is 0",
     "accumulator_reset_multiplies": "gradient accumulators reset by multiplying by 0.0",
+    "kernels_keep_gradient_dtype": "the own kernels of Adadelta, Adagrad, Adam, Adamax, AdamW, "
+                                   "Lion, Nadam, RMSprop and SGD use a float32 gradient of a "
+                                   "float16/bfloat16 variable uncast",
 }
 
 PRECISIONS = {
@@ -143,7 +172,10 @@ PRECISIONS = {
     "torch": Precision("torch", decay_factor_float32=True, operand_float32=True,
                        min_max_float32=True, mean_float32=True, norm_float32=True,
                        value_aliases_variable=True, moving_average_weighted=True,
-                       sign_of_nan_zero=True, accumulator_reset_multiplies=True),
+                       sign_of_nan_zero=True, accumulator_reset_multiplies=True,
+                       kernels_keep_gradient_dtype=("Adadelta", "Adagrad", "Adam", "Adamax",
+                                                    "AdamW", "Lion", "Nadam", "RMSprop",
+                                                    "SGD")),
     # No rounding beyond the working dtype: the formulas as real-number math.
     "exact": Precision("exact", learning_rate_float32=False),
 }
@@ -154,10 +186,10 @@ class Arithmetic:
 
     def __init__(self, dtype, precision: Precision, *, track: bool = True,
                  tie_width: float = 32.0):
-        self.dtype = np.dtype(dtype)
+        self.dtype = numpy_dtype(dtype)
         self.precision = precision
         self.track = track
-        info = np.finfo(self.dtype)
+        info = finfo(self.dtype)
         self.u = float(info.eps) / 2
         # absolute error of an underflowing result (Higham 2002, eq. 2.8)
         self.smallest_normal = float(info.smallest_normal)
@@ -468,6 +500,20 @@ def to_float32(x: Tracked) -> Tracked:
     return Tracked(z, e, x.ar, x.tie)
 
 
+def stored(x: Tracked) -> Tracked:
+    """x assigned to a variable of the working dtype: a value computed in a wider
+    dtype (a float32 gradient's terms, `kernels_keep_gradient_dtype`) rounded to
+    it, with that rounding."""
+    if x.v.dtype == x.ar.dtype:
+        return x
+    z = x.v.astype(x.ar.dtype)
+    if not x.ar.track:
+        return Tracked(z, None, x.ar, x.tie)
+    az = np.abs(z.astype(np.float64))
+    e = x.e + az * x.ar.u + np.where((az < x.ar.smallest_normal) & (z != 0), x.ar.underflow, 0.0)
+    return Tracked(z, e, x.ar, x.tie)
+
+
 def gamma(n, u: float):
     """gamma_n = n u / (1 - n u) (Higham 2002, section 3.1, lemma 3.1)."""
     n = np.asarray(n, dtype=np.float64)
@@ -576,7 +622,7 @@ def matmul(a: Tracked, b: Tracked) -> Tracked:
     With subnormals flushed, each of the n products and n - 1 additions may
     also lose up to the smallest normal number.
     """
-    z = np.matmul(a.v, b.v)
+    z = np.matmul(a.v, b.v).astype(a.ar.dtype, copy=False)  # bfloat16's is float32
     if not a.ar.track:
         return Tracked(z, None, a.ar)
     n = np.shape(a.v)[-1]

@@ -57,7 +57,7 @@ BAD = {
     "unknown-optimizer": ["--optimizer", "adamax_typo"],
     "unknown-scenario": ["--scenario", "gaussian,nope"],
     "unknown-backend": ["--backend", "mxnet"],
-    "unknown-dtype": ["--dtype", "float16"],
+    "unknown-dtype": ["--dtype", "float8"],
     "unknown-family": ["--family", "textbook_typo"],
     "unknown-mode": ["--mode", "lazy"],
     "unknown-format": ["--format", "xlsx"],

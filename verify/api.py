@@ -28,7 +28,8 @@ import pandas as pd
 
 import reference
 from verify import scenarios as scenario_module
-from verify.cli import (DEFAULT_MODES, DEFAULT_SIZE, DEFAULT_STEPS, DTYPES, FORMATS, FULL_SIZE, FULL_STEPS,
+from verify.cli import (DEFAULT_DTYPES, DEFAULT_MODES, DEFAULT_SIZE, DEFAULT_STEPS, DTYPES,
+                        FORMATS, FULL_SIZE, FULL_STEPS,
                         MAX_GRADIENT_BYTES, MODES, UsageError, check_has_runs, choices, check_run_size,
                         chosen_backends, parse_shard, report_order, settings_of, timing_of,
                         write_shard_file)
@@ -132,7 +133,7 @@ def selection(optimizers=None, *, backends=None, dtypes=None, families=None, sce
         if (value is not None or name == "seed") and (not isinstance(value, int)
                                                       or isinstance(value, bool)):
             raise UsageError(f"{name} must be an integer (got {value!r})")
-    chosen_dtypes = _names(dtypes, DTYPES, "dtype")
+    chosen_dtypes = _names(dtypes, DTYPES, "dtype", DEFAULT_DTYPES)
     if full and (steps is not None or size is not None or gradients):
         raise UsageError("--full sets --steps and --size; give either --full or those")
     weights, arrays = None, None

@@ -27,7 +27,7 @@ import numpy as np
 from tabulate import tabulate
 
 import reference
-from verify import compare, configurations, scenarios
+from verify import compare, configurations, dtypes, scenarios
 from verify.configurations import CONFIGURATIONS
 from verify.report import pivot
 from verify.output import OutputRefused, check_folder
@@ -35,7 +35,9 @@ from verify.protocol import peak_memory_mb
 from verify.runner import SAME_AS, Selection
 
 BACKENDS = ("tensorflow", "jax", "torch")
-DTYPES = ("float32", "float64")
+# the default run's dtypes; float16, bfloat16 and the mixed policies with --dtype
+# (verify/dtypes.py)
+DTYPES, DEFAULT_DTYPES = dtypes.DTYPES, dtypes.DEFAULT
 MODES = ("eager", "compiled", "jit", "fit", "resume")
 # jit (model.compile(jit_compile=True)) only when asked for, also with --full: it compiles
 # every configuration and dtype anew, more than the whole default run costs on
@@ -136,7 +138,8 @@ def build_parser(shard=True) -> argparse.ArgumentParser:
                        "families and scenarios.")
     p.add_argument("--backend", action="append", default=[],
                    help="tensorflow, jax, torch (default: every installed one)")
-    p.add_argument("--dtype", action="append", default=[], help="float32, float64 (default both)")
+    p.add_argument("--dtype", action="append", default=[], help=f"{', '.join(DTYPES)} (default {', '.join(DEFAULT_DTYPES)}; "
+                        "mixed_*: float32 weights, gradients computed in the low dtype)")
     p.add_argument("--family", action="append", default=[],
                    help=f"{', '.join(reference.FAMILIES)} (default all)")
     p.add_argument("--optimizer", action="append", default=[],

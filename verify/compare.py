@@ -20,6 +20,16 @@ Two comparisons share one stream of Keras states:
   free-run  the reference runs on its own from the same start; the distance of
             its weights from Keras's is reported as drift, not judged.
 
+Low precision (float16, bfloat16 and the mixed policies, verify/dtypes.py): the
+keras family's comparison also runs the same rule in float64, each step from
+Keras's own previous state (cast up exactly) with the scenario's float64
+gradients, and names where the low dtype changes the math qualitatively
+(`LowPrecision`): a state Keras leaves where it was although the float64 formula
+moves it (the update lost to rounding), a state Keras makes NaN or infinite where
+the float64 formula stays finite, and a hyperparameter of the configuration that
+the dtype rounds to 0 or 1.  They are findings about Keras in that dtype, not
+verdicts: the verdict still compares Keras with the rule in Keras's dtype.
+
 Each scenario of a run is one variable of the optimizer.  The rule receives
 one array per variable ([k, *shape], reference/rule.py), or all of them as one
 flat variable when it is elementwise; the comparison keeps each state as the
@@ -35,6 +45,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from reference import Arithmetic, Unsupported
+from reference.arithmetic import numpy_dtype
+from verify import dtypes
 
 TOLERANCE = 16.0
 # a rule that overflows or divides by zero gives the IEEE result (inf, NaN), which is
@@ -101,6 +113,100 @@ class Divergence:
     scaled_error: float
     bound: float
     weight: str = ""  # the weight (Keras variable) of the worst element; "" optimizer-wide
+
+
+class LowPrecision:
+    """Per scenario and state: the first step (and weight) and the number of
+    element-steps where Keras's low-precision state departs qualitatively from the
+    float64 formula started at the same state (see the module docstring)."""
+
+    KINDS = {"lost": "update lost (Keras keeps the value, the float64 formula moves it)",
+             "nonfinite": "NaN or inf where the float64 formula stays finite"}
+
+    def __init__(self, comparison: "RunComparison"):
+        self.c = comparison
+        self.ar = Arithmetic(np.float64, comparison.ar.precision, track=False)
+        # (kind, state) -> [first step per scenario (0: none), its weight, count, of how many]
+        self.seen = {}
+        self.S = comparison.segments.group_count
+
+    def rounded_hyperparameters(self) -> list:
+        """[(name, value, rounded)] of the configuration's real hyperparameters that
+        the dtype rounds to 0 or 1 (through the precision setting's ops.cast)."""
+        out = []
+        for name, value in self.c.hp.items():
+            if isinstance(value, float) and value not in (0.0, 1.0):
+                rounded = float(self.c.ar.cast(value).v)
+                if rounded in (0.0, 1.0):
+                    out.append((name, value, rounded))
+        return out
+
+    def feed(self, steps, states, before, g64, t_before):
+        k = len(steps)
+        state, grads = self.c._inputs(self.ar, {n: v.astype(np.float64) for n, v in
+                                                 before.items()}, g64, k)
+        with ieee():
+            out = self.c.rule(self.ar, self.c.hp, state, grads, self.ar.step_count(t_before),
+                              self.c.paths)
+        parts = self.c._outputs(out)
+        for name in self.c.ref_states:
+            if name not in states or name in self.c.unmatched:
+                continue
+            new = states[name].reshape(k, -1).astype(np.float64)
+            old = before[name].reshape(k, -1).astype(np.float64)
+            r64 = _flat(parts[name], k, "v").reshape(k, -1)
+            with np.errstate(invalid="ignore"):
+                moves = np.isfinite(r64) & np.isfinite(old) & (r64 != old)
+                kinds = {"lost": (moves & (new == old), moves),
+                         "nonfinite": (~np.isfinite(new) & np.isfinite(old) & np.isfinite(r64),
+                                       np.isfinite(old) & np.isfinite(r64))}
+            for kind, (hit, eligible) in kinds.items():
+                self._count(kind, name, steps, hit, eligible)
+
+    def _count(self, kind, name, steps, hit, eligible):
+        seg = self.c.state_segments.get(name)
+        if seg is None:  # optimizer-wide: one value for every scenario
+            seg = Segments(["g"], [hit.shape[1]], [0], 1)
+        record = self.seen.setdefault((kind, name), [np.zeros(self.S, int), [""] * self.S,
+                                                      np.zeros(self.S, int),
+                                                      np.zeros(self.S, int)])
+        per = seg.reduce_max(hit.astype(np.int8)).astype(bool)
+        if seg.group_count == 1 and self.S > 1:  # optimizer-wide: every scenario's
+            per = np.repeat(per, self.S, axis=1)
+        counts = _group_sums(seg, hit, self.S)
+        totals = _group_sums(seg, eligible, self.S)
+        record[2] += counts
+        record[3] += totals
+        for s in range(self.S):
+            if record[0][s] == 0 and per[:, s].any():
+                j = int(np.argmax(per[:, s]))
+                record[0][s] = int(steps[j])
+                if name in self.c.state_segments and self.c.state_segments[name] is not None:
+                    _, weight = seg.argmax(hit[j].astype(float), s)
+                    record[1][s] = seg.label(weight)
+
+    def describe(self, s: int) -> str:
+        """The findings of scenario s in one line ("" when none)."""
+        dtype = dtypes.compute(self.c.run_dtype)
+        parts = [f"{n}={v!r} rounds to {r:g} in {dtype}"
+                 for n, v, r in self.rounded_hyperparameters()]
+        for (kind, name), (first, weight, count, total) in sorted(
+                self.seen.items(), key=lambda kv: (kv[1][0][s] or 1 << 30, kv[0])):
+            if first[s]:
+                where = f" ({weight[s]})" if weight[s] else ""
+                parts.append(f"{name}: {self.KINDS[kind].split(' (')[0]} from step {first[s]}"
+                             f"{where}, {count[s]} of {total[s]} element-steps")
+        return "; ".join(parts)
+
+
+def _group_sums(seg, values, S) -> np.ndarray:
+    """[k, N] booleans -> [S] counts per group (scenario)."""
+    out = np.zeros(S, int)
+    for i in seg.present:
+        o, n = seg.offsets[i], seg.sizes[i]
+        g = seg.groups[i] if seg.group_count == S else slice(None)
+        out[g] += int(np.count_nonzero(values[:, o:o + n]))
+    return out
 
 
 class Segments:
@@ -217,7 +323,8 @@ class RunComparison:
         self.only_reference = [n for n in self.ref_states
                                if n != "variable" and n not in self.keras_states]
         self.unmatched = {}  # state -> how Keras's layout of it differs from the reference's
-        self.dtype = np.dtype(dtype)
+        self.run_dtype = dtype  # a dtype or a mixed policy (verify/dtypes.py)
+        self.dtype = numpy_dtype(dtypes.variables(dtype))
         self.segments = segments  # the variables, grouped by scenario
         # each state's arrays laid end to end in the variables' order (None: optimizer-wide)
         self.state_segments = {"variable": segments}
@@ -235,8 +342,8 @@ class RunComparison:
             self.layouts = self.state_segments
             self.paths = segments.names
         self.gradients = gradients  # [steps, N] float64, the variables laid end to end
-        self.ar = Arithmetic(dtype, precision, tie_width=2 * TOLERANCE)
-        self.free_ar = Arithmetic(dtype, precision, track=False)
+        self.ar = Arithmetic(self.dtype, precision, tie_width=2 * TOLERANCE)
+        self.free_ar = Arithmetic(self.dtype, precision, track=False)
         S = segments.group_count
         self.exact = np.ones(S, bool)
         self.divergence: list = [None] * S
@@ -252,6 +359,8 @@ class RunComparison:
         self.drift = np.full(S, -np.inf)
         self.final_drift = np.full(S, np.nan)
         self.error = None
+        self.low_precision = (LowPrecision(self) if family == "keras"
+                              and dtypes.compute(dtype) in dtypes.LOW else None)
 
     def _reduce(self, name: str, values: np.ndarray) -> np.ndarray:
         """[k, N] errors of a state -> [k, S] maxima per scenario."""
@@ -277,7 +386,7 @@ class RunComparison:
                 continue
             c = (self.ar.cast if spec.initial_via_cast else self.ar.const)(spec.initial)
             shape = (1, 1) if seg is None else (1, seg.total)
-            ref[name] = np.broadcast_to(c.v, shape).astype(spec.dtype or self.dtype)
+            ref[name] = np.broadcast_to(c.v, shape).astype(numpy_dtype(spec.dtype or self.dtype))
             bounds[name] = np.broadcast_to(c.e, shape)
         for name, parts in (layout or {}).items():
             if name in self.state_segments and name != "variable":
@@ -299,10 +408,13 @@ class RunComparison:
     def feed(self, start: int, states: dict, iterations: np.ndarray) -> None:
         """States after steps start .. start+k-1 (1-based), [k, N] or [k, 1]."""
         k = len(iterations)
-        g = self.gradients[start - 1:start - 1 + k].astype(self.dtype)
+        g = dtypes.gradients(self.gradients[start - 1:start - 1 + k], self.run_dtype)
         t_before = np.concatenate([[self.prev_iteration], iterations[:-1]])
         drift = self._free_run(states, g, t_before)
-        ref, bounds = self._lockstep(states, g, t_before)
+        ref, bounds, before = self._lockstep(states, g, t_before)
+        if self.low_precision is not None:
+            self.low_precision.feed(np.arange(start, start + k), states, before,
+                                    self.gradients[start - 1:start - 1 + k], t_before)
         self._judge(np.arange(start, start + k), states, ref, bounds, drift)
         self.prev = {n: v[-1] for n, v in states.items()}
         self.prev_iteration = int(iterations[-1])
@@ -342,7 +454,7 @@ class RunComparison:
         ref = {n: _flat(parts[n], k, "v") for n in self.ref_states}
         bounds = {n: _flat(parts[n], k, "e") for n in self.ref_states}
         self.ties = {n: _flat(parts[n], k, "tie") for n in self.ref_states}
-        return ref, bounds
+        return ref, bounds, before
 
     def _free_run(self, states, g, t_before):
         k = len(t_before)
@@ -433,6 +545,7 @@ class RunComparison:
             **{f"max_{m}_error": float(self.largest[m][s]) for m in METRICS},
             "drift": float(self.drift[s]),
             "final_drift": float(self.final_drift[s]),
+            "low_precision": "" if self.low_precision is None else self.low_precision.describe(s),
         }
 
 

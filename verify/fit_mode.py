@@ -39,7 +39,8 @@ import time
 import numpy as np
 
 from verify.protocol import write_message
-from verify.worker import Run, _json_safe, gradient_digest, iteration_variable
+from verify.worker import (Run, _json_safe, computed_dtypes, gradient_digest,
+                           iteration_variable)
 
 MODE = "fit"
 # Prime to gradient_accumulation_steps (4) and ema_overwrite_frequency (10) of the
@@ -241,10 +242,9 @@ class FitRun(Run):
         names = [f"{'g' if i is None else i}/{name}" for i, name, _ in self.state_vars]
         write_message(out, {
             "type": "run_start", "id": spec["id"], "states": names,
-            "computed_dtypes": sorted({str(v.dtype) for (i, _, _), v in zip(self.state_vars,
-                                                                             start_values)
-                                       if i is not None and np.issubdtype(v.dtype,
-                                                                          np.floating)}),
+            "computed_dtypes": computed_dtypes(v for (i, _, _), v in zip(self.state_vars,
+                                                                         start_values)
+                                               if i is not None),
             "keras_config": _json_safe(self.optimizer.get_config()),
             "round_trip": self.round_trip,
         }, {**{n: v[None] for n, v in zip(names, start_values)},

@@ -3,6 +3,9 @@
 A message is one JSON line followed by the arrays it names, each in numpy's
 .npy format with its byte length in the header, so a worker can run under any
 Python that has numpy (another virtual environment, another Keras release).
+An array of a dtype numpy's .npy format cannot name (ml_dtypes's bfloat16, which
+it stores as raw void) goes as its bits, uint16, with the dtype's name beside its
+length: the same bits come back.
 """
 
 from __future__ import annotations
@@ -13,14 +16,22 @@ import sys
 
 import numpy as np
 
+from reference.arithmetic import numpy_dtype
+
+
+BITS = {"bfloat16": np.uint16}  # dtypes sent as their bits
+
 
 def write_message(stream, header: dict, arrays: dict | None = None) -> None:
-    blobs = []
-    for array in (arrays or {}).values():
+    blobs, entries = [], []
+    for name, array in (arrays or {}).items():
+        array = np.ascontiguousarray(array)
+        bits = BITS.get(array.dtype.name)
         buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+        np.save(buf, array if bits is None else array.view(bits), allow_pickle=False)
         blobs.append(buf.getvalue())
-    header = {**header, "arrays": [[name, len(b)] for name, b in zip(arrays or {}, blobs)]}
+        entries.append([name, len(blobs[-1])] + ([] if bits is None else [array.dtype.name]))
+    header = {**header, "arrays": entries}
     stream.write(json.dumps(header).encode() + b"\n")
     for b in blobs:
         stream.write(b)
@@ -34,11 +45,13 @@ def read_message(stream):
         return None
     header = json.loads(line)
     arrays = {}
-    for name, length in header.pop("arrays"):
+    for name, length, *dtype in header.pop("arrays"):
         data = stream.read(length)
         if len(data) != length:
             raise EOFError("worker stream ended inside an array")
         arrays[name] = np.load(io.BytesIO(data), allow_pickle=False)
+        if dtype:
+            arrays[name] = arrays[name].view(numpy_dtype(dtype[0]))
     return header, arrays
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -24,6 +25,7 @@ ROW_FIELDS = [
     "first_divergent_step", "divergent_state", "divergent_weight", "keras_value", "reference_value",
     "error_bound", "max_abs_error", "max_rel_error", "max_scaled_error", "mismatch_steps",
     "drift", "final_drift", "precision", "reason", "serialization", "explanation",
+    "low_precision",
 ]
 EXCERPT_STEPS = 6  # steps shown around a divergence in the markdown excerpts
 STEP_ROWS = 10_000  # rows of a per-step table read at once
@@ -164,6 +166,7 @@ class Sink:
             "max_abs_error": s["max_abs_error"], "max_rel_error": s["max_rel_error"],
             "max_scaled_error": s["max_scaled_error"], "mismatch_steps": s["mismatch_steps"],
             "drift": s["drift"], "final_drift": s["final_drift"], "reason": reason.strip(),
+            "low_precision": s["low_precision"] or None,
         })
         key = (family, run.configuration.id, run.backend, run.dtype, run.mode, scenario)
         self.steps(key, steps, None if d is None else (d.step, d.state))
@@ -273,6 +276,13 @@ class Sink:
         lines += serialization(df) or ["Every configuration survives it: the rebuilt "
                                        "optimizer computes bit for bit what the original does.",
                                        ""]
+        if "low_precision" in df and df.low_precision.fillna("").ne("").any():
+            lines += ["## Low precision", "",
+                      "Where float16 or bfloat16 changes the math qualitatively: Keras's "
+                      "state compared, each step, with the keras rule in float64 from the "
+                      "same state and the unrounded gradient (verify/compare.py, "
+                      "LowPrecision).", ""]
+            lines += low_precision(df)
         lines += ["## Findings", "",
                   "Where the article's or the papers' formulas depart from what Keras "
                   "computes, why, and where it shows (a mismatch of the keras family would "
@@ -285,7 +295,7 @@ class Sink:
         dev = deviations(df)
         lines += [_table(dev) if len(dev) else "None.", ""]
         lines += ["## All comparisons", "",
-                  _table(df.drop(columns=["precision", "explanation"])), ""]
+                  _table(df.drop(columns=["precision", "explanation", "low_precision"])), ""]
         lines += ["## References", ""]
         for family in s["families"]:
             for opt_id in s["optimizers"]:
@@ -410,6 +420,37 @@ def serialization(df: pd.DataFrame) -> list:
     return [tabulate(rows[["optimizer", "backend", "dtype", "serialization"]].values.tolist(),
                      headers=["configuration", "backend", "dtype", "finding"],
                      tablefmt="github"), ""]
+
+
+# one finding of a row's low_precision (compare.LowPrecision.describe)
+LOW_PRECISION_ITEM = re.compile(r"(?P<what>.+?) from step (?P<step>\d+)(?: \((?P<weight>\w+)\))?, "
+                                r"(?P<count>\d+) of (?P<total>\d+) element-steps$")
+
+
+def low_precision(df: pd.DataFrame) -> list:
+    """Low-precision findings grouped over backends, modes and scenarios: one line
+    per configuration, dtype and finding, with where it shows, its first step and
+    the share of element-steps it touches (cells.csv has each cell's)."""
+    items = []
+    for r in df[df.low_precision.fillna("") != ""].itertuples():
+        for text in r.low_precision.split("; "):
+            m = LOW_PRECISION_ITEM.match(text)
+            items.append({"optimizer": r.optimizer, "dtype": r.dtype, "backend": r.backend,
+                          "mode": r.mode, "scenario": r.scenario,
+                          "finding": m["what"] if m else text,
+                          "step": int(m["step"]) if m else 1,
+                          "count": int(m["count"]) if m else 0,
+                          "total": int(m["total"]) if m else 0})
+    table = []
+    for (opt, dtype, finding), g in pd.DataFrame(items).groupby(
+            ["optimizer", "dtype", "finding"], sort=False):
+        total = g.total.sum()
+        table.append([opt, dtype, finding, ", ".join(dict.fromkeys(g.backend)),
+                      ", ".join(dict.fromkeys(g["mode"])), g.scenario.nunique(), g.step.min(),
+                      f"{100 * g['count'].sum() / total:.3g}%" if total else ""])
+    return [tabulate(table, headers=["configuration", "dtype", "finding", "backends", "modes",
+                                     "scenarios", "first step", "element-steps"],
+                     tablefmt="github", disable_numparse=True), ""]
 
 
 def deviations(df: pd.DataFrame) -> pd.DataFrame:

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from verify.protocol import write_message
-from verify.worker import Run, gradient_digest, raised_in_keras
+from verify.protocol import read_message, write_message
+from verify.worker import Run, computed_dtypes, gradient_digest, raised_in_keras
 
 PATHS = {"keras": "model.save(.keras) and keras.models.load_model",
          "weights": "model.save_weights(.weights.h5) and load_weights into a new model"}
@@ -160,7 +160,7 @@ class ResumeRun(Run):
         job = {**{k: self.job[k] for k in ("backend", "inputs")},
                "python_path": self.job.get("python_path", []), "spec": self.spec,
                "steps": steps, "load": [how, str(path), step],
-               "out": str(tmp / f"{label}.npz"), "error": str(tmp / f"{label}.json")}
+               "out": str(tmp / f"{label}.msg"), "error": str(tmp / f"{label}.json")}
         job_path = tmp / f"{label}-job.json"
         job_path.write_text(json.dumps(job))
         proc = subprocess.run([sys.executable, "-m", "verify.resume_mode", str(job_path)],
@@ -170,11 +170,10 @@ class ResumeRun(Run):
         if proc.returncode != 0 or not Path(job["out"]).exists():
             return (f"the process resuming from {PATHS[how]} at step {step} exited with "
                     f"status {proc.returncode}")
-        with np.load(job["out"]) as data:
-            names = json.loads(str(data["names"]))
-            return ({n: data[f"s{j}"] for j, n in enumerate(names)}, data["iterations"],
-                    json.loads(str(data["dtypes"])), json.loads(str(data["digests"])),
-                    json.loads(str(data["warnings"])))
+        with open(job["out"], "rb") as f:
+            header, data = read_message(f)
+        return ({n: data[f"s{j}"] for j, n in enumerate(header["names"])}, data["iterations"],
+                header["dtypes"], header["digests"], header["warnings"])
 
     def _label(self, name):
         owner, state = name.split("/", 1)
@@ -235,9 +234,8 @@ class ResumeRun(Run):
         names = list(states)
         write_message(out, {
             "type": "run_start", "id": self.spec["id"], "states": names,
-            "computed_dtypes": sorted({str(states[n].dtype) for n in names
-                                       if not n.startswith("g/")
-                                       and np.issubdtype(states[n].dtype, np.floating)}),
+            "computed_dtypes": computed_dtypes(states[n] for n in names
+                                               if not n.startswith("g/")),
             "keras_config": json.loads(json.dumps(self.optimizer.get_config(), default=repr)),
             "round_trip": self.round_trip,
         }, {**{n: states[n][:1] for n in names}, "iterations": iterations[:1]})
@@ -294,9 +292,11 @@ def resume(job_path: str) -> int:
                 if os.path.abspath(w.filename).startswith(keras_dir)]
         states, iterations, dtypes, digests = run.trajectory(step, job["steps"])
         names = list(states)
-        np.savez(job["out"], names=json.dumps(names), iterations=iterations,
-                 dtypes=json.dumps(dtypes), digests=json.dumps(digests),
-                 warnings=json.dumps(said), **{f"s{j}": states[n] for j, n in enumerate(names)})
+        with open(job["out"], "wb") as f:  # the workers' protocol: bfloat16 as its bits
+            write_message(f, {"names": names, "dtypes": dtypes, "digests": digests,
+                              "warnings": said},
+                          {"iterations": iterations,
+                           **{f"s{j}": states[n] for j, n in enumerate(names)}})
     except Exception as exc:
         traceback.print_exc()
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 import reference
-from verify import compare, configurations, fit_mode, scenarios, workers
+from verify import compare, configurations, dtypes, fit_mode, scenarios, workers
 from verify.protocol import read_message
 
 CHUNK = 50
@@ -336,7 +336,8 @@ class Runner:
         from verify.worker import gradient_digest
         digest = gradient_digest()
         run = self.runs[run_id]
-        rows = self.all_gradients[run.scenarios][start - 1:start - 1 + k].astype(run.dtype)
+        rows = dtypes.gradients(self.all_gradients[run.scenarios][start - 1:start - 1 + k],
+                                run.dtype)
         for row in rows:
             digest.update(row.tobytes())
         return digest.hexdigest()
@@ -355,7 +356,7 @@ class Runner:
     @staticmethod
     def _check_dtypes(run, computed):
         run.problem = None
-        if computed != [run.dtype]:
+        if computed != [dtypes.variables(run.dtype)]:
             run.problem = (f"Keras computed in {', '.join(computed)} although {run.dtype} "
                            "was requested")
 

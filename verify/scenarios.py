@@ -20,6 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from reference.arithmetic import finfo, numpy_dtype
+from verify.dtypes import compute
+
 DESCRIPTIONS = {
     "gaussian": "independent N(0, 1) entries",
     "tiny": "|g| log-uniform in [1e-8, 1e-6], random signs: epsilon handling dominates",
@@ -239,9 +242,9 @@ def _load_archive(path, max_bytes: int) -> tuple:
 def check_representable(g: np.ndarray, dtypes, path) -> None:
     """Refuse values that rounding to a working dtype would turn into infinity."""
     for dtype in dtypes:
-        limit = float(np.finfo(dtype).max)
+        limit = float(finfo(compute(dtype)).max)
         with np.errstate(over="ignore"):
-            rounded = np.isinf(g.astype(dtype))
+            rounded = np.isinf(g.astype(numpy_dtype(compute(dtype))))
         if rounded.any():
             step, i = np.argwhere(rounded.reshape(len(g), -1))[0]
             raise GradientFileError(

@@ -23,6 +23,8 @@ import traceback
 
 import numpy as np
 
+from reference.arithmetic import numpy_dtype
+from verify import dtypes
 from verify.protocol import peak_memory_mb, write_message
 
 MODES = ("eager", "compiled", "jit", "fit", "resume")
@@ -254,7 +256,9 @@ class Run:
     def __init__(self, keras, spec, job, gradients, initial):
         self.keras = keras
         self.spec = spec
-        self.dtype = spec["dtype"]
+        # the weights' dtype; spec["dtype"] may be a mixed policy (verify/dtypes.py)
+        self.dtype = dtypes.variables(spec["dtype"])
+        self.np_dtype = numpy_dtype(self.dtype)
         self.gradients = gradients
         self.initial = initial
         # (path, shape, scenario, offset) of every variable: each scenario's weights
@@ -266,6 +270,10 @@ class Run:
                 size = int(np.prod(shape, dtype=int))
                 self.places.append((f"{scenario}_{name}", tuple(shape), scenario, offset, size))
                 offset += size
+        # the global policy as a user's model sets it (the optimizer does not read it;
+        # its variables take their weights' dtype)
+        keras.mixed_precision.set_global_policy(
+            spec["dtype"] if spec["dtype"] in dtypes.POLICIES else "float32")
         self.variables = self.make_variables()
         self.optimizer = self.make_optimizer()
         self.round_trip = None  # what Keras's serialization does to it (set by main)
@@ -273,7 +281,7 @@ class Run:
         self.state_vars = ([(i, "variable", v) for i, v in enumerate(self.variables)]
                            + self.layout)
         self.step_fn, read = self._make_step(job["backend"], spec["mode"])
-        self.read = _counters_in(self.dtype, read)
+        self.read = _counters_in(self.np_dtype, read)
         # The trainer multiplies the loss by a LossScaleOptimizer's current scale
         # (`scale_loss`), so `apply` receives the scenario's gradient times it: the
         # worker plays that part, in numpy, with the scale of the last state read.
@@ -284,7 +292,7 @@ class Run:
     def _scaled(self, arrays, values):
         if self.scale_at is None:
             return arrays
-        scale = np.asarray(values[self.scale_at], dtype=self.dtype)
+        scale = np.asarray(values[self.scale_at], dtype=self.np_dtype)
         # IEEE, as the trainer's product; a 0-d product stays an array (a numpy scalar
         # would reach Keras as a Python float, of dtype floatx)
         with np.errstate(over="ignore", invalid="ignore"):
@@ -297,12 +305,12 @@ class Run:
 
     def make_variables(self, scenario=None):
         """The run's variables, or those of one of its scenarios."""
-        return [self.keras.Variable(self.initial[o:o + n].reshape(shape).astype(self.dtype),
+        return [self.keras.Variable(self.initial[o:o + n].reshape(shape).astype(self.np_dtype),
                                     dtype=self.dtype, name=path)
                 for path, shape, s, o, n in self.places if scenario in (None, s)]
 
     def _gradient_arrays(self, t, scenario=None):
-        rows = {name: np.asarray(self.gradients[name][t], dtype=self.dtype)
+        rows = {name: dtypes.gradients(self.gradients[name][t], self.spec["dtype"])
                 for name in self.spec["scenarios"]}
         return [rows[s][o:o + n].reshape(shape) for _, shape, s, o, n in self.places
                 if scenario in (None, s)]
@@ -366,10 +374,8 @@ class Run:
             "type": "run_start", "id": spec["id"], "states": names,
             # of the weights and their slots (an optimizer-wide value may have its
             # own: LossScaleOptimizer's scale is float32 for any weights)
-            "computed_dtypes": sorted({str(v.dtype) for (i, _, _), v in zip(self.state_vars,
-                                                                             values)
-                                       if i is not None and np.issubdtype(v.dtype,
-                                                                          np.floating)}),
+            "computed_dtypes": computed_dtypes(v for (i, _, _), v in zip(self.state_vars, values)
+                                               if i is not None),
             "keras_config": _json_safe(self.optimizer.get_config()),
             "round_trip": self.round_trip,
         }, {**{n: v[None] for n, v in zip(names, values)},
@@ -424,6 +430,12 @@ def _counters_in(dtype, read):
         return [v.astype(dtype) if np.issubdtype(v.dtype, np.integer) else v
                 for v in values], iteration
     return read_states
+
+
+def computed_dtypes(values) -> list:
+    """The dtypes Keras computed these states in: every one but an integer counter
+    (bfloat16, ml_dtypes's, is no numpy floating type)."""
+    return sorted({str(v.dtype) for v in values if not np.issubdtype(v.dtype, np.integer)})
 
 
 def raised_in_keras(exc, keras) -> bool:

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from reference.arithmetic import Arithmetic, where
+from reference.arithmetic import Arithmetic, Tracked, stored, where
 from reference.base import per_row
 from reference.optimizer import broadcastable
 from reference.rule import REGISTRY, Rule, StateSpec, Unsupported
@@ -87,7 +87,16 @@ def step(ar, hp, state, grads, t, paths):
     finite = np.all([np.isfinite(np.reshape(f.v, (k, -1))).all(axis=1) for f in fed], axis=0)
     unscaled = [f / broadcastable(scale, f) for f in fed]
     own = ["variable"] + [s.name for s in rule.states(inner_hp)]
+    # ops.divide by the float32 scale gives a float32 gradient; the inner update_step
+    # casts it to the variable's dtype, unless the backend's own kernel keeps it
+    wide = (ar.dtype.itemsize < 4
+            and rule.class_name in ar.precision.kernels_keep_gradient_dtype)
+    if wide:
+        unscaled = [Tracked(u.v.astype(np.float32), u.e, ar, u.tie) for u in unscaled]
     out = rule(ar, inner_hp, {n: state[n] for n in own}, unscaled, iteration, paths)
+    if wide:
+        out = {n: [None if x is None else stored(x) for x in v] if isinstance(v, list)
+               else stored(v) for n, v in out.items()}
     kept = {n: [None if new is None else where(per_row(finite, new), new, old)
                 for new, old in zip(out[n], state[n])] for n in own}
 
