@@ -23,10 +23,10 @@ Two comparisons share one stream of Keras states:
 Low precision (float16, bfloat16 and the mixed policies, verify/dtypes.py): the
 keras family's comparison also runs the same rule in float64, each step from
 Keras's own previous state (cast up exactly) with the scenario's float64
-gradients, and names where the low dtype changes the math qualitatively
-(`LowPrecision`): a state Keras leaves where it was although the float64 formula
+gradients (in float32, the weights' dtype, under a mixed policy), and names where the low dtype changes the math qualitatively
+(`LowPrecision`): a state Keras leaves where it was although that formula
 moves it (the update lost to rounding), a state Keras makes NaN or infinite where
-the float64 formula stays finite, and a hyperparameter of the configuration that
+that formula stays finite, and a hyperparameter of the configuration that
 the dtype rounds to 0 or 1.  They are findings about Keras in that dtype, not
 verdicts: the verdict still compares Keras with the rule in Keras's dtype.
 
@@ -118,14 +118,19 @@ class Divergence:
 class LowPrecision:
     """Per scenario and state: the first step (and weight) and the number of
     element-steps where Keras's low-precision state departs qualitatively from the
-    float64 formula started at the same state (see the module docstring)."""
+    formula started at the same state with the unrounded gradient, in float64 for
+    float16 or bfloat16 weights, and in the weights' own float32 under a mixed
+    policy, so that only what the low dtype does is found (see the module
+    docstring)."""
 
-    KINDS = {"lost": "update lost (Keras keeps the value, the float64 formula moves it)",
-             "nonfinite": "NaN or inf where the float64 formula stays finite"}
+    KINDS = {"lost": "update lost (Keras keeps the value, the formula moves it)",
+             "nonfinite": "NaN or inf where the formula stays finite"}
 
     def __init__(self, comparison: "RunComparison"):
         self.c = comparison
-        self.ar = Arithmetic(np.float64, comparison.ar.precision, track=False)
+        weights = np.dtype(comparison.ar.dtype)
+        self.ar = Arithmetic(np.float64 if weights.itemsize < 4 else weights,
+                             comparison.ar.precision, track=False)
         # (kind, state) -> [first step per scenario (0: none), its weight, count, of how many]
         self.seen = {}
         self.S = comparison.segments.group_count
@@ -143,7 +148,7 @@ class LowPrecision:
 
     def feed(self, steps, states, before, g64, t_before):
         k = len(steps)
-        state, grads = self.c._inputs(self.ar, {n: v.astype(np.float64) for n, v in
+        state, grads = self.c._inputs(self.ar, {n: v.astype(self.ar.dtype) for n, v in
                                                  before.items()}, g64, k)
         with ieee():
             out = self.c.rule(self.ar, self.c.hp, state, grads, self.ar.step_count(t_before),
