@@ -174,3 +174,17 @@ def test_the_summary_groups_a_finding_over_backends_and_scenarios():
         ["adam", "bfloat16", "beta_2=0.999 rounds to 1 in bfloat16", "jax, torch", "eager", "2",
          "1", ""],
         ["adam", "bfloat16", "variable: update lost", "jax, torch", "eager", "2", "1", "66.7%"]]
+
+
+@pytest.mark.parametrize("g0,lr,found", [(1e-9, 0.01, False), (2e-8, 1.0, True)],
+                         ids=["lost-in-float32-too", "lost-to-the-float16-gradient"])
+def test_under_a_mixed_policy_only_the_low_gradients_rounding_is_a_finding(g0, lr, found):
+    """float32 weights: an update float32 itself cannot hold is not the policy's doing
+    (specificity); a gradient float16 rounds to 0 that float32 would apply is
+    (sensitivity)."""
+    sgd = ("SGD", {"learning_rate": lr})
+    g = np.full((6, 8 * S), g0)
+    seen = np.asarray(dtypes.gradients(g, "mixed_float16"), np.float64)
+    _, history = stream(*sgd, steps=6, dtype="float32", grads=seen)
+    text = judge(*sgd, g, history, dtype="mixed_float16").summary(0)["low_precision"]
+    assert ("variable: update lost from step 1" in text) == found, text
