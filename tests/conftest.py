@@ -14,7 +14,8 @@ from verify import scenarios  # noqa: E402
 from verify.cli import installed_backends  # noqa: E402
 from verify.configurations import CONFIGURATIONS  # noqa: E402
 from verify.report import Sink  # noqa: E402
-from verify.runner import Runner, Selection  # noqa: E402
+from verify.cli import DEFAULT_MODES  # noqa: E402
+from verify.runner import Runner, Selection, distinct  # noqa: E402
 
 import perturbations  # noqa: E402
 
@@ -34,6 +35,12 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.module.__name__ in QUICK:
             item.add_marker(pytest.mark.quick)
+
+
+def own_modes(backend) -> list:
+    """The default modes that are a run of their own on `backend` (runner.SAME_AS:
+    torch's compiled run is its eager one)."""
+    return [m for m in DEFAULT_MODES if distinct(backend, m)]
 
 
 def fast_backend():

@@ -11,9 +11,8 @@ import pytest
 
 import check_edits
 from verify import check, cli
-from verify.cli import DEFAULT_MODES, installed_backends, settings_of
-from verify.runner import distinct
-from conftest import make_selection
+from verify.cli import installed_backends, settings_of
+from conftest import make_selection, own_modes
 
 # Adam and the classes that share its code (AdamW, and adam_amsgrad: Adam with
 # amsgrad), the optimizers issue 9 added that check_edits.EDITS edit, SGD
@@ -224,7 +223,7 @@ def test_the_check_fails_on_exactly_the_cells_an_edit_of_keras_changes(
     if edit.changes:
         assert code == 1, out + err
         cells = {(o, b, d, m, s) for o, b in edit.changes for d in ("float32", "float64")
-                 for m in DEFAULT_MODES if distinct(b, m) for s in SCENARIOS}
+                 for m in own_modes(b) for s in SCENARIOS}
         must = {c for c in cells if c[2] in edit.must_fail_in(c[0], c[1])}
         assert must <= failing, sorted(must - failing)         # sensitivity
         outside = {c[:5] for c in got} - cells
