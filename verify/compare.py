@@ -328,6 +328,11 @@ class RunComparison:
         self.only_reference = [n for n in self.ref_states
                                if n != "variable" and n not in self.keras_states]
         self.unmatched = {}  # state -> how Keras's layout of it differs from the reference's
+        # state -> (which of its elements the subject keeps, the parts it sends): a slot
+        # a subject declares it keeps for some variables only, or under another shape
+        # (a peer library's factored moments), is compared where it keeps it; the
+        # rest continues the reference's own chain and is not compared
+        self.partial = {}
         self.run_dtype = dtype  # a dtype or a mixed policy (verify/dtypes.py)
         self.dtype = numpy_dtype(dtypes.variables(dtype))
         self.segments = segments  # the variables, grouped by scenario
@@ -376,12 +381,16 @@ class RunComparison:
         return seg.reduce_max(values)
 
     # --- feeding ----------------------------------------------------------
-    def start(self, initial: dict, iteration: int, layout: dict | None = None) -> None:
+    def start(self, initial: dict, iteration: int, layout: dict | None = None,
+              not_kept=()) -> None:
         """Step 0: Keras's states before any update against the rule's initial state.
 
         `layout` is Keras's: state -> [(variable index or None, shape)], for the
         slots Keras keeps; a state whose layout differs from the reference's is
-        compared as one that side does not have."""
+        compared as one that side does not have, unless it is `not_kept` (states
+        the subject declares it keeps for some variables only or in another
+        shape): then its parts of the reference's shape are compared, the others
+        not."""
         w0 = initial["variable"]
         ref, bounds = {"variable": w0}, {"variable": np.zeros(1)}
         for name, spec in self.specs.items():
@@ -402,7 +411,19 @@ class RunComparison:
                 if got != expected:
                     self.unmatched[name] = (f"Keras keeps {name} as {_describe(got, seg)}, "
                                             f"the reference as {_describe(expected, seg)}")
+        for name in not_kept:
+            seg = self.state_segments.get(name)
+            if name == "variable" or seg is None:
+                continue
+            got = [(i, tuple(shape)) for i, shape in (layout or {}).get(name, [])]
+            keep = np.zeros(seg.total, bool)
+            for i, shape in got:
+                if i is not None and seg.shapes[i] == shape:
+                    keep[seg.offsets[i]:seg.offsets[i] + seg.sizes[i]] = True
+            self.partial[name] = (keep, got)
+            self.unmatched.pop(name, None)
         self.ties = {}
+        initial = {**initial, **{n: self._kept(n, initial.get(n), ref[n]) for n in self.partial}}
         self._judge(np.array([0]), initial, ref, bounds,
                     np.zeros((1, self.segments.group_count)))
         self.prev = {n: v[-1] for n, v in initial.items()}
@@ -415,8 +436,12 @@ class RunComparison:
         k = len(iterations)
         g = dtypes.gradients(self.gradients[start - 1:start - 1 + k], self.run_dtype)
         t_before = np.concatenate([[self.prev_iteration], iterations[:-1]])
+        states = {**states, **{n: self._kept(n, states.get(n), np.repeat(
+            self.last_ref[n][None], k, axis=0)) for n in self.partial}}
         drift = self._free_run(states, g, t_before)
         ref, bounds, before = self._lockstep(states, g, t_before)
+        for name, (keep, _) in self.partial.items():
+            states[name][:, ~keep] = ref[name][:, ~keep]
         if self.low_precision is not None:
             self.low_precision.feed(np.arange(start, start + k), states, before,
                                     self.gradients[start - 1:start - 1 + k], t_before)
@@ -424,6 +449,20 @@ class RunComparison:
         self.prev = {n: v[-1] for n, v in states.items()}
         self.prev_iteration = int(iterations[-1])
         self.last_ref = {n: v[-1] for n, v in ref.items()}
+
+    def _kept(self, name, values, fill) -> np.ndarray:
+        """A partly kept state, [k, N]: the subject's parts of the reference's
+        shape, `fill` (the reference's) elsewhere."""
+        keep, got = self.partial[name]
+        seg = self.state_segments[name]
+        out = np.array(fill, dtype=fill.dtype if values is None else values.dtype)
+        start = 0
+        for i, shape in got:
+            n = int(np.prod(shape, dtype=int))
+            if i is not None and seg.shapes[i] == shape:
+                out[:, seg.offsets[i]:seg.offsets[i] + n] = values[:, start:start + n]
+            start += n
+        return out
 
     def _inputs(self, ar, flat: dict, g: np.ndarray, k: int):
         """Flat states and gradients -> the rule's per-variable Tracked inputs."""

@@ -373,8 +373,13 @@ class Runner:
             c.on_table = self.sink.step_files(family, run, run.scenarios,
                                               self.spill / f"{run_id}-{family}")
             c.error = run.problem
-            _guarded(c, c.start, states, iteration, layout)
+            _guarded(c, c.start, states, iteration, layout, self.not_kept(run))
         active[run_id, family] = c if c is not None else reason
+
+    def not_kept(self, run) -> dict:
+        """{state: why}: slots the subject keeps for some variables only or in another
+        shape (compare.RunComparison.start); Keras keeps every slot it has."""
+        return {}
 
     def _feed(self, run_id, family, start, states, iterations, active):
         c = active[run_id, family]

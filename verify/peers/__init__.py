@@ -70,6 +70,7 @@ class PeerConfiguration:
     states: dict = field(default_factory=dict)   # peer state -> Keras slot
     scale: dict = field(default_factory=dict)    # peer state -> factor to Keras's units
     wrappers: tuple = ()    # ((wrapper, {argument: value}), ...) as written
+    not_kept: dict = field(default_factory=dict)  # Keras slot -> why partly not compared
 
     @property
     def text(self) -> str:
@@ -89,7 +90,8 @@ class PeerConfiguration:
         kwargs = dict(self.arguments)
         entry = CLASSES[self.library, self.peer_class]
         for name in entry.get("required", []):
-            kwargs.setdefault(name, self.config[entry["arguments"][name]])
+            if name not in kwargs:
+                kwargs[name] = self.config[entry["arguments"][name]]
         wrappers = {}
         for name, arguments in self.wrappers:
             w = WRAPPERS[self.library, name]
@@ -99,7 +101,9 @@ class PeerConfiguration:
             wrappers["schedule"]["kwargs"]["initial"] = self.initial_learning_rate
         return {"library": self.library, "class": self.peer_class, "kwargs": kwargs,
                 "states": self.states, "scale": self.scale, "wrappers": wrappers,
-                "shared": entry.get("shared", []), "initial": entry.get("initial", {})}
+                "shared": entry.get("shared", []), "initial": entry.get("initial", {}),
+                "squeeze": entry.get("squeeze", {}), "factors": entry.get("factors", {}),
+                "reduces": entry.get("reduces", {})}
 
     @property
     def initial_learning_rate(self) -> float:
@@ -254,9 +258,15 @@ def parse(text: str, id: str | None = None) -> PeerConfiguration:
                             f"{', '.join([*entry['arguments'], *free, *fixed])})")
     stated = {**entry.get("defaults", {}), **free, **fixed}
     for name, value in arguments.items():
-        want = _kind(stated[name]) if name in stated else "number"
+        want = (_kind(stated[name]) if name in stated else
+                "list" if isinstance(entry["arguments"].get(name), list) else "number")
         if _kind(value) != want:
             raise PeerError(f"{text!r}: {name} must be a {want} (got {value!r})")
+    for name, low in entry.get("minimum", {}).items():
+        value = {**entry.get("defaults", {}), **arguments}.get(name)
+        if value is not None and value < low:
+            raise PeerError(f"{text!r}: {library}:{peer_class} refuses {name}={value!r} "
+                            f"(at least {low!r})")
     for name in entry.get("required", []):
         if name not in arguments:
             raise PeerError(f"{text!r}: {library}:{peer_class} needs {name}")
@@ -278,8 +288,10 @@ def parse(text: str, id: str | None = None) -> PeerConfiguration:
                                        sort_keys=True).encode()).hexdigest()[:8]
     return PeerConfiguration(id or f"{library}_{peer_class.lower()}_{digest}", library,
                              peer_class, dict(arguments), class_name, config,
-                             {**entry["states"], **wrapper_states}, scale,
-                             tuple((name, dict(args)) for name, args in wrappers))
+                             {**entry["states"], **{k: k for k in entry.get("reduces", {})},
+                              **wrapper_states}, scale,
+                             tuple((name, dict(args)) for name, args in wrappers),
+                             dict(entry.get("not_kept", {})))
 
 
 def _scales(factors: dict, config: dict) -> dict:

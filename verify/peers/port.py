@@ -99,7 +99,8 @@ def candidates(library, class_name, config) -> tuple:
             blocked[peer_class] = (f"no {library} schedule reproduces {schedule['class_name']}"
                                    + "".join(f" ({w}: {r})" for w, r in why.items()))
             continue
-        arguments, covered = {}, set(entry.get("implies", {})) | wrapped
+        ignored = set(entry.get("ignored", []))
+        arguments, covered = {}, set(entry.get("implies", {})) | wrapped | ignored
         for name, target in entry["arguments"].items():
             targets = target if isinstance(target, list) else [target]
             covered |= set(targets)
@@ -113,6 +114,8 @@ def candidates(library, class_name, config) -> tuple:
                     "defaults", {}) and name not in entry.get("required", [])):
                 continue  # left out: the peer's own absent default means Keras's
             arguments[name] = values if isinstance(target, list) else values[0]
+        arguments.update({name: entry["fixed"][name] for name in entry.get("required", [])
+                          if name in entry.get("fixed", {})})  # Keras's behaviour, not a default
         loose = [f"{k}={v!r}" for k, v in hp.items() if k not in covered and not _neutral(k, v)]
         if loose:
             blocked[peer_class] = f"no counterpart of {', '.join(loose)}" + "".join(
@@ -123,10 +126,15 @@ def candidates(library, class_name, config) -> tuple:
                                                   itertools.product(*options)):
             chosen = {**arguments, **dict(zip(grid, values))}
             text = f"{library}:" + " + ".join([peers._call(peer_class, chosen), *wrappers])
-            candidate = peers.parse(text)
+            try:
+                candidate = peers.parse(text)
+            except peers.PeerError as exc:  # a value the peer refuses
+                blocked[text] = str(exc).removeprefix(f"{text!r}: ")
+                continue
             theirs = reference.get_rule("keras", class_name).hyperparameters(candidate.config)
             apart = [f"{k}={hp[k]!r}" for k in hp if _normal(theirs.get(k)) != _normal(hp[k])
-                     and not (_neutral(k, theirs.get(k)) and _neutral(k, hp[k]))]
+                     and not (_neutral(k, theirs.get(k)) and _neutral(k, hp[k]))
+                     and k not in ignored]
             if apart:  # the candidate would be compared with another Keras configuration
                 blocked[candidate.describe()] = f"cannot express {', '.join(apart)}"
                 continue

@@ -56,6 +56,9 @@ class PeerRunner(Runner):
         return {"proc": proc, "log": log, "log_path": log_path, "backend": backend,
                 "runs": [s["id"] for s in specs]}
 
+    def not_kept(self, run) -> dict:
+        return run.configuration.not_kept
+
 
 def run_peers(configurations, dtypes, names, steps, size, seed):
     """(variants per configuration id, the rows as a DataFrame, environment)."""
@@ -162,6 +165,12 @@ def default_differences(c) -> str:
     return "; ".join(diff) or "same"
 
 
+def not_compared(c) -> str:
+    """The Keras slots the peer keeps for some variables only or in another shape:
+    their other parts are not compared (the weights and the kept parts are)."""
+    return "; ".join(f"{state}: {reason}" for state, reason in c.not_kept.items())
+
+
 def why(c, explanations) -> str:
     """The explanations of the peer class and of each of its wrappers."""
     keys = [c.peer_class, *(name for name, _ in c.wrappers)]
@@ -185,6 +194,8 @@ def report(results, explanations, settings, environment) -> str:
              "Keras's choice; `with NaN and inf`: the `keras` family's verdict on the "
              "scenarios with non-finite gradients (nonfinite), apart, as a peer computing "
              "Keras's math may still propagate NaN and inf otherwise. "
+             "`not compared`: the parts of Keras's slots the peer does not keep (a factored "
+             "moment), each with why; the verdict is from the weights and the parts it keeps. "
              "`weights apart`: the largest distance, over the steps and those scenarios, between "
              "the peer's weights and those of Keras's math run on its own from the same "
              "start, relative to the weights' size. `defaults differ`: the peer's defaults "
@@ -209,7 +220,7 @@ def report(results, explanations, settings, environment) -> str:
             drift = " / ".join(f"{cells[d]['drift']:.2g}" for d in cells)
             odd = " / ".join(nonfinite_text(cells[d]) for d in cells)
             table.append([c.id, c.describe(), verdicts, pieces, where, drift, odd,
-                          default_differences(c), why(c, explanations)])
+                          not_compared(c), default_differences(c), why(c, explanations)])
             summary.append([class_name, c.library, c.id, verdicts, pieces,
                             " / ".join(cells[d]["nonfinite"] or "" for d in cells)])
         lines += [f"## {class_name}", "",
@@ -217,7 +228,7 @@ def report(results, explanations, settings, environment) -> str:
                   tabulate(table, headers=["id", "peer configuration",
                                            f"Keras's math ({' / '.join(cells)})", "pieces",
                                            "first parts", "weights apart", "with NaN and inf",
-                                           "defaults differ", "why"],
+                                           "not compared", "defaults differ", "why"],
                            tablefmt="github", disable_numparse=True), ""]
     return "\n".join(head + [tabulate(summary, headers=[
         "optimizer", "peer", "id", "Keras's math", "pieces", "with NaN and inf"], tablefmt="github",

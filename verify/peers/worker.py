@@ -77,6 +77,9 @@ class Peer:
             # mu_product, a float32 tensor) is compared as the value it holds
             values = [None if v is None else
                       (np.asarray(v, np.float64) * factor).astype(self.dtype) for v in values]
+            if peer_name in self.peer.get("squeeze", {}):  # torch's keepdim axis
+                axis = self.peer["squeeze"][peer_name]
+                values = [None if v is None else np.squeeze(v, axis) for v in values]
             if peer_name in shared:
                 present = [v for v in values if v is not None]
                 if any(not np.array_equal(v, present[0]) for v in present):
@@ -88,9 +91,9 @@ class Peer:
                         out[f"{i}/{keras_name}"] = v
         return out
 
-    def initial_value(self, name, weight):
+    def initial_value(self, name, shape):
         value = self.peer.get("initial", {}).get(name, 0.0)
-        shape = () if name in self.peer.get("shared", []) else np.shape(weight)
+        shape = () if name in self.peer.get("shared", []) else shape
         return np.full(shape, value, self.dtype)
 
 
@@ -110,7 +113,9 @@ class TorchPeer(Peer):
         for p in probe:
             p.grad = torch.zeros_like(p)
         probe_opt.step()
-        self.kept = {name for name in self.peer["states"] if name in probe_opt.state[probe[0]]}
+        # per weight: the states kept for it and their shapes
+        self.kept = [{name: tuple(probe_opt.state[p][name].shape) for name in self.peer["states"]
+                      if name in probe_opt.state[p]} for p in probe]
         name, kw = self.wrapper("schedule")
         kw.pop("initial", None)
         self.scheduler = getattr(torch.optim.lr_scheduler, name)(self.opt, **kw) if name else None
@@ -167,7 +172,7 @@ class TorchPeer(Peer):
             # before its first update_parameters (which copies the weights) the
             # average holds no value: reported as Keras's initial one
             if not self.ema.n_averaged.item():
-                return [self.initial_value(name, w) for w in weights]
+                return [self.initial_value(name, np.shape(w)) for w in weights]
             return [a.detach().numpy().copy() for a in self.ema.module.parameters()]
         return None
 
@@ -180,10 +185,10 @@ class TorchPeer(Peer):
                 raw[name] = values
                 continue
             values = []
-            for p, w in zip(self.params, weights):
+            for p, kept in zip(self.params, self.kept):
                 value = self.opt.state[p].get(name)
-                if value is None and self.updates == 0 and name in self.kept:
-                    value = self.initial_value(name, w)  # before the step that creates it
+                if value is None and self.updates == 0 and name in kept:
+                    value = self.initial_value(name, kept[name])  # before the step creating it
                 values.append(value.detach().numpy().copy() if hasattr(value, "detach")
                               else value)
             if any(v is not None for v in values):
@@ -226,6 +231,26 @@ class OptaxPeer(Peer):
         self.jitted_average = jax.jit(lambda params, average: optax.incremental_update(
             params, average, 1 - self.decay)) if self.average is not None else None
 
+    def name_factors(self, weights, raw):
+        """optax's factors (v_row reduces its factored dim d0, v_col d1) under the Keras
+        slot reducing the same axis; a weight it does not factor, or over other axes,
+        has none."""
+        from optax._src.factorized import _factored_dims
+
+        reduces = self.peer["reduces"]
+        for keras_name in reduces:
+            raw[keras_name] = [None] * len(weights)
+        for i, w in enumerate(weights):
+            dims = _factored_dims(w.shape, self.peer["kwargs"].get("factored", True),
+                                  self.peer["kwargs"]["min_dim_size_to_factor"])
+            if dims is None:
+                continue
+            axis = {"d1": dims[0], "d0": dims[1]}
+            for peer_name, which in self.peer["factors"].items():
+                for keras_name, reduced in reduces.items():
+                    if reduced % w.ndim == axis[which]:
+                        raw[keras_name][i] = raw[peer_name][i]
+
     def step(self, arrays):
         self.params, self.state = self.jitted(self.params, self.state, list(arrays))
         self.steps += 1
@@ -253,6 +278,8 @@ class OptaxPeer(Peer):
                     walk(item)
 
         walk(self.state)
+        if self.peer.get("factors"):
+            self.name_factors(weights, raw)
         if "acc_grads" in raw:  # MultiSteps' running mean of mini_step gradients: their sum
             raw["acc_grads"] = [a * np.asarray(self.state.mini_step) for a in raw["acc_grads"]]
         if self.average is not None:
