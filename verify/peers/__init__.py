@@ -103,7 +103,8 @@ class PeerConfiguration:
                 "states": self.states, "scale": self.scale, "wrappers": wrappers,
                 "shared": entry.get("shared", []), "initial": entry.get("initial", {}),
                 "squeeze": entry.get("squeeze", {}), "factors": entry.get("factors", {}),
-                "reduces": entry.get("reduces", {})}
+                "reduces": entry.get("reduces", {}),
+                "function": entry.get("function", self.peer_class)}
 
     @property
     def initial_learning_rate(self) -> float:
@@ -295,9 +296,13 @@ def parse(text: str, id: str | None = None) -> PeerConfiguration:
 
 
 def _scales(factors: dict, config: dict) -> dict:
-    """state -> factor: "-name" is minus the Keras argument, "1" one."""
+    """state -> factor: "-name" is minus the Keras argument, "1" one, "1/(1-name)" one
+    over one minus it (an average kept with weights 1 - beta where Keras sums)."""
     scale = {}
     for state, factor in factors.items():
+        if factor.startswith("1/(1-") and factor.endswith(")"):
+            scale[state] = 1.0 / (1.0 - float(config[factor[5:-1]]))
+            continue
         sign = -1.0 if factor.startswith("-") else 1.0
         name = factor.lstrip("-")
         scale[state] = sign * (1.0 if name == "1" else float(config[name]))

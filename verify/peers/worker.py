@@ -205,7 +205,10 @@ class OptaxPeer(Peer):
         name, kw = self.wrapper("schedule")
         if name:
             kwargs["learning_rate"] = getattr(optax, name)(init_value=kw.pop("initial"), **kw)
-        tx = getattr(optax, self.peer["class"])(**kwargs)
+        make = optax
+        for part in self.peer.get("function", self.peer["class"]).split("."):
+            make = getattr(make, part)  # optax.contrib.muon
+        tx = make(**kwargs)
         name, kw = self.wrapper("clip")
         if name:
             tx = optax.chain(getattr(optax, name)(**kw), tx)
@@ -261,21 +264,32 @@ class OptaxPeer(Peer):
                 self.params = list(self.average)
 
     def read(self):
+        import optax
+
         weights = [np.asarray(p) for p in self.params]
         raw = {}
         count = len(self.params)
 
-        def walk(node):
+        masked = optax.MaskedNode
+
+        def walk(node, prefix=""):
+            """Per-parameter lists by field name; a partition's parts (optax's
+            combine.partition: a dict of masked states) as "part.field", a masked
+            parameter's entry None."""
             if isinstance(node, tuple) and hasattr(node, "_fields"):
                 for name in node._fields:
                     value = getattr(node, name)
                     if isinstance(value, list) and len(value) == count:
-                        raw.setdefault(name, [np.asarray(v) for v in value])
+                        raw.setdefault(prefix + name, [
+                            None if isinstance(v, masked) else np.asarray(v) for v in value])
                     else:
-                        walk(value)
+                        walk(value, prefix)
+            elif isinstance(node, dict):
+                for key, value in node.items():
+                    walk(value, f"{prefix}{key}.")
             elif isinstance(node, (tuple, list)):
                 for item in node:
-                    walk(item)
+                    walk(item, prefix)
 
         walk(self.state)
         if self.peer.get("factors"):
