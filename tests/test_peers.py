@@ -78,7 +78,9 @@ def _signature_defaults(library, name):
         function = getattr(torch.optim, name).__init__
     else:
         import optax
-        function = getattr(optax, name)
+        function = optax
+        for part in peers.CLASSES[library, name].get("function", name).split("."):
+            function = getattr(function, part)  # optax.contrib.muon
     return {k: p.default for k, p in inspect.signature(function).parameters.items()
             if p.default is not inspect.Parameter.empty}
 

@@ -1,5 +1,5 @@
 """Peers that keep a Keras slot for some variables only, or in another shape
-(Adafactor's factored moments): those parts are not compared, the weights and the
+(Adafactor's factored moments), and optax's Muon, a partition of two optimizers: those parts are not compared, the weights and the
 parts the peer keeps are (verify/compare.py, RunComparison.start `not_kept`).
 
 Specificity: torch's Adafactor, whose weights are Keras's where no gradient is 0, is
@@ -21,8 +21,8 @@ HAS_OPTAX = importlib.util.find_spec("optax") is not None
 STEPS, SIZE, SCENARIO = 6, 8, ["gaussian"]
 
 
-def _results(configurations, dtypes, size=SIZE, steps=STEPS):
-    variants, df, _ = peer_run.run_peers(configurations, dtypes, SCENARIO, steps, size, 0)
+def _results(configurations, dtypes, size=SIZE, steps=STEPS, scenario=SCENARIO):
+    variants, df, _ = peer_run.run_peers(configurations, dtypes, scenario, steps, size, 0)
     return {(r["configuration"].id, r["dtype"]): r
             for r in peer_run.analyse(configurations, variants, df, dtypes)}
 
@@ -94,3 +94,26 @@ def test_a_value_the_peer_refuses_blocks_its_port():
     # optax's step has Keras's epsilon_2 fixed at 1e-3
     found, blocked = port.candidates("optax", "Adafactor", {"epsilon_2": 2.0})
     assert found == [] and blocked["adafactor"].startswith("only for epsilon_2=0.001")
+
+
+@pytest.fixture(scope="module")
+def optax_muon():
+    if not HAS_OPTAX:
+        pytest.skip("optax not installed")
+    c = peers.load()["optax_muon_heavy_ball"]
+    # the same optax stream against Keras's Muon with another momentum
+    other = dataclasses.replace(c, id="other_momentum", config={**c.config, "momentum": 0.9})
+    return _results([c, other], ["float32"], steps=3, scenario=["large"])
+
+
+def test_optax_muon_without_nesterov_is_keras_math_where_epsilon_is_small(optax_muon):
+    # optax's partition: Muon's momentum (an average: over 1 - beta) for the 2-D weights,
+    # Adam's for the others, each compared as Keras's `momentum`; Adam's nu as `velocity`.
+    # In `large` Adam's epsilon placement is below float32 rounding.
+    r = optax_muon["optax_muon_heavy_ball", "float32"]
+    assert r["keras"] in ("exact", "match"), r["first"]
+
+
+def test_optax_muon_changed_momentum_is_caught(optax_muon):
+    r = optax_muon["other_momentum", "float32"]
+    assert r["keras"] == "mismatch" and r["first"]["first_divergent_step"] == 1
