@@ -1,10 +1,13 @@
 """Peers that keep a Keras slot for some variables only, or in another shape
-(Adafactor's factored moments), and optax's Muon, a partition of two optimizers: those parts are not compared, the weights and the
-parts the peer keeps are (verify/compare.py, RunComparison.start `not_kept`).
+(Adafactor's factored moments; optax's Muon, a partition of two optimizers): those
+parts are not compared, the weights and the parts the peer keeps are
+(verify/compare.py, RunComparison.start `not_kept`).
 
 Specificity: torch's Adafactor, whose weights are Keras's where no gradient is 0, is
 a match although it keeps no full second moment of a matrix and keeps its factors
-with an extra axis.  Sensitivity: a changed hyperparameter, a kept factor in other
+with an extra axis; optax's Adafactor where its factored axes are Keras's; optax's
+heavy-ball Muon where epsilon is below rounding.  Sensitivity: a changed
+hyperparameter (decay exponent, clipping threshold, momentum), a kept factor in other
 units and an undeclared missing slot are each a mismatch."""
 
 import dataclasses
@@ -93,7 +96,7 @@ def test_a_value_the_peer_refuses_blocks_its_port():
     assert found == [] and any("refuses d=0.5" in why for why in blocked.values())
     # optax's step has Keras's epsilon_2 fixed at 1e-3
     found, blocked = port.candidates("optax", "Adafactor", {"epsilon_2": 2.0})
-    assert found == [] and blocked["adafactor"].startswith("only for epsilon_2=0.001")
+    assert found == [] and blocked["adafactor"] == "only for epsilon_2=0.001 (here 2.0)"
 
 
 @pytest.fixture(scope="module")

@@ -87,11 +87,14 @@ def candidates(library, class_name, config) -> tuple:
     hp = reference.get_rule("keras", class_name).hyperparameters(config)
     found, blocked = [], {}
     for (lib, peer_class), entry in sorted(peers.CLASSES.items()):
-        if lib != library or entry["keras"] != class_name:
+        also = entry.get("also", {}).get(class_name)  # another Keras class, where it sets this
+        if lib != library or (entry["keras"] != class_name
+                              and (also is None or _neutral(also, hp.get(also)))):
             continue
         if any(hp.get(k) != v for k, v in entry.get("implies", {}).items()):
-            blocked[peer_class] = "only for " + ", ".join(f"{k}={v!r}" for k, v
-                                                          in entry["implies"].items())
+            blocked[peer_class] = "only for " + ", ".join(
+                f"{k}={v!r} (here {hp.get(k)!r})" for k, v in entry["implies"].items()
+                if hp.get(k) != v)
             continue
         options, wrapped, why = wrapper_options(library, hp)
         schedule = hp["learning_rate"]
