@@ -24,7 +24,7 @@ from reference.arithmetic import Tracked, finfo, numpy_dtype
 from reference.rule import REGISTRY
 from test_compare import S, judge, stream
 from verify import compare, dtypes
-from verify.configurations import Configuration
+from verify.configurations import CONFIGURATIONS, Configuration
 from verify.protocol import read_message, write_message
 
 ADAM = ("Adam", {"learning_rate": 0.01})
@@ -188,3 +188,20 @@ def test_under_a_mixed_policy_only_the_low_gradients_rounding_is_a_finding(g0, l
     _, history = stream(*sgd, steps=6, dtype="float32", grads=seen)
     text = judge(*sgd, g, history, dtype="mixed_float16").summary(0)["low_precision"]
     assert ("variable: update lost from step 1" in text) == found, text
+
+
+@pytest.mark.parametrize("configuration,name", [("adam", "beta_2"),
+                                                ("loss_scale_adam", "inner_optimizer.beta_2"),
+                                                ("multi_optimizer", "adam0.beta_2")])
+def test_a_wrapped_optimizers_hyperparameter_that_rounds_is_found_as_a_plain_ones(
+        configuration, name):
+    config = CONFIGURATIONS[configuration]
+    rule = reference.get_rule("keras", config.class_name)
+    segments = compare.Segments(["s_vector", "s_matrix"], [(4,), (2, 2)], [0, 0], 1)
+
+    def rounded(dtype):
+        c = compare.RunComparison("keras", rule, config.config, dtype, PRECISIONS["torch"],
+                                  segments, np.zeros((3, 8)), [])
+        return c.low_precision.rounded_hyperparameters()
+    assert rounded("bfloat16") == [(name, 0.999, 1.0)]  # Adam's beta_2, inner or not
+    assert rounded("float16") == []

@@ -123,4 +123,4 @@ KERAS = Rule("keras", CLASS_NAME, DEFAULTS, states, step,
              source="keras/src/optimizers/loss_scale_optimizer.py (Keras 3)", doc=DOC,
              choices="The scenario's gradient is the unscaled loss's: the harness multiplies "
                      "it by the scale, as the trainer's scale_loss does, before apply.",
-             unstated=_unstated)
+             unstated=_unstated, inner=lambda hp: [("inner_optimizer", *inner(hp))])
