@@ -209,8 +209,8 @@ REGISTRY[(EVERY_QUOTIENT_FLOAT32, "LossScaleOptimizer")] = replace(
 @pytest.mark.skipif("torch" not in installed_backends(), reason="torch is not installed")
 def test_torch_squares_a_loss_scaled_float16_gradient_of_rank_1_in_float16(tmp_path):
     # `large` (N(0, 1) * 1e3): g**2 overflows float16 (largest finite 65504) for |g| >
-    # 256, at the first step the scale lets through (the scale halves from 2**15 on
-    # every step whose g * scale overflows)
+    # 256, at the first step the scale lets through (it halves from 1024 on every step
+    # whose g * scale overflows: step 7, at 16)
     sel = make_selection(["torch"], ["keras", EVERY_QUOTIENT_FLOAT32],
                          configurations=["loss_scale_adam"], dtypes=["float16", "bfloat16"],
                          modes=["eager"], names=["gaussian", "large"], steps=30, size=64)
