@@ -114,9 +114,11 @@ class Precision:
         keras/src/backend/torch/optimizers/) use a gradient in the dtype it
         arrives in, where every generic `update_step` casts it to the variable's
         dtype first; it differs only for a float32 gradient of a float16 or
-        bfloat16 variable (LossScaleOptimizer's, divided by its float32 scale),
-        which such a kernel squares and scales in float32 before the assign
-        rounds the result to the variable's dtype.
+        bfloat16 variable (LossScaleOptimizer's of a rank-0 weight, divided by
+        its float32 scale: torch.divide widens a tensor of higher rank by a
+        zero-dimensional one only across categories), which such a kernel
+        squares and scales in float32 before the assign rounds the result to
+        the variable's dtype.
     flushes_subnormals: results below the smallest normal number may be
         flushed to zero (TensorFlow and XLA set FTZ/DAZ on CPU), so each
         operation's underflow error is up to the smallest normal number

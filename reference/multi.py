@@ -114,6 +114,7 @@ def rule(family: str) -> Rule:
         return None if hp["optimizer_map"] else "a MultiOptimizer needs its optimizer_map"
 
     return Rule(family, CLASS_NAME, dict(DEFAULTS), states, step, unstated=unstated,
+                inner=lambda hp: _inner_rules(family, hp),
                 source="keras/src/optimizers/multi_optimizer.py (Keras 3), each variable by "
                        f"the {family} rule of the optimizer its path maps to",
                 doc="""inner optimizers: the OptimizerMap's values in order, then its default;

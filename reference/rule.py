@@ -92,6 +92,9 @@ class Rule:
     # hyperparameters -> True when every element is updated on its own, so that
     # all variables may be evaluated as one flat [k, N] variable
     elementwise: Callable[[dict], bool] = field(default=lambda hp: False, compare=False)
+    # hyperparameters -> [(label, rule, its hyperparameters)] of the optimizers this
+    # one wraps (LossScaleOptimizer's inner optimizer, MultiOptimizer's)
+    inner: Callable[[dict], list] = field(default=lambda hp: [], compare=False)
 
     def hyperparameters(self, config: dict) -> dict:
         """The full hyperparameter set: the rule's defaults under `config`."""

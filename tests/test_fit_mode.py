@@ -105,8 +105,9 @@ CHANGES = {
                                                             "config": {}}},
                  "fit applied another gradient than intended at step 1 to s_w"),
     "no-finalize": ("Adam", {"use_ema": True, "ema_momentum": 0.9},
-                    "fit: the weights s_w after fit are not the EMA average "
-                    "(finalize_variable_values)"),
+                    "fit did not finalise: the weights s_w after fit are not the EMA "
+                    "average of its last step, 25, as finalize_variable_values writes "
+                    "them (element 0: "),
 }
 
 

@@ -13,6 +13,7 @@ mismatching, the finding in the row.
 
 import io
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import pytest
@@ -21,10 +22,12 @@ import reference
 from conftest import fast_backend, make_selection, run_selection
 from reference import PRECISIONS, Arithmetic
 from reference.arithmetic import Tracked, finfo, numpy_dtype
+from reference.optimizers import loss_scale
 from reference.rule import REGISTRY
 from test_compare import S, judge, stream
 from verify import compare, dtypes
-from verify.configurations import Configuration
+from verify.cli import installed_backends
+from verify.configurations import CONFIGURATIONS, Configuration
 from verify.protocol import read_message, write_message
 
 ADAM = ("Adam", {"learning_rate": 0.01})
@@ -188,3 +191,51 @@ def test_under_a_mixed_policy_only_the_low_gradients_rounding_is_a_finding(g0, l
     _, history = stream(*sgd, steps=6, dtype="float32", grads=seen)
     text = judge(*sgd, g, history, dtype="mixed_float16").summary(0)["low_precision"]
     assert ("variable: update lost from step 1" in text) == found, text
+
+
+# LossScaleOptimizer on torch: g / scale is torch.divide of the float16 gradient by the
+# float32 scale, float32 only for a rank-0 weight (reference/optimizers/loss_scale.py);
+# torch's own Adam kernel squares the gradient in the dtype it arrives in.  The model
+# that took every quotient as float32 is a family here.
+LOSS_SCALE = reference.get_rule("keras", "LossScaleOptimizer")
+EVERY_QUOTIENT_FLOAT32 = "loss-scale-every-quotient-float32"
+
+
+REGISTRY[(EVERY_QUOTIENT_FLOAT32, "LossScaleOptimizer")] = replace(
+    LOSS_SCALE, family=EVERY_QUOTIENT_FLOAT32,
+    step=partial(loss_scale.step, arrives_float32=lambda quotient: True))
+
+
+@pytest.mark.skipif("torch" not in installed_backends(), reason="torch is not installed")
+def test_torch_squares_a_loss_scaled_float16_gradient_of_rank_1_in_float16(tmp_path):
+    # `large` (N(0, 1) * 1e3): g**2 overflows float16 (largest finite 65504) for |g| >
+    # 256, at the first step the scale lets through (it halves from 1024 on every step
+    # whose g * scale overflows: step 7, at 16)
+    sel = make_selection(["torch"], ["keras", EVERY_QUOTIENT_FLOAT32],
+                         configurations=["loss_scale_adam"], dtypes=["float16", "bfloat16"],
+                         modes=["eager"], names=["gaussian", "large"], steps=30, size=64)
+    df = run_selection(sel, tmp_path)
+    keras = df[df.family == "keras"]
+    assert set(keras.verdict) <= {"exact", "match"}, keras[
+        ["dtype", "scenario", "verdict", "first_divergent_step", "divergent_state"]]
+    wide = df[(df.family == EVERY_QUOTIENT_FLOAT32) & (df.scenario == "large")
+              & (df.dtype == "float16")]
+    assert wide.verdict.tolist() == ["mismatch"], wide.verdict
+    assert wide.divergent_state.tolist() == ["velocity"]
+
+
+@pytest.mark.parametrize("configuration,name", [("adam", "beta_2"),
+                                                ("loss_scale_adam", "inner_optimizer.beta_2"),
+                                                ("multi_optimizer", "adam0.beta_2")])
+def test_a_wrapped_optimizers_hyperparameter_that_rounds_is_found_as_a_plain_ones(
+        configuration, name):
+    config = CONFIGURATIONS[configuration]
+    rule = reference.get_rule("keras", config.class_name)
+    segments = compare.Segments(["s_vector", "s_matrix"], [(4,), (2, 2)], [0, 0], 1)
+
+    def rounded(dtype):
+        c = compare.RunComparison("keras", rule, config.config, dtype, PRECISIONS["torch"],
+                                  segments, np.zeros((3, 8)), [])
+        return c.low_precision.rounded_hyperparameters()
+    assert rounded("bfloat16") == [(name, 0.999, 1.0)]  # Adam's beta_2, inner or not
+    assert rounded("float16") == []

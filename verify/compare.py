@@ -135,15 +135,19 @@ class LowPrecision:
         self.seen = {}
         self.S = comparison.segments.group_count
 
-    def rounded_hyperparameters(self) -> list:
+    def rounded_hyperparameters(self, rule=None, hp=None, prefix="") -> list:
         """[(name, value, rounded)] of the configuration's real hyperparameters that
-        the dtype rounds to 0 or 1 (through the precision setting's ops.cast)."""
+        the dtype rounds to 0 or 1 (through the precision setting's ops.cast), and of
+        the optimizers it wraps, named "<label>.<name>"."""
+        rule, hp = (self.c.rule, self.c.hp) if rule is None else (rule, hp)
         out = []
-        for name, value in self.c.hp.items():
+        for name, value in hp.items():
             if isinstance(value, float) and value not in (0.0, 1.0):
                 rounded = float(self.c.ar.cast(value).v)
                 if rounded in (0.0, 1.0):
-                    out.append((name, value, rounded))
+                    out.append((prefix + name, value, rounded))
+        for label, inner_rule, inner_hp in rule.inner(hp):
+            out += self.rounded_hyperparameters(inner_rule, inner_hp, f"{prefix}{label}.")
         return out
 
     def feed(self, steps, states, before, g64, t_before):

@@ -196,7 +196,10 @@ class FitRun(Run):
 
     def _check(self, recorded, left, start_values, steps):
         """FitCheckFailed unless every step's gradients are the intended ones bit
-        for bit and the weights left are those finalize_variable_values writes."""
+        for bit and the weights left are those finalize_variable_values writes.
+        Either is about what the trainer did around the updates, which no reference
+        states (it has no end of fit): an `error` cell with the weight and the step,
+        never a verdict."""
         if len(recorded) != steps:
             raise FitCheckFailed(f"fit: the optimizer was applied {len(recorded)} times "
                                  f"in {steps} steps")
@@ -220,9 +223,11 @@ class FitRun(Run):
         for i, (path, *_) in enumerate(self.places):
             expected = averages.get(i, last[i])
             if left[i].tobytes() != expected.tobytes():
-                what = "the EMA average" if i in averages else "the weights of the last step"
-                raise FitCheckFailed(f"fit: the weights {path} after fit are not {what} "
-                                     "(finalize_variable_values)")
+                what = "EMA average" if i in averages else "weights"
+                raise FitCheckFailed(
+                    f"fit did not finalise: the weights {path} after fit are not the {what} "
+                    f"of its last step, {steps}, as finalize_variable_values writes them "
+                    f"({_differing(left[i], expected)})")
 
     def execute(self, out, steps, chunk):
         start_values, start_iteration = self.read()

@@ -70,6 +70,15 @@ def inner(hp: dict) -> tuple:
     return rule, rule.hyperparameters(config)
 
 
+def _arrives_float32(quotient: Tracked) -> bool:
+    """Is g / scale, a float16 or bfloat16 gradient divided by the float32 scale,
+    float32 where a kernel keeps the gradient's dtype (kernels_keep_gradient_dtype:
+    torch)?  There ops.divide is torch.divide, whose type promotion lets a
+    zero-dimensional tensor (the scale) widen only another zero-dimensional one, or
+    one of a lower category: only the gradient of a rank-0 weight, [k] here."""
+    return np.ndim(quotient.v) == 1
+
+
 def states(hp: dict) -> list:
     rule, inner_hp = inner(hp)
     return [StateSpec("step_counter", 0.0, per_variable=False),
@@ -78,8 +87,9 @@ def states(hp: dict) -> list:
             StateSpec("iteration", 0.0, per_variable=False)] + rule.states(inner_hp)
 
 
-def step(ar, hp, state, grads, t, paths):
-    """One step; `t` (the wrapper's own `_iterations`, always 0) is not used."""
+def step(ar, hp, state, grads, t, paths, arrives_float32=_arrives_float32):
+    """One step; `t` (the wrapper's own `_iterations`, always 0) is not used;
+    `arrives_float32` is the backend's promotion of g / scale (_arrives_float32)."""
     rule, inner_hp = inner(hp)
     scale, counter, iteration = state["dynamic_scale"], state["step_counter"], state["iteration"]
     k = np.shape(scale.v)[0]
@@ -87,12 +97,13 @@ def step(ar, hp, state, grads, t, paths):
     finite = np.all([np.isfinite(np.reshape(f.v, (k, -1))).all(axis=1) for f in fed], axis=0)
     unscaled = [f / broadcastable(scale, f) for f in fed]
     own = ["variable"] + [s.name for s in rule.states(inner_hp)]
-    # ops.divide by the float32 scale gives a float32 gradient; the inner update_step
-    # casts it to the variable's dtype, unless the backend's own kernel keeps it
+    # The inner update_step casts the quotient to the variable's dtype, unless the
+    # backend's own kernel keeps the dtype it arrives in
     wide = (ar.dtype.itemsize < 4
             and rule.class_name in ar.precision.kernels_keep_gradient_dtype)
     if wide:
-        unscaled = [Tracked(u.v.astype(np.float32), u.e, ar, u.tie) for u in unscaled]
+        unscaled = [Tracked(u.v.astype(np.float32), u.e, ar, u.tie) if arrives_float32(u)
+                    else stored(u) for u in unscaled]
     out = rule(ar, inner_hp, {n: state[n] for n in own}, unscaled, iteration, paths)
     if wide:
         out = {n: [None if x is None else stored(x) for x in v] if isinstance(v, list)
@@ -123,4 +134,4 @@ KERAS = Rule("keras", CLASS_NAME, DEFAULTS, states, step,
              source="keras/src/optimizers/loss_scale_optimizer.py (Keras 3)", doc=DOC,
              choices="The scenario's gradient is the unscaled loss's: the harness multiplies "
                      "it by the scale, as the trainer's scale_loss does, before apply.",
-             unstated=_unstated)
+             unstated=_unstated, inner=lambda hp: [("inner_optimizer", *inner(hp))])
