@@ -54,7 +54,7 @@ KERAS_REFUSES = ("Keras raises ", "unsupported: ")
 # The default run verifies every configuration, family, backend, dtype, mode and
 # scenario at a scale that keeps it (and `check` of the committed baseline) within
 # minutes on two cores; --full is the article's 1000 steps at 1024 elements.
-DEFAULT_STEPS, DEFAULT_SIZE = 100, 256
+DEFAULT_STEPS, DEFAULT_SIZE = 80, 256
 FULL_STEPS, FULL_SIZE = 1000, 1024
 MAX_GRADIENT_BYTES = 2 * 1024 ** 3  # the scenario arrays the run holds and hands out
 
