@@ -1,6 +1,7 @@
 """The README's numbers are the committed baseline's: its excerpt of the verdict grid,
-the verdict counts, the cell count, the configuration count and the time it took
-(reports/baseline/), so a refreshed baseline that changes them fails here until the
+the verdict counts, the cell count, the configuration count and its steps
+(reports/baseline/), and the committed bench's time and ratios of that selection
+(reports/bench/), so a refreshed baseline that changes them fails here until the
 README says the same; and every page it links exists.  Each with a twin: a README
 that says otherwise is caught."""
 
@@ -15,6 +16,7 @@ from verify import compare
 
 README = (ROOT / "README.md").read_text()
 BASELINE = ROOT / "reports" / "baseline"
+BENCH = ROOT / "reports" / "bench" / "bench.json"
 
 
 def excerpt(cells: pd.DataFrame, optimizers) -> str:
@@ -32,21 +34,26 @@ def excerpt(cells: pd.DataFrame, optimizers) -> str:
             + "\n\n" + ", ".join(f"{f} {v}: {n}" for (f, v), n in counts.items()) + ".")
 
 
-def stale(readme: str) -> list:
-    """What the README says that the committed baseline does not."""
+def stale(readme: str, bench: dict | None = None) -> list:
+    """What the README says that the committed baseline (and bench) does not."""
     cells = pd.read_csv(BASELINE / "cells.csv", dtype=str, keep_default_na=False)
     meta = json.loads((BASELINE / "baseline.json").read_text())
+    bench = bench or json.loads(BENCH.read_text())
     shown = list(dict.fromkeys(line.split("|")[2].strip() for line in readme.splitlines()
                                if re.match(r"\| (article|keras|textbook) ", line)))
     problems = []
     if not shown or excerpt(cells, shown) not in readme:
         problems.append("the excerpt or the verdict counts")
     said = {"cells": f"({len(cells)} cells;",
-            "time": f"**{meta['environment']['wall_seconds']:.0f} s**",
+            "time": f"**{bench['result']['harness']['wall']:.0f} s**, "
+                    f"{bench['result']['ratio']['wall']:.2f} times the wall time "
+                    f"({bench['result']['ratio']['cpu']:.2f} times the CPU)",
             "configurations": f"all {len(meta['settings']['optimizers'])} configurations",
             "steps": f"{meta['settings']['steps']} steps, `--size {meta['settings']['size']}`"}
     flat = " ".join(readme.split())
     problems += [what for what, text in said.items() if text not in flat]
+    if any(bench["settings"][k] != meta["settings"][k] for k in bench["settings"]):
+        problems.append("the bench's selection")
     return problems
 
 
@@ -68,6 +75,9 @@ def test_a_readme_that_says_otherwise_is_caught():
     assert stale(_one_more(r"\((\d+) cells;")) == ["cells"]
     assert stale(_one_more(r"\*\*(\d+) s\*\*")) == ["time"]
     assert stale(_one_more(r"all (\d+) configurations")) == ["configurations"]
+    other = json.loads(BENCH.read_text())
+    other["settings"]["steps"] += 1  # a bench of another selection
+    assert stale(README, other) == ["the bench's selection"]
 
 
 def test_every_page_the_readme_links_exists():
