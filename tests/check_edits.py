@@ -302,3 +302,14 @@ SAVED_HALF_LEARNING_RATE = Edit(
       + '            learning_rate["config"] = {k: v * 0.5 if k == "initial_learning_rate" '
         'else [x * 0.5 for x in v] if k == "values" else v '
         'for k, v in learning_rate["config"].items()}\n')))
+
+
+def written_baseline(root: Path, flags: list) -> Path:
+    """A baseline of the selection `flags` written by `check --update-baseline` under
+    `root` (its run report beside it), for a check to compare with."""
+    from verify import cli
+
+    code = cli.main(["check", "--update-baseline", "--baseline", str(root / "baseline"),
+                     "--output", str(root / "run")] + flags)
+    assert code == 0
+    return root / "baseline"

@@ -191,11 +191,7 @@ def test_a_baseline_backend_that_is_not_installed_is_named(fake_baseline, capsys
 # --- sensitivity: real edits of Keras ---------------------------------------
 @pytest.fixture(scope="module")
 def small_baseline(tmp_path_factory):
-    root = tmp_path_factory.mktemp("check")
-    code = cli.main(["check", "--update-baseline", "--baseline", str(root / "baseline"),
-                     "--output", str(root / "run")] + SMALL)
-    assert code == 0
-    return root / "baseline"
+    return check_edits.written_baseline(tmp_path_factory.mktemp("check"), SMALL)
 
 
 def changed(output):

@@ -33,11 +33,7 @@ NOT_FINALISED_AND_SLOT_LOST = check_edits.Edit("not-finalised-and-slot-lost", (
 
 @pytest.fixture(scope="module")
 def training_baseline(tmp_path_factory):
-    root = tmp_path_factory.mktemp("check-training")
-    code = cli.main(["check", "--update-baseline", "--baseline", str(root / "baseline"),
-                     "--output", str(root / "run")] + SMALL)
-    assert code == 0
-    return root / "baseline"
+    return check_edits.written_baseline(tmp_path_factory.mktemp("check-training"), SMALL)
 
 
 def test_a_fit_not_finalised_and_a_save_losing_a_slot_fail_exactly_their_cells(
