@@ -23,8 +23,8 @@ import math
 
 import numpy as np
 
-from reference.arithmetic import (Arithmetic, Tracked, ceil, cos, floor, log, minimum,
-                                  quotient, to_float32, where)
+from reference.arithmetic import (PRECISIONS, Arithmetic, Tracked, ceil, cos, floor, log,
+                                  minimum, quotient, to_float32, where)
 
 REQUIRED = object()  # an argument Keras's schedule has no default for
 
@@ -77,6 +77,10 @@ def unsupported(value) -> str | None:
                      and k not in config)
     if unknown or missing:
         return f"{name} {'has no argument' if unknown else 'needs'} {(unknown or missing)[0]!r}"
+    if name == "PiecewiseConstantDecay" and all(
+            isinstance(config[k], list) for k in ("values", "boundaries")) and len(
+            config["values"]) != len(config["boundaries"]) + 1:  # Keras's own check
+        return "PiecewiseConstantDecay needs one value more than boundaries"
     return None
 
 
@@ -103,6 +107,15 @@ def learning_rate(ar: Arithmetic, value, t: Tracked, accumulation=None) -> Track
     config = {**DEFAULTS[value["class_name"]], **value.get("config", {})}
     lr = SCHEDULES[value["class_name"]](s, config, np.asarray(t.v, np.float64))
     return Tracked(lr.v.astype(ar.dtype), lr.e, ar, lr.tie)
+
+
+def values(value, steps: int) -> np.ndarray:
+    """A serialized schedule's value at steps 0 .. steps - 1, each operation a float64
+    rounding: the formula as Python floats compute it (a peer's schedule function)."""
+    s = Arithmetic(np.float64, PRECISIONS["exact"], track=False)
+    config = {**DEFAULTS[value["class_name"]], **value.get("config", {})}
+    return np.asarray(SCHEDULES[value["class_name"]](
+        s, config, np.arange(steps, dtype=np.float64)).v, np.float64)
 
 
 def dtype(ar: Arithmetic):

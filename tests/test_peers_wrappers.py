@@ -68,6 +68,39 @@ def test_wrapper_refused(text, words):
         peers.parse(text)
 
 
+def test_schedule_functions_map_to_keras_schedules():
+    """LambdaLR and optax.Schedule compute the Keras schedule they name, whose initial
+    rate is the optimizer's (PiecewiseConstantDecay has its own values)."""
+    c = peers.parse("torch:SGD(lr=0.01) + LambdaLR(keras='PolynomialDecay', decay_steps=20,"
+                    " end_learning_rate=0.001, power=2.0, cycle=True)")
+    assert c.config["learning_rate"] == {"class_name": "PolynomialDecay", "config": {
+        "initial_learning_rate": 0.01, "decay_steps": 20, "end_learning_rate": 0.001,
+        "power": 2.0, "cycle": True}}
+    assert c.peer_spec()["wrappers"]["schedule"]["kwargs"]["schedule"] == c.config[
+        "learning_rate"]
+    p = peers.parse("optax:sgd(learning_rate=0.02) + Schedule(keras='PiecewiseConstantDecay',"
+                    " boundaries=[10, 25], values=[0.02, 0.01, 0.005])")
+    assert p.config["learning_rate"] == {"class_name": "PiecewiseConstantDecay", "config": {
+        "boundaries": [10, 25], "values": [0.02, 0.01, 0.005]}}
+    assert p.initial_learning_rate == 0.02
+
+
+@pytest.mark.parametrize("wrapper, words", [
+    ("LambdaLR(decay_steps=20)", "LambdaLR needs keras=<one of ExponentialDecay"),
+    ("LambdaLR(keras='ExponentialDecay', decay_steps=20)", "needs decay_rate"),
+    ("LambdaLR(keras='ExponentialDecay', decay_steps=20, decay_rate=0.9,"
+     " initial_learning_rate=1.0)", "takes no argument 'initial_learning_rate'"),
+    ("LambdaLR(keras='ExponentialDecay', decay_steps=20, decay_rate=0.9, staircase=1)",
+     "staircase must be a bool"),
+    ("LambdaLR(keras='PiecewiseConstantDecay', boundaries=[1], values=[1.0])",
+     "one value more than boundaries"),
+    ("LambdaLR(keras='CosineDecay', decay_steps=10, warmup_target=[1])", "cannot be evaluated"),
+])
+def test_schedule_function_refused(wrapper, words):
+    with pytest.raises(peers.PeerError, match=re.escape(words)):
+        peers.parse(f"torch:SGD(lr=0.05) + {wrapper}")
+
+
 def test_bad_wrapper_is_one_line_and_exit_2(tmp_path, capsys):
     out = tmp_path / "report.md"
     assert cli.main(["peers", "--peer", "torch:SGD(lr=0.1) + clip(max_delta=1.0)",
@@ -174,6 +207,51 @@ def test_a_wrong_mapping_is_caught(torch_results, id, step, dtype):
     assert r["keras"] == "mismatch" and r["first"]["first_divergent_step"] <= step, r["first"]
 
 
+SCHEDULED = {
+    "torch": "torch:SGD(lr=0.01) + LambdaLR(keras='PolynomialDecay', decay_steps=20,"
+             " end_learning_rate=0.001, power=2.0, cycle=True)",
+    "optax": "optax:rmsprop(learning_rate=0.1, decay=0.9, eps=1e-07) + Schedule("
+             "keras='InverseTimeDecay', decay_steps=5, decay_rate=0.5, staircase=True)",
+}
+
+
+@pytest.mark.parametrize("library", ["torch", "optax"])
+def test_schedule_function_is_keras_schedule(library):
+    """Specificity: Keras's formula as the peer's schedule is Keras's rate (match in both
+    dtypes).  Sensitivity: the same stream judged against the schedule with another
+    argument, or with momentum (the rate outside the peer's buffer), parts."""
+    if not {"torch": HAS_TORCH, "optax": HAS_OPTAX}[library]:
+        pytest.skip(f"{library} not installed")
+    c = peers.parse(SCHEDULED[library], f"{library}_scheduled")
+    schedule = c.config["learning_rate"]
+    other = {"PolynomialDecay": {"power": 1.0}, "InverseTimeDecay": {"decay_rate": 0.25}}[
+        schedule["class_name"]]
+    wrong = _judged_as(c, "other_schedule", learning_rate={
+        **schedule, "config": {**schedule["config"], **other}})
+    momentum = peers.parse(
+        {"torch": "torch:SGD(lr=0.05, momentum=0.9)", "optax":
+         "optax:sgd(learning_rate=0.05, momentum=0.9)"}[library]
+        + " + " + {"torch": "LambdaLR", "optax": "Schedule"}[library]
+        + "(keras='ExponentialDecay', decay_steps=20, decay_rate=0.9)", "momentum_scheduled")
+    for dtype in peer_run.DTYPES:
+        r = _run([c, wrong, momentum], dtype)
+        assert r[c.id]["keras"] in ("exact", "match"), (dtype, r[c.id]["first"])
+        assert r["other_schedule"]["keras"] == "mismatch", dtype
+        first = r["momentum_scheduled"]["first"]
+        assert r["momentum_scheduled"]["keras"] == "mismatch" and (
+            first["first_divergent_step"] == 2), first
+
+
+@pytest.mark.skipif(not HAS_OPTAX, reason="optax not installed")
+def test_port_through_a_schedule_function_proved(capsys):
+    code = cli.main(["port", "adagrad_inverse_time_decay", "--to", "optax", "--steps",
+                     str(STEPS), "--size", str(SIZE), "--scenario", SCENARIO[0]])
+    out = capsys.readouterr().out
+    assert code == 0 and ("port: optax:adagrad(learning_rate=0.1, initial_accumulator_value="
+                          "0.1, eps=1e-07) + Schedule(keras='InverseTimeDecay', decay_steps=5,"
+                          " decay_rate=0.5, staircase=True) (match)") in out
+
+
 @pytest.mark.skipif(not HAS_OPTAX, reason="optax not installed")
 def test_optax_wrappers():
     known = peers.load()
@@ -214,13 +292,20 @@ def test_port_finds_wrappers():
     found, blocked = port.candidates("optax", "Adam", {"learning_rate": 0.01,
                                                        "global_clipnorm": 1.0})
     assert [c.wrappers for c in found] == [(("clip_by_global_norm", {"max_norm": 1.0}),)]
-    # a Keras ExponentialDecay over 20 steps: torch's schedules cannot say it
+    # a Keras ExponentialDecay over 20 steps: torch's ExponentialLR cannot say it, only
+    # LambdaLR with Keras's formula; optax has its own schedule and the formula
     schedule = {"class_name": "ExponentialDecay", "config": {
         "initial_learning_rate": 0.05, "decay_steps": 20, "decay_rate": 0.9}}
     found, blocked = port.candidates("torch", "SGD", {"learning_rate": schedule})
-    assert found == [] and "ExponentialLR: cannot express decay_steps=20" in blocked["SGD"]
+    assert [c.describe() for c in found] == [
+        "torch:SGD(lr=0.05, momentum=0.0, nesterov=False) + LambdaLR(keras='ExponentialDecay',"
+        " decay_steps=20, decay_rate=0.9)"]
+    assert "ExponentialLR" not in str(blocked)
     found, _ = port.candidates("optax", "SGD", {"learning_rate": schedule})
-    assert [c.config["learning_rate"]["config"]["decay_steps"] for c in found] == [20]
+    assert sorted(name for c in found for name, _ in c.wrappers) == [
+        "Schedule", "exponential_decay"]
+    assert all(c.config["learning_rate"] == {**schedule, "config": {
+        **schedule["config"], "staircase": False}} for c in found)
     # EMA with an overwrite: optax.ema has none, incremental_update is the candidate
     found, blocked = port.candidates("optax", "Adam", {
         "learning_rate": 0.01, "use_ema": True, "ema_momentum": 0.9,

@@ -97,6 +97,11 @@ class PeerConfiguration:
             w = WRAPPERS[self.library, name]
             wrappers[w["stage"]] = {"name": name,
                                     "kwargs": {**w.get("defaults", {}), **arguments}}
+            if w.get("schedule") == "any":  # the worker computes the schedule's values
+                own = {k: v for k, v in self.arguments.items() if k in entry["arguments"]}
+                lr = keras_equivalent(self.library, self.peer_class, own)[1]["learning_rate"]
+                wrappers[w["stage"]]["kwargs"] = {
+                    "schedule": _any_schedule(name, arguments, lr, self.text)}
         if "schedule" in wrappers:  # the schedule starts from the optimizer's rate
             wrappers["schedule"]["kwargs"]["initial"] = self.initial_learning_rate
         return {"library": self.library, "class": self.peer_class, "kwargs": kwargs,
@@ -112,8 +117,13 @@ class PeerConfiguration:
 
 
 def initial_learning_rate(value) -> float:
-    """A constant learning rate, or a schedule's initial one."""
-    return value["config"]["initial_learning_rate"] if isinstance(value, dict) else value
+    """A constant learning rate, or a schedule's initial one (PiecewiseConstantDecay's
+    first value)."""
+    if not isinstance(value, dict):
+        return value
+    config = value["config"]
+    return config["initial_learning_rate"] if "initial_learning_rate" in config else (
+        config["values"][0])
 
 
 def _call(name, arguments) -> str:
@@ -210,6 +220,10 @@ def _wrap(library: str, wrappers: list, config: dict, text: str) -> tuple:
         if w["stage"] in stages:
             raise PeerError(f"{text!r}: one {w['stage']} wrapper at most")
         stages.add(w["stage"])
+        if w.get("schedule") == "any":
+            config["learning_rate"] = _any_schedule(name, arguments, config["learning_rate"],
+                                                    text)
+            continue
         unknown = sorted(set(arguments) - set(w["keras"]))
         if unknown:
             raise PeerError(f"{text!r}: {name} takes no argument {unknown[0]!r} (choose "
@@ -235,6 +249,44 @@ def _wrap(library: str, wrappers: list, config: dict, text: str) -> tuple:
         states.update(w.get("states", {}))
         scales.update(w.get("scale", {}))
     return config, states, scales
+
+
+def _any_schedule(name: str, arguments: dict, lr, text: str) -> dict:
+    """The serialized Keras schedule a LambdaLR / optax.Schedule wrapper computes:
+    `keras` names its class, the other arguments are its own (Keras's names), and its
+    initial_learning_rate is the optimizer's learning rate."""
+    kind = arguments.get("keras")
+    known = reference.schedules.DEFAULTS
+    if kind not in known:
+        raise PeerError(f"{text!r}: {name} needs keras=<one of {', '.join(known)}>")
+    defaults = {k: v for k, v in known[kind].items() if k != "name"}
+    given = {k: v for k, v in arguments.items() if k != "keras"}
+    own = [a for a in defaults if a != "initial_learning_rate"]
+    for k, v in given.items():
+        if k not in own:
+            raise PeerError(f"{text!r}: {name}(keras={kind!r}) takes no argument {k!r} "
+                            f"(choose from {', '.join(own)}; the initial rate is the "
+                            "optimizer's)")
+        default = defaults[k]
+        want = ("bool" if isinstance(default, bool) else "number" if isinstance(default, float)
+                else _kind(v) if isinstance(v, (list, int, float)) else "number")
+        if _kind(v) != want:
+            raise PeerError(f"{text!r}: {k} must be a {want} (got {v!r})")
+    config = {**defaults, **given}
+    if "initial_learning_rate" in config:
+        config["initial_learning_rate"] = lr
+    missing = [k for k, v in config.items() if v is reference.schedules.REQUIRED]
+    if missing:
+        raise PeerError(f"{text!r}: {name}(keras={kind!r}) needs {missing[0]}")
+    schedule = {"class_name": kind, "config": config}
+    why = reference.schedules.unsupported(schedule)
+    try:
+        reference.schedules.values(schedule, 2)
+    except (TypeError, ValueError) as exc:
+        why = why or f"{name}(keras={kind!r}) cannot be evaluated: {exc}"
+    if why:
+        raise PeerError(f"{text!r}: {why}")
+    return schedule
 
 
 def parse(text: str, id: str | None = None) -> PeerConfiguration:

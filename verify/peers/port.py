@@ -56,7 +56,15 @@ def wrapper_options(library, hp) -> tuple:
     for (lib, name), w in sorted(peers.WRAPPERS.items()):
         if lib != library:
             continue
-        if w["stage"] == "schedule":
+        if w["stage"] == "schedule" and w["schedule"] == "any":
+            if not isinstance(schedule, dict) or "class_name" not in schedule:
+                continue
+            defaults = reference.schedules.DEFAULTS[schedule["class_name"]]
+            args = {"keras": schedule["class_name"], **{
+                k: v for k, v in schedule["config"].items()
+                if k != "initial_learning_rate" and v != defaults[k]}}
+            covered.add("learning_rate")
+        elif w["stage"] == "schedule":
             if not isinstance(schedule, dict) or schedule["class_name"] != w["schedule"]:
                 continue
             config = schedule["config"]

@@ -24,6 +24,7 @@ import traceback
 
 import numpy as np
 
+import reference.schedules
 from verify.protocol import peak_memory_mb, write_message
 from verify.worker import gradient_digest
 
@@ -91,6 +92,12 @@ class Peer:
                         out[f"{i}/{keras_name}"] = v
         return out
 
+    def schedule_values(self, schedule):
+        """The Keras schedule's value at every step of the run (and one past it), in
+        float64 as Python computes it."""
+        steps = len(next(iter(self.gradients.values())))
+        return reference.schedules.values(schedule, steps + 1)
+
     def initial_value(self, name, shape):
         value = self.peer.get("initial", {}).get(name, 0.0)
         shape = () if name in self.peer.get("shared", []) else shape
@@ -118,6 +125,9 @@ class TorchPeer(Peer):
                       if name in probe_opt.state[p]} for p in probe]
         name, kw = self.wrapper("schedule")
         kw.pop("initial", None)
+        if name == "LambdaLR":  # lr_lambda=lambda t: f(t) / lr, f the Keras schedule
+            rates, base = self.schedule_values(kw.pop("schedule")), self.opt.defaults["lr"]
+            kw["lr_lambda"] = lambda t: float(rates[t]) / base
         self.scheduler = getattr(torch.optim.lr_scheduler, name)(self.opt, **kw) if name else None
         name, kw = self.wrapper("ema")
         self.ema = None
@@ -203,7 +213,10 @@ class OptaxPeer(Peer):
 
         kwargs = dict(self.peer["kwargs"])
         name, kw = self.wrapper("schedule")
-        if name:
+        if name == "Schedule":  # f(count), the Keras schedule's values in the run's dtype
+            rates = jax.numpy.asarray(self.schedule_values(kw["schedule"]), self.dtype)
+            kwargs["learning_rate"] = lambda count: rates[count]
+        elif name:
             kwargs["learning_rate"] = getattr(optax, name)(init_value=kw.pop("initial"), **kw)
         make = optax
         for part in self.peer.get("function", self.peer["class"]).split("."):
