@@ -361,6 +361,7 @@ class RunComparison:
         S = segments.group_count
         self.exact = np.ones(S, bool)
         self.divergence: list = [None] * S
+        self.notes: list = [[] for _ in range(S)]  # per scenario: after_last_step's
         self.mismatch_steps = np.zeros(S, int)
         # each chunk's per-step table {"step": [k], "drift": [k,S], (state, metric): [k,S]}
         # goes to on_table: kept in `tables`, unless the runner sends it to the report's
@@ -576,6 +577,25 @@ class RunComparison:
                                             abs(detail[0] - detail[1]),
                                             float(scaled_by_state[name][j, s]), detail[2],
                                             self.segments.label(weight))
+
+    def after_last_step(self, step: int, place: int, keras: float, expected: float,
+                        why: str) -> None:
+        """What happened to a variable after the last step compared (fit's end): its
+        value, `keras`, is not the `expected` one.  A divergence of its scenario in
+        `variable` at that step, unless an earlier one is recorded; `why` goes into
+        the row's reason."""
+        s = int(self.segments.groups[place])
+        self.exact[s] = False
+        self.notes[s].append(why)
+        gap = abs(keras - expected)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.float64(gap) / abs(expected) if gap else 0.0
+        for metric, value in zip(METRICS, (gap, np.inf if np.isnan(rel) else rel, np.inf)):
+            self.largest[metric][s] = max(self.largest[metric][s], value)
+        if self.divergence[s] is None:
+            self.divergence[s] = Divergence(step, "variable", keras, expected,
+                                            abs(keras - expected), np.inf, 0.0,
+                                            self.segments.label(self.segments.names[place]))
 
     # --- results ------------------------------------------------------------
     def verdict(self, s: int) -> str:

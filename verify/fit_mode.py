@@ -27,9 +27,10 @@ received and every state it left are handed to the host (tf.py_function,
 jax.debug.callback with ordered=True, directly on torch), so the states of every
 step stream as in the other modes even within one execution of several steps.
 Before anything is sent the worker checks that every gradient Keras applied is
-bit-identical to the intended one, and that the weights fit leaves are those
-`finalize_variable_values` must write (the last average with use_ema, else the
-last weights); either failing makes the run an error with that reason.
+bit-identical to the intended one (else the run is an error with that reason).  The
+weights fit leaves must be those `finalize_variable_values` writes (the last average
+with use_ema, else the last weights): one that is not is a divergence of its
+scenario at the last step, in `variable` (verify/runner.py).
 """
 
 from __future__ import annotations
@@ -194,12 +195,10 @@ class FitRun(Run):
         left = [to_numpy(v.value) for v in self.variables]
         return recorded, left
 
-    def _check(self, recorded, left, start_values, steps):
+    def _check(self, recorded, start_values, steps):
         """FitCheckFailed unless every step's gradients are the intended ones bit
-        for bit and the weights left are those finalize_variable_values writes.
-        Either is about what the trainer did around the updates, which no reference
-        states (it has no end of fit): an `error` cell with the weight and the step,
-        never a verdict."""
+        for bit: otherwise the states are not those of the scenario's stream, and
+        the run is an `error` cell with the weight and the step, never a verdict."""
         if len(recorded) != steps:
             raise FitCheckFailed(f"fit: the optimizer was applied {len(recorded)} times "
                                  f"in {steps} steps")
@@ -217,17 +216,31 @@ class FitRun(Run):
                         f"{path} ({g.dtype}{list(g.shape)} vs {w.dtype}{list(w.shape)}, "
                         f"{_differing(g, w)})")
             values = states
+
+    def unfinalised(self, recorded, left, steps) -> list:
+        """The weights fit leaves that are not those finalize_variable_values writes
+        (the last step's EMA average with use_ema, else its weights), bit for bit:
+        per weight, its place, the first differing element's two values and what
+        differs.  The runner makes each a divergence of its scenario at the last
+        step, in `variable`: a change in what fit computes, compared like any other."""
         last = recorded[-1][1]
         averages = {i: last[k] for k, (i, name, _) in enumerate(self.state_vars)
                     if name == "average" and i is not None}
+        found = []
         for i, (path, *_) in enumerate(self.places):
             expected = averages.get(i, last[i])
             if left[i].tobytes() != expected.tobytes():
                 what = "EMA average" if i in averages else "weights"
-                raise FitCheckFailed(
-                    f"fit did not finalise: the weights {path} after fit are not the {what} "
-                    f"of its last step, {steps}, as finalize_variable_values writes them "
-                    f"({_differing(left[i], expected)})")
+                bits = np.dtype(f"u{expected.dtype.itemsize}")
+                k = int(np.flatnonzero(left[i].reshape(-1).view(bits)
+                                       != expected.reshape(-1).view(bits))[0])
+                found.append({"place": i, "keras": float(left[i].reshape(-1)[k]),
+                              "expected": float(expected.reshape(-1)[k]), "text": (
+                                  f"fit did not finalise: the weights {path} after fit are "
+                                  f"not the {what} of its last step, {steps}, as "
+                                  "finalize_variable_values writes them "
+                                  f"({_differing(left[i], expected)})")})
+        return found
 
     def execute(self, out, steps, chunk):
         start_values, start_iteration = self.read()
@@ -235,14 +248,17 @@ class FitRun(Run):
         t = clock()
         recorded, left = self._fit(steps)
         spent = {"step": clock() - t}
-        self._check(recorded, left, start_values, steps)
+        self._check(recorded, start_values, steps)
         states = [[s.astype(self.dtype) if np.issubdtype(s.dtype, np.integer) else s
                    for s in step_states] for _, step_states, _ in recorded]
         iterations = np.array([i for *_, i in recorded], np.int64)
-        self._stream(out, start_values, start_iteration, states, iterations, chunk, spent)
+        self._stream(out, start_values, start_iteration, states, iterations, chunk, spent,
+                     self.unfinalised(recorded, left, steps))
 
-    def _stream(self, out, start_values, start_iteration, states, iterations, chunk, spent):
-        """The run's messages, as Run.execute sends them."""
+    def _stream(self, out, start_values, start_iteration, states, iterations, chunk, spent,
+                unfinalised):
+        """The run's messages, as Run.execute sends them, the weights fit left
+        unfinalised in run_end."""
         spec = self.spec
         names = [f"{'g' if i is None else i}/{name}" for i, name, _ in self.state_vars]
         write_message(out, {
@@ -266,7 +282,8 @@ class FitRun(Run):
                           {**{n: np.stack([s[k] for s in part]) for k, n in enumerate(names)},
                            "iterations": iterations[t0:t0 + chunk]})
         spent["send"] = time.process_time() - t
-        write_message(out, {"type": "run_end", "id": spec["id"], "seconds": spent})
+        write_message(out, {"type": "run_end", "id": spec["id"], "seconds": spent,
+                            "unfinalised": unfinalised})
 
     def floor(self, out, steps):
         start = time.process_time()

@@ -155,6 +155,8 @@ class Sink:
                        f"{', '.join(comparison.only_reference)}. ")
         for text in comparison.unmatched.values():
             reason += f"{text}. "
+        for text in comparison.notes[index]:
+            reason += f"{text}. "
         self.rows.append({
             **base, "verdict": s["verdict"],
             "first_divergent_step": d.step if d else None,

@@ -318,6 +318,11 @@ class Runner:
                     if self.floor:
                         self._advance(self.sel.steps)
                     else:
+                        if header.get("notes"):
+                            each_family(run_id, self._notes, header["notes"], active)
+                        if header.get("unfinalised"):
+                            each_family(run_id, self._unfinalised, header["unfinalised"],
+                                        active)
                         each_family(run_id, self._finish, active)
                     done.add(run_id)
                 elif kind == "run_error":
@@ -385,6 +390,22 @@ class Runner:
         c = active[run_id, family]
         if isinstance(c, compare.RunComparison) and not c.error:
             _guarded(c, c.feed, start, states, iterations)
+
+    @staticmethod
+    def _notes(run_id, family, notes, active):
+        """What the worker says of the whole run (torch.compile's fallback to eager)."""
+        c = active[run_id, family]
+        if isinstance(c, compare.RunComparison):
+            for s in range(len(c.notes)):
+                c.notes[s].extend(notes)
+
+    def _unfinalised(self, run_id, family, found, active):
+        """Weights fit left other than finalize_variable_values writes (fit_mode)."""
+        c = active[run_id, family]
+        if isinstance(c, compare.RunComparison) and not c.error:
+            for f in found:
+                c.after_last_step(self.runs[run_id].steps_done, f["place"], f["keras"],
+                                  f["expected"], f["text"])
 
     def _finish(self, run_id, family, active):
         run, c = self.runs[run_id], active.pop((run_id, family))

@@ -122,11 +122,7 @@ class ClassMissing(ValueError):
     """The installed Keras has no such optimizer class (an older release)."""
 
 
-class NotCompiled(RuntimeError):
-    """jit mode cannot keep the update compiled: the backend falls back to eager."""
-
-
-UNSUPPORTED = "unsupported: "  # how a run error that is a missing class or NotCompiled begins
+UNSUPPORTED = "unsupported: "  # how a run error that is a missing class begins
 
 
 def iteration_variable(optimizer):
@@ -405,7 +401,8 @@ class Run:
                                 "gradients": applied.hexdigest()},
                           {**dict(zip(names, buffers)), "iterations": iterations})
             spent["send"] += clock() - t
-        write_message(out, {"type": "run_end", "id": spec["id"], "seconds": spent})
+        write_message(out, {"type": "run_end", "id": spec["id"], "seconds": spent,
+                            "notes": getattr(self.step_fn, "notes", [])})
 
     def floor(self, out, steps):
         """The same Keras work with nothing observed: every step, then one read at
@@ -458,7 +455,10 @@ def _jit_step(backend, opt, variables):
     """The update as model.compile(jit_compile=True) runs it: the train step in
     tf.function(jit_compile=True) (XLA) on TensorFlow, torch.compile with the update
     under torch.no_grad() on torch (keras/src/backend/{tensorflow,torch}/trainer.py).
-    Its first call checks that the backend really compiled it: RuntimeError if not."""
+    Its first call checks that the backend really compiled it: RuntimeError if not.
+    Where torch.compile gives up (Dynamo's recompile limit) the update runs on eagerly,
+    as it does under model.compile(jit_compile=True); the step function's `notes` say
+    from which step, for the run's reason."""
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -475,35 +475,42 @@ def _jit_step(backend, opt, variables):
             with torch.no_grad():
                 opt.apply(grads, variables)
 
-        # Dynamo caches graphs per code object: without a reset, after its recompile
-        # limit the runs of one process would fall back to eager without a word; a run
-        # that reaches the limit on its own fails instead (an error, never a verdict).
+        # Dynamo caches graphs per code object: without a reset the runs of one
+        # process would share its recompile limit
         torch._dynamo.reset()
-        torch._dynamo.config.fail_on_recompile_limit_hit = True
         graphs = counters["stats"]["unique_graphs"]
         step = torch.compile(one_step)
 
         def compiled(grads):  # Dynamo captured a graph and handed it to Inductor
             return counters["stats"]["unique_graphs"] > graphs
+
+        def limit_hits() -> int:  # Dynamo's recompile limit hit: eager from then on
+            return sum(n for k, n in counters["unimplemented"].items()
+                       if "recompile_limit" in k)
+
+        hits = limit_hits()  # the counters are the process's: this run's are new ones
+
+        def gave_up() -> bool:
+            return limit_hits() > hits
     else:  # JAX's compiled mode is already jit_compile=True (runner.SAME_AS)
         raise ValueError(f"no jit mode of its own on {backend}")
     checked = []
 
     def first_checked(grads):
-        try:
-            out = step(grads)
-        except Exception as exc:
-            if type(exc).__name__ != "FailOnRecompileLimitHit":
-                raise
-            raise NotCompiled(
-                f"torch.compile recompiles Keras's update past Dynamo's recompile limit at "
-                f"step {len(checked) + 1}: model.compile(jit_compile=True) runs it on "
-                "eagerly from there") from None
+        out = step(grads)
         if not checked and not compiled(grads):
             raise RuntimeError(f"jit mode ran uncompiled on {backend}")
         checked.append(True)
+        if backend == "torch" and not first_checked.notes and gave_up():
+            first_checked.notes.append(
+                f"torch.compile compiled {counters['stats']['unique_graphs'] - graphs} graphs "
+                f"of Keras's update in steps 1-{len(checked) - 1} and hit Dynamo's "
+                f"recompile limit ({torch._dynamo.config.recompile_limit}) at step "
+                f"{len(checked)}: from there the update ran eagerly, as under "
+                "model.compile(jit_compile=True)")
         return out
 
+    first_checked.notes = []
     return first_checked
 
 
@@ -581,7 +588,7 @@ def main(job_path: str) -> int:
             for line in traceback.format_exc().splitlines():  # not taken for a fatal error
                 print(f"run {spec['id']}: {line}", file=sys.stderr)
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            if isinstance(exc, (ClassMissing, NotCompiled)):
+            if isinstance(exc, ClassMissing):
                 reason = f"{UNSUPPORTED}{exc}"
             elif raised_in_keras(exc, keras):
                 reason = f"Keras raises {reason}"
