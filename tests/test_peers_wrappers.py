@@ -242,6 +242,34 @@ def test_schedule_function_is_keras_schedule(library):
             first["first_divergent_step"] == 2), first
 
 
+@pytest.mark.parametrize("library", ["torch", "optax"])
+def test_decoupled_decay_is_keras_weight_decay(library):
+    """Specificity: the weights multiplied by 1 - lr * wd before the step is Keras's
+    base weight decay (match in both dtypes).  Sensitivity: the same stream judged
+    against another weight_decay parts at step 1."""
+    if not {"torch": HAS_TORCH, "optax": HAS_OPTAX}[library]:
+        pytest.skip(f"{library} not installed")
+    c = peers.load()[f"{library}_sgd_momentum_decoupled_decay"]
+    assert c.config["weight_decay"] == 0.01
+    wrong = _judged_as(c, "other_weight_decay", weight_decay=0.02)
+    for dtype in peer_run.DTYPES:
+        r = _run([c, wrong], dtype)
+        assert r[c.id]["keras"] in ("exact", "match"), (dtype, r[c.id]["first"])
+        assert r["other_weight_decay"]["keras"] == "mismatch", dtype
+        assert r["other_weight_decay"]["first"]["first_divergent_step"] == 1
+
+
+def test_port_takes_the_class_decay_over_the_wrapper():
+    """decoupled_decay is offered for a class without its own decay (SGD, Adam), never
+    beside one that has it (AdamW)."""
+    config = {"learning_rate": 0.01, "momentum": 0.9, "weight_decay": 0.01}
+    found, _ = port.candidates("torch", "SGD", config)
+    assert [c.describe() for c in found] == [
+        "torch:SGD(lr=0.01, momentum=0.9, nesterov=False) + decoupled_decay(weight_decay=0.01)"]
+    found, _ = port.candidates("optax", "AdamW", {"learning_rate": 0.01, "weight_decay": 0.01})
+    assert [c.wrappers for c in found] == [()]
+
+
 @pytest.mark.skipif(not HAS_OPTAX, reason="optax not installed")
 def test_port_through_a_schedule_function_proved(capsys):
     code = cli.main(["port", "adagrad_inverse_time_decay", "--to", "optax", "--steps",

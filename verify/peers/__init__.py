@@ -56,7 +56,7 @@ def _load_classes(path: Path = CLASSES_FILE) -> dict:
 
 CLASSES = _load_classes()
 WRAPPERS = _load_classes(WRAPPERS_FILE)
-STAGES = ("accumulate", "clip", "schedule", "ema")
+STAGES = ("accumulate", "clip", "decay", "schedule", "ema")
 
 
 @dataclass(frozen=True)

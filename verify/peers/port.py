@@ -49,8 +49,9 @@ def _normal(value):
 
 
 def wrapper_options(library, hp) -> tuple:
-    """([[wrapper call, ...] per stage], Keras arguments they cover, {wrapper: why not})
-    for the base-optimizer arguments and the schedule of a Keras configuration."""
+    """({stage: [(wrapper call, Keras arguments it says), ...]}, Keras arguments they
+    cover, {wrapper: why not}) for the base-optimizer arguments and the schedule of a
+    Keras configuration."""
     stages, covered, blocked = {}, set(), {}
     schedule = _normal(hp["learning_rate"])
     for (lib, name), w in sorted(peers.WRAPPERS.items()):
@@ -63,7 +64,7 @@ def wrapper_options(library, hp) -> tuple:
             args = {"keras": schedule["class_name"], **{
                 k: v for k, v in schedule["config"].items()
                 if k != "initial_learning_rate" and v != defaults[k]}}
-            covered.add("learning_rate")
+            says = {"learning_rate"}
         elif w["stage"] == "schedule":
             if not isinstance(schedule, dict) or schedule["class_name"] != w["schedule"]:
                 continue
@@ -78,16 +79,17 @@ def wrapper_options(library, hp) -> tuple:
                 blocked[name] = f"cannot express {', '.join(apart)}"
                 continue
             args = {a: config[t] for a, t in w["keras"].items()}
-            covered.add("learning_rate")
+            says = {"learning_rate"}
         else:
             if any(hp.get(k) != v for k, v in w.get("implies", {}).items()):
                 continue
             if not w.get("implies") and all(_neutral(t, hp.get(t)) for t in w["keras"].values()):
                 continue
             args = {a: hp[t] for a, t in w["keras"].items() if hp.get(t) is not None}
-            covered |= set(w["keras"].values()) | set(w.get("implies", {}))
-        stages.setdefault(w["stage"], []).append(peers._call(name, args))
-    return list(stages.values()), covered, blocked
+            says = set(w["keras"].values()) | set(w.get("implies", {}))
+        covered |= says
+        stages.setdefault(w["stage"], []).append((peers._call(name, args), says))
+    return stages, covered, blocked
 
 
 def candidates(library, class_name, config) -> tuple:
@@ -104,7 +106,13 @@ def candidates(library, class_name, config) -> tuple:
                 f"{k}={v!r} (here {hp.get(k)!r})" for k, v in entry["implies"].items()
                 if hp.get(k) != v)
             continue
-        options, wrapped, why = wrapper_options(library, hp)
+        stages, wrapped, why = wrapper_options(library, hp)
+        own = {t for target in entry["arguments"].values()
+               for t in (target if isinstance(target, list) else [target])} - {"learning_rate"}
+        # a stage whose Keras arguments the class itself takes is the class's (AdamW's
+        # decay); a schedule is never the class's constant rate
+        options = [[call for call, _ in calls] for calls in stages.values()
+                   if not all(says <= own for _, says in calls)]
         schedule = hp["learning_rate"]
         if reference.schedules.is_schedule(schedule) and "learning_rate" not in wrapped:
             blocked[peer_class] = (f"no {library} schedule reproduces {schedule['class_name']}"

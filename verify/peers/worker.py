@@ -9,7 +9,7 @@ the library, class, keyword arguments, and which peer state is which Keras slot
 which are one optimizer-wide value (`shared`) and the value of a state the peer
 creates lazily on its first step (`initial`, default 0: torch's zeros_like), and
 the training loop's wrappers by stage (`wrappers`, verify/peers/wrappers.toml), run
-in Keras's order: accumulate, clip, step, the schedule's step, EMA.
+in Keras's order: accumulate, clip, weight decay, step, the schedule's step, EMA.
 Peer states not named in `states` (torch's step counters, optax's count) are not
 sent: `iterations` is the number of steps taken.
 """
@@ -161,6 +161,11 @@ class TorchPeer(Peer):
                 torch.nn.utils.clip_grad_norm_(p, kw["max_norm"])
         elif name == "clip_grad_value_":
             torch.nn.utils.clip_grad_value_(self.params, kw["clip_value"])
+        _, decay = self.wrapper("decay")
+        if decay:
+            with torch.no_grad():
+                for p in self.params:
+                    p.mul_(1 - self.opt.param_groups[0]["lr"] * decay["weight_decay"])
         self.opt.step()
         self.updates += 1
         if accumulate:
@@ -236,6 +241,7 @@ class OptaxPeer(Peer):
         if name:
             tx = optax.MultiSteps(tx, **kw)
         self.tx = tx
+        self.rate = kwargs.get("learning_rate")  # a number or a schedule of the count
         self.params = [jax.numpy.asarray(w) for w in weights]
         self.state = self.tx.init(self.params)
 
@@ -268,6 +274,12 @@ class OptaxPeer(Peer):
                         raw[keras_name][i] = raw[peer_name][i]
 
     def step(self, arrays):
+        _, decay = self.wrapper("decay")
+        k = self.wrapper("accumulate")[1].get("every_k_schedule", 1)
+        if decay and (self.steps + 1) % k == 0:  # on the calls that update (MultiSteps)
+            count = self.steps // k  # the updates so far: the count a schedule sees
+            lr = self.rate(count) if callable(self.rate) else self.rate
+            self.params = [p * (1 - lr * decay["weight_decay"]) for p in self.params]
         self.params, self.state = self.jitted(self.params, self.state, list(arrays))
         self.steps += 1
         self.updates += 1
