@@ -225,15 +225,17 @@ def test_port_bad_input(capsys):
 
 def test_port_of_adam_with_decay_tries_adamw():
     # Keras's AdamW is its Adam with a weight_decay default: where Keras's Adam decays,
-    # the peer's AdamW is a candidate (with the training loop's wrappers), its Adam not
+    # the peer's AdamW is a candidate (with the training loop's wrappers), and its Adam
+    # with the loop's decoupled_decay
     found, blocked = port.candidates("torch", "Adam", {
         "learning_rate": 0.01, "weight_decay": 0.01, "clipnorm": 1.0,
         "gradient_accumulation_steps": 4})
     assert [c.describe() for c in found] == [
+        "torch:Adam(lr=0.01, betas=[0.9, 0.999], eps=1e-07, amsgrad=False) + accumulate("
+        "steps=4) + clip_grad_norm_each(max_norm=1.0) + decoupled_decay(weight_decay=0.01)",
         "torch:AdamW(lr=0.01, betas=[0.9, 0.999], eps=1e-07, weight_decay=0.01, "
         "amsgrad=False) + accumulate(steps=4) + clip_grad_norm_each(max_norm=1.0)"]
-    assert found[0].class_name == "AdamW" and blocked == {
-        "Adam": "no counterpart of weight_decay=0.01"}
+    assert found[1].class_name == "AdamW" and blocked == {}
     # without decay only Adam is
     found, _ = port.candidates("torch", "Adam", {"learning_rate": 0.01})
     assert [c.peer_class for c in found] == ["Adam"]
