@@ -120,8 +120,13 @@ def test_the_command_with_an_installed_and_an_uninstallable_release(tmp_path, mo
 
     summary = tmp_path / "work" / "runs" / installed / "all" / "summary.json"
     first = summary.stat().st_mtime_ns
-    assert cli.main(argv) == 0  # the finished run is reused
+    ran = json.loads((tmp_path / "work" / "runs" / installed / "all" / "result.json")
+                     .read_text())["wall_seconds"]
+    assert releases[installed]["wall_seconds"] == ran
+    assert cli.main(argv) == 0  # the finished run is reused, with the time it took
     assert summary.stat().st_mtime_ns == first
+    again = json.loads((tmp_path / "out" / "releases.json").read_text())["releases"]
+    assert again[installed]["wall_seconds"] == ran
     monkeypatch.setattr(matrix, "harness_fingerprint", lambda: "edited harness")
     assert cli.main(argv) == 0  # another harness: run again
     assert summary.stat().st_mtime_ns != first

@@ -252,8 +252,9 @@ def _markdown(settings, versions, releases, worst, changes, df) -> str:
 #   output  the run's report (json and csv: matrix.html's figures read its
 #           steps/), holding RESULT: {"request": the request, "environment": the
 #           run's environment block, "cells": its cells as check.cell_class gives
-#           them}.  The parent reads RESULT only; a RESULT of the same request is
-#           reused (an interrupted matrix goes on where it stopped).
+#           them, "wall_seconds": how long the run took}.  The parent reads RESULT
+#           only; a RESULT of the same request is reused (an interrupted matrix goes
+#           on where it stopped), with the time of the run that made it.
 #   exit    0 with RESULT written; otherwise failed, the last line of stderr says why.
 RESULT = "result.json"
 
@@ -273,11 +274,13 @@ def run_release(request: dict) -> None:
     """The child: run the request's selection, its workers on the request's python."""
     sel = api.selection(**request["selection"])
     sel.python = request["python"]
+    started = time.perf_counter()
 
     def finish(folder, result):
         cells = [check.cell_class(r) for r in records(result.rows)]
         (folder / RESULT).write_text(json.dumps(
-            {"request": request, "environment": result.environment, "cells": cells},
+            {"request": request, "environment": result.environment, "cells": cells,
+             "wall_seconds": round(time.perf_counter() - started)},
             sort_keys=True) + "\n")
 
     api.execute(sel, request["output"], ["json", "csv"], finish=finish, command="matrix run")
@@ -297,7 +300,15 @@ def harness_fingerprint() -> str:
 
 def _run_child(python, output, selection) -> tuple:
     """Run one selection in a child process: (its RESULT, None) or (None, why it
-    failed)."""
+    failed), and the seconds it took (as its RESULT says: a reused one's first run)."""
+    started = time.perf_counter()
+    result, reason = _child_result(python, output, selection)
+    if result is not None:
+        return result, reason, result.get("wall_seconds", 0)
+    return result, reason, time.perf_counter() - started
+
+
+def _child_result(python, output, selection) -> tuple:
     request = {"selection": selection, "python": str(python), "output": str(output),
                "harness": harness_fingerprint()}
     try:
@@ -325,7 +336,8 @@ def _run_child(python, output, selection) -> tuple:
 
 def run_columns(sel, python, out: Path) -> tuple:
     """Run the selection `sel` on one Keras release, whose workers run on `python`,
-    in child processes writing under `out`; return (cells, environment, failed).
+    in child processes writing under `out`; return (cells, environment, failed,
+    seconds).
 
     The whole selection runs first in one child (out/all).  If that child fails,
     each configuration runs again in a child of its own (out/<id>), so that one
@@ -334,13 +346,15 @@ def run_columns(sel, python, out: Path) -> tuple:
     columns (check.cell_class); the cells of a configuration that failed on its own
     are `error` cells with the child's reason.  `environment` is the environment
     block of the last child that succeeded ({} when none did).  `failed`
-    maps the id of each configuration that failed on its own to that reason."""
-    result, reason = _run_child(python, out / "all", selection_request(sel))
+    maps the id of each configuration that failed on its own to that reason.
+    `seconds`: the wall time of the children, a reused one's as it first ran."""
+    result, reason, seconds = _run_child(python, out / "all", selection_request(sel))
     done = [result] if reason is None else []
     failed = {}
     if reason is not None:  # isolate the configuration(s) that fail
         for c in sel.configurations:
-            result, why = _run_child(python, out / c.id, selection_request(sel, [c.id]))
+            result, why, more = _run_child(python, out / c.id, selection_request(sel, [c.id]))
+            seconds += more
             if why is None:
                 done.append(result)
             else:
@@ -356,7 +370,7 @@ def run_columns(sel, python, out: Path) -> tuple:
             c = {**dict(zip(check.CELL, combo)), "verdict": "error", "first_divergent_step": "",
                  "divergent_state": "", "magnitude": "error", "reason": why}
             cells[combo] = c
-    return cells, environment, failed
+    return cells, environment, failed, round(seconds)
 
 
 def main(argv) -> int:
@@ -396,9 +410,8 @@ def main(argv) -> int:
             continue
         sel.backends = usable
         out = work / "runs" / version
-        started = time.perf_counter()
         print(f"keras {version}: running on {', '.join(usable)}", file=sys.stderr, flush=True)
-        cells, env, failed = run_columns(sel, python, out)
+        cells, env, failed, seconds = run_columns(sel, python, out)
         sel.backends = all_backends
         if failed:
             releases[version]["reason"] = "; ".join(
@@ -406,7 +419,7 @@ def main(argv) -> int:
                 + [f"{o}: {w}" for o, w in failed.items()])
         backends = env.get("backends", {})
         releases[version].update(
-            wall_seconds=round(time.perf_counter() - started),
+            wall_seconds=seconds,
             backends=backends,
             backends_text=", ".join(
                 f"{b} {backends[b]['version']}" + (
