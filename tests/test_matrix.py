@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from verify import check, cli, matrix
+from verify.runner import distinct
 from verify.cli import installed_backends
 
 SETTINGS = {"families": ["keras"], "optimizers": ["adam"], "backends": ["torch"],
@@ -103,11 +104,13 @@ def test_the_command_with_an_installed_and_an_uninstallable_release(tmp_path, mo
     monkeypatch.setattr(matrix, "prepare", prepare)
     argv = ["matrix", "--keras", f"0.0.0,{installed}", "--backend", backend,
             "--family", "keras,article", "--optimizer", "sgd_momentum,adagrad",
-            "--dtype", "float64", "--mode", "eager", "--scenario", "gaussian",
+            "--dtype", "float64", "--mode", "eager,compiled", "--scenario", "gaussian",
             "--steps", "5", "--size", "4", "--work", str(tmp_path / "work"),
             "--output", str(tmp_path / "out")]
     assert cli.main(argv) == 0
     csv = pd.read_csv(tmp_path / "out" / "matrix.csv", dtype=str)
+    # a mode that is another's run on this backend (torch's compiled) has no cells
+    assert set(csv["mode"]) == {m for m in ("eager", "compiled") if distinct(backend, m)}
     assert set(csv["0.0.0"]) == {matrix.UNSUPPORTED}
     keras_cells = csv[csv["family"] == "keras"][installed]
     assert set(keras_cells) <= {"exact", "match"}

@@ -37,6 +37,7 @@ from verify.cli import (UsageError, interruptible, selection_from_args, selectio
 from verify.configurations import CONFIGURATIONS
 from verify.output import MARKER, OutputRefused, add_files, check_folder, write_marker
 from verify.report import records
+from verify.runner import distinct
 
 DEFAULT_OUTPUT = "reports/matrix"
 DEFAULT_WORK = str(Path.home() / ".cache" / "verify-optimizers" / "matrix")
@@ -430,8 +431,9 @@ def main(argv) -> int:
     if all(c is None for c in columns.values()):
         raise UsageError("no release could run: " + "; ".join(
             f"{v}: {r['reason']}" for v, r in releases.items()))
-    cells = [dict(zip(check.CELL, k)) for k in itertools.product(
-        *(settings[check.LISTS[f]] for f in check.CELL))]
+    cells = [c for c in (dict(zip(check.CELL, k)) for k in itertools.product(
+        *(settings[check.LISTS[f]] for f in check.CELL)))
+        if distinct(c["backend"], c["mode"])]  # torch's compiled run is its eager one
     write_report(Path(args.output), settings, versions, releases, columns, cells, work)
     n = len(consecutive_changes(columns, versions))
     print(f"matrix written to {args.output}/matrix.md ({len(versions)} releases, {n} cell "
