@@ -178,6 +178,27 @@ def test_optax_sgd_matches_and_adam_epsilon_named(dtype):
     assert "epsilon=plain" in peer_run.pieces_text(SPACES["Adam"], adam["matching"])
 
 
+@pytest.mark.skipif(not HAS_OPTAX, reason="optax not installed")
+@pytest.mark.parametrize("dtype", peer_run.DTYPES)
+def test_optax_schedule_free_adamw(dtype):
+    """Keras's math at a constant rate (specificity); with warmup and decay optax's
+    warmup starts from 0 and z parts at step 1 (sensitivity: the same stream judged
+    against Keras's configuration with another beta_1 parts too)."""
+    known = peers.load()
+    plain = known["optax_schedule_free_adamw"]
+    configurations = [plain, known["optax_schedule_free_adamw_warmup_decay"],
+                      dataclasses.replace(plain, id="other_beta_1",
+                                          config={**plain.config, "beta_1": 0.8})]
+    variants, df, _ = peer_run.run_peers(configurations, [dtype], SCENARIO, STEPS, SIZE, 0)
+    r = {x["configuration"].id: x for x in peer_run.analyse(configurations, variants, df,
+                                                           [dtype])}
+    assert r[plain.id]["keras"] in ("exact", "match"), r[plain.id]["first"]
+    warm = r["optax_schedule_free_adamw_warmup_decay"]
+    assert warm["keras"] == "mismatch" and (warm["first"]["first_divergent_step"],
+                                            warm["first"]["divergent_state"]) == (1, "momentum")
+    assert r["other_beta_1"]["keras"] == "mismatch"
+
+
 def _port(capsys, *argv):
     code = cli.main(["port", *argv, "--steps", str(STEPS), "--size", str(SIZE),
                      "--scenario", SCENARIO[0]])
