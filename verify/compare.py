@@ -593,8 +593,7 @@ class RunComparison:
         for metric, value in zip(METRICS, (gap, np.inf if np.isnan(rel) else rel, np.inf)):
             self.largest[metric][s] = max(self.largest[metric][s], value)
         if self.divergence[s] is None:
-            self.divergence[s] = Divergence(step, "variable", keras, expected,
-                                            abs(keras - expected), np.inf, 0.0,
+            self.divergence[s] = Divergence(step, "variable", keras, expected, gap, np.inf, 0.0,
                                             self.segments.label(self.segments.names[place]))
 
     # --- results ------------------------------------------------------------
