@@ -28,6 +28,12 @@ HAS_OPTAX = importlib.util.find_spec("optax") is not None
 STEPS, SIZE, SCENARIO = 24, 8, ["gaussian"]
 
 
+def _needs(library):
+    """Skip where the peer library (an optional extra, which CI installs) is absent."""
+    if not {"torch": HAS_TORCH, "optax": HAS_OPTAX}[library]:
+        pytest.skip(f"{library} not installed")
+
+
 def test_wrappers_map_to_keras_arguments():
     c = peers.parse("torch:SGD(lr=0.05, momentum=0.9) + ExponentialLR(gamma=0.9)"
                     " + clip_grad_norm_(max_norm=1.0)")
@@ -220,8 +226,7 @@ def test_schedule_function_is_keras_schedule(library):
     """Specificity: Keras's formula as the peer's schedule is Keras's rate (match in both
     dtypes).  Sensitivity: the same stream judged against the schedule with another
     argument, or with momentum (the rate outside the peer's buffer), parts."""
-    if not {"torch": HAS_TORCH, "optax": HAS_OPTAX}[library]:
-        pytest.skip(f"{library} not installed")
+    _needs(library)
     c = peers.parse(SCHEDULED[library], f"{library}_scheduled")
     schedule = c.config["learning_rate"]
     other = {"PolynomialDecay": {"power": 1.0}, "InverseTimeDecay": {"decay_rate": 0.25}}[
@@ -247,8 +252,7 @@ def test_decoupled_decay_is_keras_weight_decay(library):
     """Specificity: the weights multiplied by 1 - lr * wd before the step is Keras's
     base weight decay (match in both dtypes).  Sensitivity: the same stream judged
     against another weight_decay parts at step 1."""
-    if not {"torch": HAS_TORCH, "optax": HAS_OPTAX}[library]:
-        pytest.skip(f"{library} not installed")
+    _needs(library)
     c = peers.load()[f"{library}_sgd_momentum_decoupled_decay"]
     assert c.config["weight_decay"] == 0.01
     wrong = _judged_as(c, "other_weight_decay", weight_decay=0.02)
