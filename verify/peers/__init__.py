@@ -56,7 +56,7 @@ def _load_classes(path: Path = CLASSES_FILE) -> dict:
 
 CLASSES = _load_classes()
 WRAPPERS = _load_classes(WRAPPERS_FILE)
-STAGES = ("accumulate", "clip", "decay", "schedule", "ema")
+STAGES = ("accumulate", "clip", "decay", "others", "schedule", "ema")
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class PeerConfiguration:
                 "states": self.states, "scale": self.scale, "wrappers": wrappers,
                 "shared": entry.get("shared", []), "initial": entry.get("initial", {}),
                 "squeeze": entry.get("squeeze", {}), "factors": entry.get("factors", {}),
-                "reduces": entry.get("reduces", {}),
+                "reduces": entry.get("reduces", {}), "takes": entry.get("takes"),
                 "function": entry.get("function", self.peer_class)}
 
     @property
@@ -235,7 +235,9 @@ def _wrap(library: str, wrappers: list, config: dict, text: str) -> tuple:
             want = _kind(w["defaults"][k]) if k in w.get("defaults", {}) else "number"
             if _kind(given[k]) != want:
                 raise PeerError(f"{text!r}: {k} must be a {want} (got {given[k]!r})")
-        mapped = {w["keras"][k]: v for k, v in given.items()}
+        mapped = _translate({"arguments": w["keras"]}, given, text)
+        for k, over in w.get("relative", {}).items():  # the wrapper's value over the class's
+            mapped[w["keras"][k]] = given[k] / initial_learning_rate(config[over])
         if w["stage"] == "schedule":
             lr = config["learning_rate"]
             # every argument, as Keras serializes a schedule
@@ -328,6 +330,15 @@ def parse(text: str, id: str | None = None) -> PeerConfiguration:
     # the optimizer's slots in its own units, at its constant learning rate
     scale = _scales(entry.get("scale", {}), config)
     config, wrapper_states, wrapper_scale = _wrap(library, wrappers, config, text)
+    others = [name for name, _ in wrappers if WRAPPERS[library, name]["stage"] == "others"]
+    if entry.get("others") and others != [entry["others"]]:
+        takes = entry["takes"]
+        raise PeerError(f"{text!r}: {library}:{peer_class} takes weights of rank "
+                        f"{takes['rank']} not named {takes['not_named']!r} only: add "
+                        f"+ {entry['others']}(...) for the others")
+    if others and not entry.get("others"):
+        raise PeerError(f"{text!r}: {others[0]} is for the weights a class such as Muon "
+                        f"does not take; {peer_class} takes them all")
     scale.update(_scales(wrapper_scale, config))
     try:
         reference.get_rule("keras", class_name).hyperparameters(config)

@@ -80,6 +80,15 @@ def wrapper_options(library, hp) -> tuple:
                 continue
             args = {a: config[t] for a, t in w["keras"].items()}
             says = {"learning_rate"}
+        elif w["stage"] == "others":  # beside a class that takes some weights only
+            targets = {a: t if isinstance(t, list) else [t] for a, t in w["keras"].items()}
+            if any(t not in hp for ts in targets.values() for t in ts):
+                continue
+            args = {a: [hp[t] for t in ts] if isinstance(w["keras"][a], list) else hp[ts[0]]
+                    for a, ts in targets.items()}
+            for a, over in w.get("relative", {}).items():  # the wrapper's value: Keras's times
+                args[a] = hp[w["keras"][a]] * peers.initial_learning_rate(hp[over])
+            says = {t for ts in targets.values() for t in ts}
         else:
             if any(hp.get(k) != v for k, v in w.get("implies", {}).items()):
                 continue
@@ -107,6 +116,12 @@ def candidates(library, class_name, config) -> tuple:
                 if hp.get(k) != v)
             continue
         stages, wrapped, why = wrapper_options(library, hp)
+        others = stages.pop("others", [])
+        if entry.get("others"):  # the optimizer for the weights the class does not take
+            stages["others"] = [(call, says) for call, says in others
+                                if call.startswith(entry["others"] + "(")]
+        else:
+            wrapped -= {t for _, says in others for t in says}
         own = {t for target in entry["arguments"].values()
                for t in (target if isinstance(target, list) else [target])} - {"learning_rate"}
         # a stage whose Keras arguments the class itself takes is the class's (AdamW's

@@ -7,9 +7,11 @@ imported).  Each run's spec holds, besides the Keras worker's fields, `peer`:
 the library, class, keyword arguments, and which peer state is which Keras slot
 (`states`), in which units (`scale`: Keras's slot is that factor times the peer's),
 which are one optimizer-wide value (`shared`) and the value of a state the peer
-creates lazily on its first step (`initial`, default 0: torch's zeros_like), and
-the training loop's wrappers by stage (`wrappers`, verify/peers/wrappers.toml), run
-in Keras's order: accumulate, clip, weight decay, step, the schedule's step, EMA.
+creates lazily on its first step (`initial`, default 0: torch's zeros_like), which
+weights the class takes where it takes some only (`takes`: torch's Muon), and the
+training loop's wrappers by stage (`wrappers`, verify/peers/wrappers.toml), run in
+Keras's order: accumulate, clip, weight decay, step (the class's, and that of the
+`others` optimizer on the weights it does not take), the schedule's step, EMA.
 Peer states not named in `states` (torch's step counters, optax's count) are not
 sent: `iterations` is the number of steps taken.
 """
@@ -30,14 +32,22 @@ from verify.worker import gradient_digest
 
 
 def _places(spec):
+    """(shape, scenario, offset, size, weight name) of every weight of every scenario."""
     places = []
     for scenario in spec["scenarios"]:
         offset = 0
         for name, shape in spec["weights"]:
             size = int(np.prod(shape, dtype=int))
-            places.append((tuple(shape), scenario, offset, size))
+            places.append((tuple(shape), scenario, offset, size, name))
             offset += size
     return places
+
+
+def takes(place, takes) -> bool:
+    """Does a class that takes some weights only (classes.toml `takes`) take this one?"""
+    shape, *_, name = place
+    return takes is None or (len(shape) == takes["rank"]
+                             and takes["not_named"] not in name.lower())
 
 
 class Peer:
@@ -52,7 +62,7 @@ class Peer:
         self.steps = 0    # calls, as Keras's _iterations
         self.updates = 0  # optimizer steps taken (torch: fewer under accumulation)
         self.start([initial[o:o + n].reshape(shape).astype(self.dtype)
-                    for shape, _, o, n in self.places])
+                    for shape, _, o, n, _ in self.places])
 
     def wrapper(self, stage):
         """(name, kwargs) of the stage's wrapper, or (None, {})."""
@@ -62,7 +72,8 @@ class Peer:
     def gradient_arrays(self, t):
         rows = {name: np.asarray(self.gradients[name][t], dtype=self.dtype)
                 for name in self.spec["scenarios"]}
-        return [rows[scenario][o:o + n].reshape(shape) for shape, scenario, o, n in self.places]
+        return [rows[scenario][o:o + n].reshape(shape)
+                for shape, scenario, o, n, _ in self.places]
 
     def states(self):
         """{"i/state" or "g/state": array}: the weights and every mapped slot."""
@@ -110,25 +121,41 @@ class TorchPeer(Peer):
 
         torch.set_num_threads(1)
         self.torch = torch
-        make = getattr(torch.optim, self.peer["class"])
         self.params = [torch.nn.Parameter(torch.from_numpy(w.copy())) for w in weights]
-        self.opt = make(self.params, **self.peer["kwargs"])
         # torch creates most states on the first step: a copy takes one step with zero
         # gradients to tell which states this configuration keeps
         probe = [torch.nn.Parameter(torch.from_numpy(w.copy())) for w in weights]
-        probe_opt = make(probe, **self.peer["kwargs"])
         for p in probe:
             p.grad = torch.zeros_like(p)
-        probe_opt.step()
-        # per weight: the states kept for it and their shapes
-        self.kept = [{name: tuple(probe_opt.state[p][name].shape) for name in self.peer["states"]
-                      if name in probe_opt.state[p]} for p in probe]
+        self.opts, self.owner, self.kept = [], [None] * len(weights), [None] * len(weights)
+        others, others_kw = self.wrapper("others")  # the weights the class does not take
+        own = [takes(place, self.peer["takes"]) for place in self.places]
+        for name, kwargs, mine in ((self.peer["class"], self.peer["kwargs"], True),
+                                   (others, others_kw, False)):
+            chosen = [i for i, is_own in enumerate(own) if is_own == mine]
+            if not name or not chosen:
+                continue
+            kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+            make = getattr(torch.optim, name)
+            opt = make([self.params[i] for i in chosen], **kwargs)
+            probe_opt = make([probe[i] for i in chosen], **kwargs)
+            probe_opt.step()
+            self.opts.append(opt)
+            for i in chosen:
+                self.owner[i] = opt
+                # the states kept for the weight and their shapes
+                self.kept[i] = {s: tuple(probe_opt.state[probe[i]][s].shape)
+                                for s in self.peer["states"] if s in probe_opt.state[probe[i]]}
         name, kw = self.wrapper("schedule")
         kw.pop("initial", None)
-        if name == "LambdaLR":  # lr_lambda=lambda t: f(t) / lr, f the Keras schedule
-            rates, base = self.schedule_values(kw.pop("schedule")), self.opt.defaults["lr"]
-            kw["lr_lambda"] = lambda t: float(rates[t]) / base
-        self.scheduler = getattr(torch.optim.lr_scheduler, name)(self.opt, **kw) if name else None
+        self.schedulers = []
+        for opt in self.opts if name else []:
+            kw_opt = dict(kw)
+            if name == "LambdaLR":  # lr_lambda=lambda t: f(t) / lr, f the Keras schedule
+                rates = self.schedule_values(kw_opt.pop("schedule"))
+                base = self.opts[0].defaults["lr"]  # the class's: the others' lr is relative
+                kw_opt["lr_lambda"] = lambda t: float(rates[t]) / base
+            self.schedulers.append(getattr(torch.optim.lr_scheduler, name)(opt, **kw_opt))
         name, kw = self.wrapper("ema")
         self.ema = None
         if name:
@@ -164,14 +191,16 @@ class TorchPeer(Peer):
         _, decay = self.wrapper("decay")
         if decay:
             with torch.no_grad():
-                for p in self.params:
-                    p.mul_(1 - self.opt.param_groups[0]["lr"] * decay["weight_decay"])
-        self.opt.step()
+                for p, opt in zip(self.params, self.owner):
+                    p.mul_(1 - opt.param_groups[0]["lr"] * decay["weight_decay"])
+        for opt in self.opts:
+            opt.step()
         self.updates += 1
         if accumulate:
-            self.opt.zero_grad()
-        if self.scheduler is not None:
-            self.scheduler.step()
+            for opt in self.opts:
+                opt.zero_grad()
+        for scheduler in self.schedulers:
+            scheduler.step()
         if self.ema is not None:
             self.ema.update_parameters(self.module)
             if self.overwrite_every and self.updates % self.overwrite_every == 0:
@@ -200,8 +229,8 @@ class TorchPeer(Peer):
                 raw[name] = values
                 continue
             values = []
-            for p, kept in zip(self.params, self.kept):
-                value = self.opt.state[p].get(name)
+            for p, opt, kept in zip(self.params, self.owner, self.kept):
+                value = opt.state[p].get(name)
                 if value is None and self.updates == 0 and name in kept:
                     value = self.initial_value(name, kept[name])  # before the step creating it
                 values.append(value.detach().numpy().copy() if hasattr(value, "detach")
