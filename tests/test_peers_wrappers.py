@@ -393,3 +393,27 @@ def test_nonfinite_judged_apart():
     assert peer_run.nonfinite_text(r) == "mismatch (step 10, variable)"
     alone = _run([c], "float64", ["nonfinite"], 12)[c.id]
     assert alone["keras"] == "mismatch" and alone["nonfinite"] is None
+
+
+
+def test_schedule_under_accumulation_counts_updates_where_keras_counts_calls():
+    """Keras calls its schedule with _iterations, the calls, also under accumulation
+    (keras/src/optimizers/base_optimizer.py, _get_current_learning_rate); torch's
+    scheduler steps once per update.  Sensitivity: the peer parts from Keras's
+    configuration with the same schedule at the first update, step 4.  Specificity:
+    judged against the Keras schedule that gives the update count's rate at the call
+    count 4k + 3, lr' 0.9^((4k + 3) / 4) with lr' = 0.05 * 0.9^-0.75, it is Keras's math.
+    (optax's MultiSteps counts updates too, its inner state stepped only on them, but its
+    float32 running mean parts first: explanations.toml.)"""
+    _needs("torch")
+    c = peers.parse("torch:SGD(lr=0.05) + ExponentialLR(gamma=0.9) + accumulate(steps=4)",
+                    "accumulated_schedule")
+    schedule = c.config["learning_rate"]
+    read_at_calls = _judged_as(c, "read_at_calls", learning_rate={**schedule, "config": {
+        **schedule["config"], "initial_learning_rate": 0.05 * 0.9 ** -0.75,
+        "decay_steps": 4}})
+    for dtype in peer_run.DTYPES:
+        r = _run([c, read_at_calls], dtype, steps=12)
+        first = r[c.id]["first"]
+        assert r[c.id]["keras"] == "mismatch" and first["first_divergent_step"] == 4, first
+        assert r["read_at_calls"]["keras"] in ("exact", "match"), r["read_at_calls"]["first"]
