@@ -147,15 +147,12 @@ class TorchPeer(Peer):
                 self.kept[i] = {s: tuple(probe_opt.state[probe[i]][s].shape)
                                 for s in self.peer["states"] if s in probe_opt.state[probe[i]]}
         name, kw = self.wrapper("schedule")
-        kw.pop("initial", None)
-        self.schedulers = []
-        for opt in self.opts if name else []:
-            kw_opt = dict(kw)
-            if name == "LambdaLR":  # lr_lambda=lambda t: f(t) / lr, f the Keras schedule
-                rates = self.schedule_values(kw_opt.pop("schedule"))
-                base = self.opts[0].defaults["lr"]  # the class's: the others' lr is relative
-                kw_opt["lr_lambda"] = lambda t: float(rates[t]) / base
-            self.schedulers.append(getattr(torch.optim.lr_scheduler, name)(opt, **kw_opt))
+        base = kw.pop("initial", None)  # the class's rate: the others' is relative to it
+        if name == "LambdaLR":  # lr_lambda=lambda t: f(t) / lr, f the Keras schedule
+            rates = self.schedule_values(kw.pop("schedule"))
+            kw["lr_lambda"] = lambda t: float(rates[t]) / base
+        self.schedulers = [getattr(torch.optim.lr_scheduler, name)(opt, **kw)
+                           for opt in (self.opts if name else [])]
         name, kw = self.wrapper("ema")
         self.ema = None
         if name:
