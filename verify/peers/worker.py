@@ -43,11 +43,11 @@ def _places(spec):
     return places
 
 
-def takes(place, takes) -> bool:
-    """Does a class that takes some weights only (classes.toml `takes`) take this one?"""
+def takes(place, rule) -> bool:
+    """Does a class that takes some weights only (classes.toml `takes`: the rule, None
+    for a class that takes every weight) take this one?"""
     shape, *_, name = place
-    return takes is None or (len(shape) == takes["rank"]
-                             and takes["not_named"] not in name.lower())
+    return rule is None or (len(shape) == rule["rank"] and rule["not_named"] not in name.lower())
 
 
 class Peer:
