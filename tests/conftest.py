@@ -1,6 +1,8 @@
 """Session fixtures: one real verification run over every installed backend,
 shared by the integration, specificity and sensitivity tests."""
 
+import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -37,16 +39,35 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.quick)
 
 
+# Under CI=true every backend and peer library is there (the README's command installs
+# them): a missing one fails the tests that need it instead of skipping them.
+IN_CI = os.environ.get("CI") == "true"
+
+
+def needs(*libraries):
+    """Skip unless every library (a Keras backend, torch, optax, scikit-learn, ...) is
+    installed; under CI=true fail instead."""
+    missing = [m for m in libraries if importlib.util.find_spec(m) is None]
+    if missing:
+        (pytest.fail if IN_CI else pytest.skip)(f"{', '.join(missing)} not installed")
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("needs"):
+        needs(*mark.args)
+
+
 def own_modes(backend) -> list:
     """The default modes that are a run of their own on `backend` (runner.SAME_AS:
     torch's compiled run is its eager one)."""
     return [m for m in DEFAULT_MODES if distinct(backend, m)]
 
 
-def fast_backend():
-    """The installed backend that starts and steps fastest."""
+def fast_backend(prefer=("torch", "jax", "tensorflow")):
+    """The installed backend that starts and steps fastest (for a save and a load in
+    fresh processes, JAX: `prefer`)."""
     found = installed_backends()
-    return next((b for b in ("torch", "jax", "tensorflow") if b in found), found[0])
+    return next((b for b in prefer if b in found), found[0])
 
 
 def make_selection(backends, families, *, configurations=None, dtypes=("float32", "float64"),

@@ -12,7 +12,7 @@ import pytest
 import check_edits
 from verify import check, cli
 from verify.cli import installed_backends, settings_of
-from conftest import make_selection, own_modes
+from conftest import make_selection, needs, own_modes
 
 # Adam and the classes that share its code (AdamW, and adam_amsgrad: Adam with
 # amsgrad), the optimizers issue 9 added that check_edits.EDITS edit, SGD
@@ -208,8 +208,7 @@ def test_the_check_fails_on_exactly_the_cells_an_edit_of_keras_changes(
     # the edit is only seen on the backends it needs: without one of them, the cells
     # that must fail (or the rounding that must move) are not in the run at all
     missing = sorted(edit.needs - set(check.load_baseline(small_baseline).settings["backends"]))
-    if missing:
-        pytest.skip(f"{edit.name} needs the {', '.join(missing)} backend, not installed")
+    needs(*missing)
     site = check_edits.edited_keras(edit, tmp_path)
     output = tmp_path / "run"
     code, out, err = run_cli(["check", "--baseline", str(small_baseline), "--keras-path",

@@ -21,10 +21,7 @@ from verify.output import write_marker
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = installed_backends()
-needs_extra = pytest.mark.skipif(
-    any(__import__("importlib").util.find_spec(m) is None for m in ("sklearn", "matplotlib")),
-    reason="needs the convergence extra (scikit-learn, matplotlib)")
-needs_backend = pytest.mark.skipif(not BACKENDS, reason="no Keras backend installed")
+needs_extra = pytest.mark.needs("sklearn", "matplotlib")  # the convergence extra
 
 CLAIM = {c["id"]: c for c in claims.CLAIMS}
 EPOCHS = 100
@@ -195,7 +192,6 @@ def equivalence():
 
 
 @needs_extra
-@needs_backend
 @pytest.mark.parametrize("config_id", STACKABLE)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stacked_seeds_match_separate_article_models(equivalence, backend, config_id):
@@ -210,7 +206,6 @@ def test_stacked_seeds_match_separate_article_models(equivalence, backend, confi
 
 
 @needs_extra
-@needs_backend
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stacked_training_is_reproducible(equivalence, backend):
     first = equivalence[backend][STACKABLE[0]]
@@ -245,7 +240,6 @@ def short_run(tmp_path_factory):
 
 
 @needs_extra
-@needs_backend
 def test_short_run_writes_plots_claims_and_html(short_run):
     proc, out, backend = short_run
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -285,7 +279,7 @@ def test_moons_scenario_maps_steps_and_size_onto_the_recording():
 
 
 @needs_extra
-@pytest.mark.skipif("torch" not in BACKENDS, reason="recording runs on torch")
+@pytest.mark.needs("torch")  # recording runs on torch
 def test_moons_recording_is_regenerated(tmp_path):
     out = tmp_path / "g.npz"
     subprocess.run([sys.executable, "-m", "verify.convergence.record", "--epochs", "2",
@@ -331,7 +325,6 @@ def test_output_that_is_a_file_is_refused(tmp_path, capsys):
 
 
 @needs_extra
-@needs_backend
 def test_failing_worker_leaves_previous_report_untouched(tmp_path, monkeypatch):
     out = tmp_path / "report"
     out.mkdir()

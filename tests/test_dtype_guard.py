@@ -2,12 +2,11 @@
 
 import pytest
 
-from conftest import make_selection, run_selection
+from conftest import make_selection, needs, run_selection
 
 
 def test_jax_without_x64_float64_is_an_error(backends, tmp_path):
-    if "jax" not in backends:
-        pytest.skip("jax not installed")
+    needs("jax")
     sel = make_selection(["jax"], ["keras"], configurations=["sgd"], dtypes=["float64"],
                          modes=["eager"], names=["gaussian"], steps=3, size=4, jax_x64=False)
     df = run_selection(sel, tmp_path)
@@ -16,8 +15,7 @@ def test_jax_without_x64_float64_is_an_error(backends, tmp_path):
 
 
 def test_jax_with_x64_float64_runs(backends, tmp_path):
-    if "jax" not in backends:
-        pytest.skip("jax not installed")
+    needs("jax")
     sel = make_selection(["jax"], ["keras"], configurations=["sgd"], dtypes=["float64"],
                          modes=["eager"], names=["gaussian"], steps=3, size=4)
     df = run_selection(sel, tmp_path)

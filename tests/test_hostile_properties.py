@@ -16,17 +16,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
+from conftest import fast_backend
+
 from verify import cli, output
-from verify.cli import installed_backends
 
 PROPERTY_SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                              suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                     HealthCheck.too_slow])
-
-
-def fast_backend():
-    found = installed_backends()
-    return next((b for b in ("torch", "jax", "tensorflow") if b in found), found[0])
 
 
 def snapshot(folder: Path) -> dict:

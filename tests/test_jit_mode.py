@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import make_selection, run_selection
+from conftest import make_selection, needs, run_selection
 from verify import cli
 from verify.runner import SAME_AS
 
@@ -75,16 +75,14 @@ def test_one_real_change_is_a_jit_mismatch_on_every_backend(jit_rows, backends):
 
 
 def test_jax_jit_is_not_run_twice(jit_rows, backends):
-    if "jax" not in backends:
-        pytest.skip("JAX not installed")
+    needs("jax")
     assert not len(jit_rows[(jit_rows.backend == "jax") & (jit_rows["mode"] == "jit")])
     sel = make_selection(["jax"], ["keras"], configurations=["adam"], modes=["jit"])
     assert sel.runs() == []
 
 
 def test_a_selection_of_only_jax_jit_is_bad_input(tmp_path):
-    if "jax" not in cli.installed_backends():
-        pytest.skip("JAX not installed")
+    needs("jax")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "verify.cli", "--backend", "jax", "--mode",
@@ -173,8 +171,7 @@ def test_a_jit_that_runs_eagerly_is_an_error(backend, tmp_path):
 
 def test_jax_jit_shards_merge_and_check_without_its_cells(tmp_path, capsys):
     """A selection with jit on JAX has no JAX jit cell: merge and check expect none."""
-    if "jax" not in cli.installed_backends():
-        pytest.skip("JAX not installed")
+    needs("jax")
     base = ["--backend", "jax", "--mode", "compiled,jit", "--optimizer", "nadam,adam",
             "--dtype", "float64", "--scenario", "gaussian", "--steps", "10", "--size", "8",
             "--family", "keras", "--quiet"]

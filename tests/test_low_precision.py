@@ -19,14 +19,13 @@ import numpy as np
 import pytest
 
 import reference
-from conftest import fast_backend, make_selection, run_selection
+from conftest import fast_backend, make_selection, needs, run_selection
 from reference import PRECISIONS, Arithmetic
 from reference.arithmetic import Tracked, finfo, numpy_dtype
 from reference.optimizers import loss_scale
 from reference.rule import REGISTRY
 from test_compare import S, judge, stream
 from verify import compare, dtypes
-from verify.cli import installed_backends
 from verify.configurations import CONFIGURATIONS, Configuration
 from verify.protocol import read_message, write_message
 
@@ -206,7 +205,7 @@ REGISTRY[(EVERY_QUOTIENT_FLOAT32, "LossScaleOptimizer")] = replace(
     step=partial(loss_scale.step, arrives_float32=lambda quotient: True))
 
 
-@pytest.mark.skipif("torch" not in installed_backends(), reason="torch is not installed")
+@pytest.mark.needs("torch")
 def test_torch_squares_a_loss_scaled_float16_gradient_of_rank_1_in_float16(tmp_path):
     # `large` (N(0, 1) * 1e3): g**2 overflows float16 (largest finite 65504) for |g| >
     # 256, at the first step the scale lets through (it halves from 1024 on every step

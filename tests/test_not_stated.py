@@ -6,15 +6,11 @@ import json
 from reference.rule import REGISTRY
 from verify import check, cli
 from verify.configurations import CONFIGURATIONS, Configuration
-from verify.cli import installed_backends
+
+from conftest import fast_backend
 
 TINY = ["--optimizer", "sgd", "--dtype", "float32", "--mode", "eager", "--scenario",
         "gaussian", "--steps", "3", "--size", "4", "--quiet", "--format", "json"]
-
-
-def fast_backend():
-    found = installed_backends()
-    return next((b for b in ("torch", "jax", "tensorflow") if b in found), found[0])
 
 
 def rows(out):

@@ -8,18 +8,17 @@ outside the square root; its initial accumulator 0 against Keras's 0.1 among the
 defaults)."""
 
 import dataclasses
-import importlib.util
 import inspect
 
 import pytest
+
+from conftest import needs
 
 from reference import SPACES
 from verify import cli, peers
 from verify.peers import port
 from verify.peers import run as peer_run
 
-HAS_TORCH = importlib.util.find_spec("torch") is not None
-HAS_OPTAX = importlib.util.find_spec("optax") is not None
 STEPS, SIZE, SCENARIO = 10, 8, ["gaussian"]
 
 
@@ -62,7 +61,7 @@ def test_bad_peer_is_one_line_and_exit_2(tmp_path, capsys):
     assert len(err) == 1 and "foo" in err[0] and not out.exists()
 
 
-@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+@pytest.mark.needs("torch")
 def test_a_peer_that_refuses_its_arguments_is_exit_2_nothing_written(tmp_path, capsys):
     out = tmp_path / "report.md"
     assert cli.main(["peers", "--peer", "torch:Adam(lr=-1.0)", "--output", str(out),
@@ -87,8 +86,7 @@ def _signature_defaults(library, name):
 
 @pytest.mark.parametrize("library, name", sorted(peers.CLASSES))
 def test_classes_toml_states_the_installed_defaults(library, name):
-    if not {"torch": HAS_TORCH, "optax": HAS_OPTAX}[library]:
-        pytest.skip(f"{library} not installed")
+    needs(library)
     entry = peers.CLASSES[library, name]
     actual = _signature_defaults(library, name)
     # a fixed value the peer must be given is Keras's behaviour, not its default
@@ -103,8 +101,7 @@ def test_classes_toml_states_the_installed_defaults(library, name):
 
 @pytest.fixture(scope="module")
 def torch_rows():
-    if not HAS_TORCH:
-        pytest.skip("torch not installed")
+    needs("torch")
     known = peers.load()
     chosen = [known[i] for i in ("torch_sgd", "torch_sgd_momentum", "torch_adam",
                                  "torch_adagrad_defaults")]
@@ -166,7 +163,7 @@ def test_peer_versions_in_environment(torch_rows):
     assert torch.__version__ in torch_rows[3]["backends"]["torch.optim"]["version"]
 
 
-@pytest.mark.skipif(not HAS_OPTAX, reason="optax not installed")
+@pytest.mark.needs("optax")
 @pytest.mark.parametrize("dtype", peer_run.DTYPES)
 def test_optax_sgd_matches_and_adam_epsilon_named(dtype):
     known = peers.load()
@@ -178,7 +175,7 @@ def test_optax_sgd_matches_and_adam_epsilon_named(dtype):
     assert "epsilon=plain" in peer_run.pieces_text(SPACES["Adam"], adam["matching"])
 
 
-@pytest.mark.skipif(not HAS_OPTAX, reason="optax not installed")
+@pytest.mark.needs("optax")
 @pytest.mark.parametrize("dtype", peer_run.DTYPES)
 def test_optax_schedule_free_adamw(dtype):
     """Keras's math at a constant rate (specificity); with warmup and decay optax's
@@ -205,14 +202,14 @@ def _port(capsys, *argv):
     return code, capsys.readouterr().out
 
 
-@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+@pytest.mark.needs("torch")
 def test_port_found_and_proved(capsys):
     code, out = _port(capsys, "sgd_momentum", "--to", "torch")
     assert code == 0
     assert "port: torch:SGD(lr=0.01, momentum=0.9, nesterov=False) (match)" in out
 
 
-@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+@pytest.mark.needs("torch")
 def test_no_port_names_the_piece(capsys):
     code, out = _port(capsys, "adam", "--to", "torch")
     assert code == 0 and "no torch port: epsilon=plain; closest torch:Adam(" in out
@@ -230,7 +227,7 @@ def test_port_blocked_by_an_argument_without_counterpart():
         "torch:Adam(lr=0.01, betas=[0.9, 0.999], eps=1e-07, amsgrad=False)"]
 
 
-@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+@pytest.mark.needs("torch")
 def test_port_from_torch(capsys):
     code, out = _port(capsys, "torch_sgd", "--from", "torch")
     assert code == 0 and "Keras SGD(learning_rate=0.01, momentum=0.0, nesterov=False): match" in out

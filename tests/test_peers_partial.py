@@ -13,17 +13,16 @@ momentum, a Newton-Schulz coefficient), torch's bfloat16 iteration, a kept facto
 other units and an undeclared missing slot are each a mismatch."""
 
 import dataclasses
-import importlib.util
 
 import numpy as np
 import pytest
+
+from conftest import needs
 
 from verify import peers
 from verify.peers import port
 from verify.peers import run as peer_run
 
-HAS_TORCH = importlib.util.find_spec("torch") is not None
-HAS_OPTAX = importlib.util.find_spec("optax") is not None
 STEPS, SIZE, SCENARIO = 6, 8, ["gaussian"]
 
 
@@ -35,8 +34,7 @@ def _results(configurations, dtypes, size=SIZE, steps=STEPS, scenario=SCENARIO):
 
 @pytest.fixture(scope="module")
 def torch_adafactor():
-    if not HAS_TORCH:
-        pytest.skip("torch not installed")
+    needs("torch")
     c = peers.load()["torch_adafactor"]
     variants = [
         c,
@@ -77,7 +75,7 @@ def test_an_undeclared_missing_slot_is_a_mismatch(torch_adafactor, dtype):
     assert r["keras"] == "mismatch" and r["first"]["first_divergent_step"] == 0
 
 
-@pytest.mark.skipif(not HAS_OPTAX, reason="optax not installed")
+@pytest.mark.needs("optax")
 def test_optax_adafactor_factors_as_keras_where_the_axes_agree():
     # at 1024 elements every weight's two largest axes are its last two, as Keras
     # factors them; optax's decay rate is float32 (a float64 mismatch from step 2)
@@ -104,8 +102,7 @@ def test_a_value_the_peer_refuses_blocks_its_port():
 
 @pytest.fixture(scope="module")
 def optax_muon():
-    if not HAS_OPTAX:
-        pytest.skip("optax not installed")
+    needs("optax")
     c = peers.load()["optax_muon_heavy_ball"]
     # the same optax stream against Keras's Muon with another momentum
     other = dataclasses.replace(c, id="other_momentum", config={**c.config, "momentum": 0.9})
@@ -128,8 +125,7 @@ def test_optax_muon_changed_momentum_is_caught(optax_muon):
 
 @pytest.fixture(scope="module")
 def torch_muon():
-    if not HAS_TORCH:
-        pytest.skip("torch not installed")
+    needs("torch")
     return _results([peers.load()["torch_muon"]], ["float32", "float64"], steps=4)
 
 
@@ -173,8 +169,7 @@ def test_torch_muon_is_keras_math_but_for_its_bfloat16_iteration(bfloat16, keras
     """The explanation's claim, step by step from torch's previous state: without its
     bfloat16 cast torch's Muon is Keras's (with the normalization x / ||x||_F, torch's
     norm clamped at eps instead of Keras's + 1e-7) to float64 rounding."""
-    if not HAS_TORCH:
-        pytest.skip("torch not installed")
+    needs("torch")
     from test_reference_muon import step
 
     from reference import SPACES, name_of, register_variants

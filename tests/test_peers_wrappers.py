@@ -18,20 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import needs
+
 from verify import cli, peers, scenarios
 from verify.configurations import CONFIGURATIONS
 from verify.peers import port
 from verify.peers import run as peer_run
 
-HAS_TORCH = importlib.util.find_spec("torch") is not None
-HAS_OPTAX = importlib.util.find_spec("optax") is not None
 STEPS, SIZE, SCENARIO = 24, 8, ["gaussian"]
-
-
-def _needs(library):
-    """Skip where the peer library (an optional extra, which CI installs) is absent."""
-    if not {"torch": HAS_TORCH, "optax": HAS_OPTAX}[library]:
-        pytest.skip(f"{library} not installed")
 
 
 def test_wrappers_map_to_keras_arguments():
@@ -117,7 +111,7 @@ def test_bad_wrapper_is_one_line_and_exit_2(tmp_path, capsys):
 
 def _functions():
     out = {}
-    if HAS_TORCH:
+    if importlib.util.find_spec("torch"):
         import torch
         from torch.optim import swa_utils
         out.update({("torch", "StepLR"): torch.optim.lr_scheduler.StepLR.__init__,
@@ -125,7 +119,7 @@ def _functions():
                     ("torch", "AveragedModel"): swa_utils.get_ema_multi_avg_fn,
                     ("torch", "clip_grad_norm_"): torch.nn.utils.clip_grad_norm_,
                     ("torch", "clip_grad_value_"): torch.nn.utils.clip_grad_value_})
-    if HAS_OPTAX:
+    if importlib.util.find_spec("optax"):
         import optax
         out.update({("optax", name): getattr(optax, name) for name in (
             "clip_by_global_norm", "clip", "exponential_decay", "cosine_decay_schedule",
@@ -137,9 +131,8 @@ def _functions():
 def test_wrappers_toml_states_the_installed_arguments():
     """Every argument a wrapper passes on exists, with the default wrappers.toml states
     (overwrite_every, steps and the per-parameter loop are the loop's own)."""
+    needs("torch", "optax")
     functions = _functions()
-    if not functions:
-        pytest.skip("neither torch nor optax installed")
     for key, function in functions.items():
         w = peers.WRAPPERS[key]
         parameters = inspect.signature(function).parameters
@@ -164,8 +157,7 @@ def _judged_as(c, id, **config):
 
 @pytest.fixture(scope="module")
 def torch_results():
-    if not HAS_TORCH:
-        pytest.skip("torch not installed")
+    needs("torch")
     known = peers.load()
     base = [known[i] for i in ("torch_sgd_clipnorm", "torch_sgd_global_clipnorm",
                                "torch_sgd_clipvalue", "torch_sgd_exponentiallr",
@@ -226,7 +218,7 @@ def test_schedule_function_is_keras_schedule(library):
     """Specificity: Keras's formula as the peer's schedule is Keras's rate (match in both
     dtypes).  Sensitivity: the same stream judged against the schedule with another
     argument, or with momentum (the rate outside the peer's buffer), parts."""
-    _needs(library)
+    needs(library)
     c = peers.parse(SCHEDULED[library], f"{library}_scheduled")
     schedule = c.config["learning_rate"]
     other = {"PolynomialDecay": {"power": 1.0}, "InverseTimeDecay": {"decay_rate": 0.25}}[
@@ -252,7 +244,7 @@ def test_decoupled_decay_is_keras_weight_decay(library):
     """Specificity: the weights multiplied by 1 - lr * wd before the step is Keras's
     base weight decay (match in both dtypes).  Sensitivity: the same stream judged
     against another weight_decay parts at step 1."""
-    _needs(library)
+    needs(library)
     c = peers.load()[f"{library}_sgd_momentum_decoupled_decay"]
     assert c.config["weight_decay"] == 0.01
     wrong = _judged_as(c, "other_weight_decay", weight_decay=0.02)
@@ -274,7 +266,7 @@ def test_port_takes_the_class_decay_over_the_wrapper():
     assert [c.wrappers for c in found] == [()]
 
 
-@pytest.mark.skipif(not HAS_OPTAX, reason="optax not installed")
+@pytest.mark.needs("optax")
 def test_port_through_a_schedule_function_proved(capsys):
     code = cli.main(["port", "adagrad_inverse_time_decay", "--to", "optax", "--steps",
                      str(STEPS), "--size", str(SIZE), "--scenario", SCENARIO[0]])
@@ -284,7 +276,7 @@ def test_port_through_a_schedule_function_proved(capsys):
                           " decay_rate=0.5, staircase=True) (match)") in out
 
 
-@pytest.mark.skipif(not HAS_OPTAX, reason="optax not installed")
+@pytest.mark.needs("optax")
 def test_optax_wrappers():
     known = peers.load()
     ids = ["optax_sgd_global_clipnorm", "optax_sgd_clipvalue", "optax_sgd_exponential_decay",
@@ -347,7 +339,7 @@ def test_port_finds_wrappers():
                for k, v in blocked.items())
 
 
-@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+@pytest.mark.needs("torch")
 def test_port_with_a_wrapper_proved(capsys):
     code = cli.main(["port", "sgd_clipvalue", "--to", "torch", "--steps", str(STEPS),
                      "--size", str(SIZE), "--scenario", SCENARIO[0]])
@@ -382,7 +374,7 @@ def test_a_stale_report_is_told():
         "torch_sgd_steplr"]
 
 
-@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+@pytest.mark.needs("torch")
 def test_nonfinite_judged_apart():
     """torch's EMA lerp makes NaN of inf - inf where Keras keeps the infinity: Keras's
     math on finite gradients, a mismatch with NaN and inf, told apart; a run of the
@@ -405,7 +397,7 @@ def test_schedule_under_accumulation_counts_updates_where_keras_counts_calls():
     count 4k + 3, lr' 0.9^((4k + 3) / 4) with lr' = 0.05 * 0.9^-0.75, it is Keras's math.
     (optax's MultiSteps counts updates too, its inner state stepped only on them, but its
     float32 running mean parts first: explanations.toml.)"""
-    _needs("torch")
+    needs("torch")
     c = peers.parse("torch:SGD(lr=0.05) + ExponentialLR(gamma=0.9) + accumulate(steps=4)",
                     "accumulated_schedule")
     schedule = c.config["learning_rate"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import check_edits
-from conftest import make_selection, run_selection
+from conftest import fast_backend, make_selection, run_selection
 from verify import cli
 from verify.resume_mode import ResumeRun, interruptions
 
@@ -27,11 +27,6 @@ def saved_as(condition, value):
 
 DROPPED_MOMENTUM = saved_as('variable.name.endswith("_momentum")', "variable.numpy() * 0")
 RESET_ITERATION = saved_as('variable.name == "iteration"', "variable.numpy() * 0")
-
-
-def fast_backend():
-    found = cli.installed_backends()
-    return next((b for b in ("jax", "torch", "tensorflow") if b in found), found[0])
 
 
 def test_interruptions_are_a_third_and_two_thirds_of_the_run():
@@ -91,7 +86,7 @@ def test_adam_resumes_exactly_on_every_backend(backends, tmp_path):
 ])
 def test_a_save_that_loses_state_is_caught_after_loading(tmp_path, edit, state, finding):
     site = check_edits.edited_keras(edit, tmp_path)
-    rows = resumed_rows([fast_backend()], tmp_path / "out", site, dtypes=["float64"])
+    rows = resumed_rows([fast_backend(prefer=("jax", "torch", "tensorflow"))], tmp_path / "out", site, dtypes=["float64"])
     eager = rows[rows["mode"] == "eager"].iloc[0]
     assert eager.verdict in ("exact", "match")  # the edit changes saving alone
     resumed = rows[rows["mode"] == "resume"].iloc[0]
@@ -109,7 +104,7 @@ def test_the_keras_file_loses_the_exclusion_from_weight_decay(tmp_path):
     that get_config does not record, so the optimizer load_model rebuilds decays the
     excluded weight from the first step after loading; the weights path, whose
     optimizer the user builds, keeps it."""
-    rows = resumed_rows([fast_backend()], tmp_path, configurations=["adamw_exclude"],
+    rows = resumed_rows([fast_backend(prefer=("jax", "torch", "tensorflow"))], tmp_path, configurations=["adamw_exclude"],
                         modes=["resume"], dtypes=["float32"])
     resumed = rows.iloc[0]
     assert resumed.verdict == "mismatch" and resumed.first_divergent_step == K1 + 1

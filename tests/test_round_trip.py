@@ -6,16 +6,10 @@ whose serialization was edited."""
 import pytest
 
 import check_edits
-from conftest import make_selection
-from verify.cli import installed_backends
+from conftest import fast_backend, make_selection
 from verify.configurations import CONFIGURATIONS, EXCLUDE
 from verify.report import Sink
 from verify.runner import Runner
-
-
-def fast_backend():
-    found = installed_backends()
-    return next((b for b in ("torch", "jax", "tensorflow") if b in found), found[0])
 
 
 def round_trips(tmp_path, edit):
