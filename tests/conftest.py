@@ -63,6 +63,12 @@ def own_modes(backend) -> list:
     return [m for m in DEFAULT_MODES if distinct(backend, m)]
 
 
+def nonempty(frame):
+    """`frame`, failing the test when a selection left it empty (where `.all()` would pass)."""
+    assert len(frame), "the selection is empty"
+    return frame
+
+
 def fast_backend(prefer=("torch", "jax", "tensorflow")):
     """The installed backend that starts and steps fastest (for a save and a load in
     fresh processes, JAX: `prefer`)."""

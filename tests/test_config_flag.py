@@ -3,7 +3,6 @@ keras.optimizers.serialize returns it, verified with one flag; bad input is one
 line, exit 2, nothing written, before any run."""
 
 import contextlib
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -32,9 +31,6 @@ SCHEDULE = {"module": "keras.optimizers.schedules", "class_name": "ExponentialDe
             "registered_name": None}
 SCHEDULED_ADAM = {**SERIALIZED_ADAM, "id": "adam_scheduled",
                   "config": {**SERIALIZED_ADAM["config"], "learning_rate": SCHEDULE}}
-# schedules in reference/ and the worker (issue 10's branch): until they land Keras
-# is handed the serialized dict itself and refuses it
-SCHEDULES_LANDED = importlib.util.find_spec("reference.schedules") is not None
 SMALL = ["--family", "keras", "--dtype", "float32", "--mode", "eager", "--scenario",
          "gaussian", "--steps", "4", "--size", "8", "--quiet"]
 
@@ -231,9 +227,8 @@ def test_baseline_of_a_user_config_is_checked_again(tmp_path):
 
 
 def test_a_schedule_reaches_the_worker_as_serialized(tmp_path):
-    """The schedule in a config is handed to the worker whole.  Until schedules land
-    (reference/schedules.py), Keras is given the dict itself and says so; once they
-    land the same config must match."""
+    """The schedule in a config is handed to the worker whole, and Keras's steps under it
+    are the reference's."""
     from verify import api
     result = api.run(SCHEDULED_ADAM, backends=[fast_backend()], families=["keras"],
                      dtypes=["float32"], modes=["eager"], scenarios=["gaussian"], steps=4,
@@ -241,12 +236,7 @@ def test_a_schedule_reaches_the_worker_as_serialized(tmp_path):
     assert result.settings["configurations"]["adam_scheduled"]["config"]["learning_rate"] == \
         SCHEDULE
     rows = result.rows
-    if SCHEDULES_LANDED:
-        assert set(rows.verdict) <= {"exact", "match"}, rows.reason.tolist()
-    else:
-        assert set(rows.verdict) == {"error"}
-        assert all("Keras raises" in r and "'class_name': 'ExponentialDecay'" in r
-                   for r in rows.reason), rows.reason.tolist()
+    assert len(rows) and set(rows.verdict) <= {"exact", "match"}, rows.reason.tolist()
 
 
 def test_matrix_hands_a_user_config_to_its_per_release_runs(tmp_path):

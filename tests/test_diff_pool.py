@@ -29,9 +29,12 @@ def test_tasks_of_one_key_run_in_submission_order():
 
 def test_different_keys_run_at_the_same_time():
     pool, meet = _OrderedPool(threads=2, budget=4), threading.Barrier(2, timeout=10)
+    met = []
     for key in ("a", "b"):
-        pool.submit(key, meet.wait)  # a BrokenBarrierError if they ran one after the other
+        # a BrokenBarrierError, raised by close(), if they ran one after the other
+        pool.submit(key, lambda k=key: met.append((k, meet.wait())))
     pool.close()
+    assert sorted(k for k, _ in met) == ["a", "b"]
 
 
 def test_one_key_never_runs_two_tasks_at_once():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import perturbations
-from conftest import SEED, SIZE, STEPS, own_modes
+from conftest import SEED, SIZE, STEPS, nonempty, own_modes
 from verify import scenarios
 from verify.configurations import CONFIGURATIONS
 from verify.scenarios import SCENARIOS
@@ -17,7 +17,7 @@ def rows(df, **where):
     mask = np.ones(len(df), bool)
     for key, value in where.items():
         mask &= (df[key] == value).to_numpy()
-    return df[mask]
+    return nonempty(df[mask])
 
 
 def test_every_cell_is_present(verification, backends):
