@@ -180,6 +180,13 @@ PRECISIONS = {
                                                     "SGD")),
     # No rounding beyond the working dtype: the formulas as real-number math.
     "exact": Precision("exact", learning_rate_float32=False),
+    # The peers (verify/peers/) round nowhere beyond the working dtype: a Python-float
+    # hyperparameter meets a tensor in the tensor's dtype (torch's wrapped scalars, JAX's
+    # weak types), and the learning rate is a Python float, not Keras's float32 variable.
+    # XLA on CPU flushes subnormals (as in the harness's jax setting); torch's CPU
+    # kernels do not.
+    "torch.optim": Precision("torch.optim", learning_rate_float32=False),
+    "optax": Precision("optax", learning_rate_float32=False, flushes_subnormals=True),
 }
 
 
@@ -595,17 +602,6 @@ def ops_mean(x: Tracked, axis=None, keepdims: bool = False) -> Tracked:
     e = summed / n + u32 * np.abs(z)
     e = e + np.where(np.abs(z) < float(f32.smallest_normal), underflow32, 0.0)
     return Tracked(z, e, ar, _any_tie(x, axes, keepdims))
-
-
-def max_over(x: Tracked, axis=None, keepdims: bool = False) -> Tracked:
-    """The maximum over `axis`: exact, and 1-Lipschitz in the largest
-    difference, so within the largest of the elements' bounds."""
-    axes = _axes(np.ndim(x.v), axis)
-    z = np.max(x.v, axis=axes, keepdims=keepdims)
-    if not x.ar.track:
-        return Tracked(z, None, x.ar)
-    e = np.max(np.broadcast_to(x.e, np.shape(x.v)), axis=axes, keepdims=keepdims)
-    return Tracked(z, e, x.ar, _any_tie(x, axes, keepdims))
 
 
 def norm(x: Tracked, axis=None, keepdims: bool = False) -> Tracked:

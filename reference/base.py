@@ -57,6 +57,7 @@ import numpy as np
 from reference import schedules
 from reference.arithmetic import (Arithmetic, Tracked, maximum, sqrt, square, where,
                                   sum_over)
+from reference.state import StateSpec
 
 # hyperparameters of the base optimizer that every Keras optimizer takes, at
 # Keras's defaults (BaseOptimizer.__init__)
@@ -393,8 +394,6 @@ def run_textbook(ar: Arithmetic, hp: dict, c: dict, state: dict, grads: list, t:
 
 def textbook_states(hp: dict) -> list:
     """The average of `polyak_average`, named as Keras's EMA slot."""
-    from reference.rule import StateSpec
-
     return [StateSpec("average", 0.0)] if hp.get("use_ema") else []
 
 
@@ -420,8 +419,6 @@ def states(hp: dict) -> list:
     reads Keras's (`<variable path>_<name>`, in lists indexed like the weights):
     `average` (build: add_optimizer_variables(variables, "average")) and
     `gradient_accumulator` (add_variable_from_reference), both zeros."""
-    from reference.rule import StateSpec  # reference.rule reads DEFAULTS from here
-
     out = []
     if hp.get("use_ema"):
         out.append(StateSpec("average", 0.0))

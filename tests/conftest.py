@@ -13,11 +13,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from verify import scenarios  # noqa: E402
-from verify.cli import installed_backends  # noqa: E402
 from verify.configurations import CONFIGURATIONS  # noqa: E402
-from verify.report import Sink  # noqa: E402
-from verify.cli import DEFAULT_MODES  # noqa: E402
+from verify.report.tables import Sink  # noqa: E402
 from verify.runner import Runner, Selection, distinct  # noqa: E402
+from verify.selection import installed_backends  # noqa: E402
+from verify.selection import DEFAULT_MODES  # noqa: E402
 
 import perturbations  # noqa: E402
 

@@ -16,8 +16,8 @@ import warnings
 import pytest
 
 from conftest import ROOT
-from verify import check
-from verify.cli import UsageError, installed_backends
+from verify.commands import baseline, check
+from verify.selection import UsageError, installed_backends
 
 ENV = "VERIFY_CHECK_ARGS"
 FAST_OPTIMIZERS = "adam,sgd_nesterov"
@@ -54,22 +54,22 @@ def checked(tmp_path_factory):
     if not any(a == "--output" or a.startswith("--output=") for a in _argv()):
         output = tmp_path_factory.mktemp("check")
     now, _, _ = check.execute(sel, output, formats)
-    return {tuple(c[k] for k in check.CELL): c for c in now}, output
+    return {tuple(c[k] for k in baseline.CELL): c for c in now}, output
 
 
 def _test_for(family):
     cells = [c for c in CELLS if c["family"] == family]
 
     @pytest.mark.parametrize("before", cells,
-                             ids=[check.cell_id(c, with_family=False) for c in cells])
+                             ids=[baseline.cell_id(c, with_family=False) for c in cells])
     def test(before, checked):
         now, output = checked
-        after = now.get(tuple(before[k] for k in check.CELL))
-        changes = check.compare_cells([before], [after] if after else [],
+        after = now.get(tuple(before[k] for k in baseline.CELL))
+        changes = baseline.compare_cells([before], [after] if after else [],
                                       strict=PLAN[0].strict)
         for change in changes:
-            message = (f"{check.cell_id(before)}: {check.describe(before)} -> "
-                       f"{check.describe(after)} ({change.what})")
+            message = (f"{baseline.cell_id(before)}: {baseline.describe(before)} -> "
+                       f"{baseline.describe(after)} ({change.what})")
             if change.fails:
                 pytest.fail(message + "\n\n" + check.step_detail(output, change), pytrace=False)
             warnings.warn(message + " (rounding only; VERIFY_CHECK_ARGS='--strict' fails it)")

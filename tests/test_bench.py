@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from verify import bench, cli, runner
+from verify import cli, runner
+from verify.commands import bench
 from verify.compare import RunComparison
 from conftest import fast_backend, make_selection
 

@@ -11,7 +11,7 @@ import pytest
 from reference import schedules
 from verify import api
 from verify.configurations import ConfigError, from_keras
-from verify.cli import installed_backends
+from verify.selection import installed_backends
 
 DECAY = {"class_name": "ExponentialDecay", "config": {
     "initial_learning_rate": 0.01, "decay_steps": 3, "decay_rate": 0.5}}

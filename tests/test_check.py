@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 import check_edits
-from verify import check, cli
-from verify.cli import installed_backends, settings_of
+from verify import cli
+from verify.commands import baseline, check
+from verify.selection import installed_backends, settings_of
 from conftest import make_selection, needs, own_modes
 
 # Adam and the classes that share its code (AdamW, and adam_amsgrad: Adam with
@@ -33,31 +34,32 @@ def cell(verdict="match", step="", state="", magnitude=None, reason="", **where)
                 mode="eager", scenario="gaussian")
     base.update(where)
     return {**base, "verdict": verdict, "first_divergent_step": step, "divergent_state": state,
-            "magnitude": magnitude or check.magnitude(verdict, None), "reason": reason}
+            "magnitude": magnitude or baseline.magnitude(verdict, None), "reason": reason}
 
 
 def test_magnitude_is_the_decade_of_a_mismatch():
-    assert check.magnitude("mismatch", 1.0e-3) == check.magnitude("mismatch", 9.9e-3) == "1e-03"
-    assert check.magnitude("mismatch", 1.0e-2) == "1e-02"
-    assert check.magnitude("mismatch", 2.0) == "1e+00"
-    assert check.magnitude("mismatch", "inf") == check.magnitude("mismatch", None) == "inf"
-    assert [check.magnitude(v, 0.5) for v in ("exact", "match", "error")] == [
+    assert (baseline.magnitude("mismatch", 1.0e-3) == baseline.magnitude("mismatch", 9.9e-3)
+            == "1e-03")
+    assert baseline.magnitude("mismatch", 1.0e-2) == "1e-02"
+    assert baseline.magnitude("mismatch", 2.0) == "1e+00"
+    assert baseline.magnitude("mismatch", "inf") == baseline.magnitude("mismatch", None) == "inf"
+    assert [baseline.magnitude(v, 0.5) for v in ("exact", "match", "error")] == [
         "exact", "rounding", "error"]
 
 
 def test_unchanged_cells_are_no_change():
     cells = [cell(), cell("mismatch", 3, "velocity", "1e-05", scenario="tiny"),
              cell("error", reason="worker failed", scenario="sparse")]
-    assert check.compare_cells(cells, [dict(c) for c in cells]) == []
+    assert baseline.compare_cells(cells, [dict(c) for c in cells]) == []
     other_error_text = [dict(c) for c in cells]
     other_error_text[2]["reason"] = "another message"
-    assert check.compare_cells(cells, other_error_text) == []
+    assert baseline.compare_cells(cells, other_error_text) == []
 
 
 def test_exact_match_flip_is_reported_and_fails_only_when_strict():
-    changes = check.compare_cells([cell("exact")], [cell("match")])
+    changes = baseline.compare_cells([cell("exact")], [cell("match")])
     assert [(c.what, c.fails) for c in changes] == [("rounding only (exact <-> match)", False)]
-    assert check.compare_cells([cell("exact")], [cell("match")], strict=True)[0].fails
+    assert baseline.compare_cells([cell("exact")], [cell("match")], strict=True)[0].fails
 
 
 @pytest.mark.parametrize("after,what", [
@@ -70,19 +72,19 @@ def test_exact_match_flip_is_reported_and_fails_only_when_strict():
 ])
 def test_every_math_class_change_fails(after, what):
     before = cell("mismatch", 1, "velocity", "1e-03")
-    changes = check.compare_cells([before], [after])
+    changes = baseline.compare_cells([before], [after])
     assert [(c.what, c.fails) for c in changes] == [(what, True)]
 
 
 def test_a_new_deviation_and_a_fixed_one_both_fail():
-    fixed = check.compare_cells([cell("mismatch", 1, "velocity", "1e-03")], [cell("exact")])
-    new = check.compare_cells([cell("exact")], [cell("mismatch", 1, "velocity", "1e-03")])
+    fixed = baseline.compare_cells([cell("mismatch", 1, "velocity", "1e-03")], [cell("exact")])
+    new = baseline.compare_cells([cell("exact")], [cell("mismatch", 1, "velocity", "1e-03")])
     assert fixed[0].fails and new[0].fails and fixed[0].what == new[0].what == "verdict"
 
 
 def test_a_missing_cell_fails():
-    changes = check.compare_cells([cell(), cell(scenario="tiny")], [cell()])
-    assert [(check.cell_id(c.cell), c.fails) for c in changes] == [
+    changes = baseline.compare_cells([cell(), cell(scenario="tiny")], [cell()])
+    assert [(baseline.cell_id(c.cell), c.fails) for c in changes] == [
         ("keras-adam-torch-float32-eager-tiny", True)]
 
 
@@ -97,7 +99,7 @@ def fake_baseline(tmp_path):
     cells = [cell(backend=sel.backends[0], optimizer="sgd", scenario=s)
              for s in ("gaussian", "tiny")]
     path = tmp_path / "baseline"
-    check.write_baseline(path, settings, {"keras": "x", "backends": {}}, cells)
+    baseline.write_baseline(path, settings, {"keras": "x", "backends": {}}, cells)
     return path
 
 
@@ -108,9 +110,9 @@ def run_cli(argv, capsys):
 
 
 def test_written_baseline_reads_back(fake_baseline):
-    b = check.load_baseline(fake_baseline)
+    b = baseline.load_baseline(fake_baseline)
     assert [c["scenario"] for c in b.cells] == ["gaussian", "tiny"]
-    assert (fake_baseline / "cells.csv").read_text().splitlines()[0] == ",".join(check.COLUMNS)
+    assert (fake_baseline / "cells.csv").read_text().splitlines()[0] == ",".join(baseline.COLUMNS)
 
 
 def _edit_json(path, change):
@@ -196,7 +198,7 @@ def small_baseline(tmp_path_factory):
 
 def changed(output):
     df = pd.read_csv(output / "changes.csv", keep_default_na=False)
-    cells = [dict(zip(check.CELL, c.split("-"))) for c in df.cell]
+    cells = [dict(zip(baseline.CELL, c.split("-"))) for c in df.cell]
     return [(c["optimizer"], c["backend"], c["dtype"], c["mode"], c["scenario"], f)
             for c, f in zip(cells, df.fails.astype(str) == "True")]
 
@@ -207,7 +209,7 @@ def test_the_check_fails_on_exactly_the_cells_an_edit_of_keras_changes(
     assert {o for o, _ in edit.changes} <= set(OPTIMIZERS), "the small baseline lacks them"
     # the edit is only seen on the backends it needs: without one of them, the cells
     # that must fail (or the rounding that must move) are not in the run at all
-    missing = sorted(edit.needs - set(check.load_baseline(small_baseline).settings["backends"]))
+    missing = sorted(edit.needs - set(baseline.load_baseline(small_baseline).settings["backends"]))
     needs(*missing)
     site = check_edits.edited_keras(edit, tmp_path)
     output = tmp_path / "run"

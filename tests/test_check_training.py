@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 
 import check_edits
-from verify import check, cli
-from verify.cli import installed_backends
-from verify.resume_mode import interruptions
+from verify import cli
+from verify.commands import baseline
+from verify.selection import installed_backends
+from verify.worker.resume import interruptions
 
 STEPS = 12  # not a multiple of adam_ema's ema_overwrite_frequency (10): fit's last
 # step leaves the weights apart from the average, which only the finalisation writes
@@ -45,7 +46,7 @@ def test_a_fit_not_finalised_and_a_save_losing_a_slot_fail_exactly_their_cells(
     out = capsys.readouterr().out
     assert code == 1, out
     changes = pd.read_csv(output / "changes.csv", keep_default_na=False)
-    changes[list(check.CELL)] = changes.cell.str.split("-", expand=True)
+    changes[list(baseline.CELL)] = changes.cell.str.split("-", expand=True)
     assert (changes.fails.astype(str) == "True").all(), changes
     backends = installed_backends()
     fit = changes[changes["mode"] == "fit"]

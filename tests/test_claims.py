@@ -3,8 +3,8 @@ trajectories and on real Keras."""
 
 import numpy as np
 
-from verify import claims
-from verify.cli import installed_backends
+from verify.commands import claims
+from verify.selection import installed_backends
 
 
 def traj(**states):

@@ -15,7 +15,7 @@ import pytest
 import reference
 from reference.rule import REGISTRY
 from conftest import own_modes
-from verify import cli
+from verify import cli, selection
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,7 +101,7 @@ def test_gradient_file_with_scenario_or_other_shape_is_exit_2(tmp_path, gradient
 
 
 def test_backend_not_installed_is_exit_2(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(cli, "installed_backends", lambda: ["jax"])
+    monkeypatch.setattr(selection, "installed_backends", lambda: ["jax"])
     code = cli.main(["--backend", "torch", "--output", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == ["verify-optimizers: error: backend not installed: torch"]
@@ -227,7 +227,7 @@ def test_an_npz_gives_one_weight_per_array_with_its_shape(tmp_path):
     np.savez(tmp_path / "g.npz", **arrays)
     out = tmp_path / "r"
     r = verify_optimizers("--gradients", str(tmp_path / "g.npz"), "--backend",
-                          cli.installed_backends()[0], "--family", "keras", "--optimizer",
+                          selection.installed_backends()[0], "--family", "keras", "--optimizer",
                           "adam,lamb", "--format", "json", "--quiet", "--output", str(out),
                           cwd=tmp_path)
     assert r.returncode == 0, r.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from verify import cli, configurations
+from verify import cli, configurations, selection
 from verify.configurations import ConfigError, derived_id, from_keras, parse_json
 
 from conftest import fast_backend
@@ -176,7 +176,7 @@ def test_any_json_is_a_configuration_or_one_line_exit_2(tmp_path, doc):
                                           "--output", str(tmp_path / "o")])
     try:
         sel, _, _ = cli.selection_from_args(args)
-    except cli.UsageError as exc:
+    except selection.UsageError as exc:
         assert "\n" not in cli.one_line(exc) and str(exc)
     else:
         user = sel.configurations[-1]
@@ -243,7 +243,8 @@ def test_matrix_hands_a_user_config_to_its_per_release_runs(tmp_path):
     """matrix runs each release in a child process from a JSON request: a user's
     configuration must reach it whole, alone or beside built-in ones, and one at a
     time; and a request that loses it is told apart."""
-    from verify import api, matrix
+    from verify import api
+    from verify.commands import matrix
     parser = cli.build_parser()
     for extra in ([], ["--optimizer", "sgd"]):
         args = parser.parse_args(extra + ["--config", json.dumps(SCHEDULED_ADAM), "--backend",

@@ -13,11 +13,12 @@ import pytest
 
 import reference
 from verify import scenarios
-from verify.cli import installed_backends, main as cli_main
+from verify.cli import main as cli_main
 from verify.configurations import CONFIGURATIONS, Configuration
 from verify.convergence import claims, cli, runner
 from verify.convergence.worker import THREAD_ENV
 from verify.output import write_marker
+from verify.selection import installed_backends
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = installed_backends()

@@ -17,9 +17,10 @@ import reference
 from conftest import fast_backend, make_selection, own_modes, run_selection
 from reference import PRECISIONS, Arithmetic, multi
 from reference.rule import REGISTRY
-from verify import api, cli, scenarios, worker
+from verify import api, cli, scenarios, selection
 from verify.configurations import (CONFIGURATIONS, EXCLUDE, from_keras, parse_json,
                                    parse_toml)
+from verify.worker.messages import UNSUPPORTED
 
 ADAMW_EXCLUDE = CONFIGURATIONS["adamw_exclude"]
 MULTI = CONFIGURATIONS["multi_optimizer"]
@@ -193,7 +194,7 @@ BAD = {
 def test_bad_configuration_is_one_line_exit_2_and_nothing_written(case, tmp_path, capsys):
     config, message = BAD[case]
     out = tmp_path / "out"
-    code = cli.main(["--backend", cli.installed_backends()[0], "--family", "keras",
+    code = cli.main(["--backend", selection.installed_backends()[0], "--family", "keras",
                      "--steps", "3", "--size", "8", "--config", json.dumps(config),
                      "--output", str(out)])
     err = capsys.readouterr().err
@@ -304,7 +305,7 @@ WITHOUT_MULTI = check_edits.Edit("no-multi-optimizer", ((
 
 
 def test_a_keras_without_multi_optimizer_is_unsupported(tmp_path):
-    from verify.matrix import cell_text
+    from verify.commands.matrix import cell_text
 
     site = check_edits.edited_keras(WITHOUT_MULTI, tmp_path)
     sel = make_selection([fast_backend()], ["keras"], configurations=["multi_optimizer"],
@@ -312,5 +313,5 @@ def test_a_keras_without_multi_optimizer_is_unsupported(tmp_path):
                          size=16, python_path=[str(site)])
     rows = run_selection(sel, tmp_path / "out")
     assert rows.reason.str.startswith(
-        worker.UNSUPPORTED + "keras.optimizers has no class MultiOptimizer").all()
+        f"{UNSUPPORTED}: keras.optimizers has no class MultiOptimizer").all()
     assert {cell_text(dict(r)) for _, r in rows.iterrows()} == {"unsupported"}

@@ -8,9 +8,9 @@ import pytest
 from reference import PRECISIONS, SPACES, Arithmetic, name_of, register_variants
 from reference.rule import REGISTRY
 from verify import compare
-from verify.cli import installed_backends
-from verify.explain import analyse, main, run_variants
+from verify.commands.explain import analyse, main, run_variants
 from verify.configurations import CONFIGURATIONS
+from verify.selection import installed_backends
 
 STEPS = 8
 # a matrix (Adafactor factors it, Muon orthogonalizes it) and a vector (Muon's AdamW
@@ -158,7 +158,7 @@ def test_real_keras_nesterov_forms_are_equivalent(real_keras):
 
 
 def test_explain_bad_optimizer_is_a_usage_error():
-    from verify.cli import UsageError
+    from verify.selection import UsageError
 
     with pytest.raises(UsageError):
         main(["no_such_optimizer"])

@@ -1,4 +1,4 @@
-"""Mode fit, a real model.fit through Keras's trainer (verify/fit_mode.py): the keras
+"""Mode fit, a real model.fit through Keras's trainer (verify/worker/fit.py): the keras
 family agrees with it on every backend (specificity), a reference with one real
 change does not (sensitivity).  A gradient fit applied that is not the intended one
 (another gradient, a loss scale the trainer did not apply) is an error with that
@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import make_selection, run_selection
-from verify import cli, fit_mode
+from verify import cli, selection
+from verify.worker.gradients import intended
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGURATIONS = ["adam", "adam_ema", "loss_scale_adam", "adam_accumulation",
@@ -52,16 +53,16 @@ def test_one_real_change_is_a_fit_mismatch_on_every_backend(fit_rows, backends):
 
 def test_the_comparison_feeds_the_gradient_times_loss_scale_factor():
     g = np.array([[1.0, 3.0e38, -2.0 ** -140]])
-    got = fit_mode.intended(g, {"loss_scale_factor": 128.0}, "float32")
+    got = intended(g, {"loss_scale_factor": 128.0}, "float32")
     assert got.dtype == np.float32
     with np.errstate(over="ignore"):
         assert got.tobytes() == (g.astype(np.float32) * np.float32(128)).tobytes()
-    assert fit_mode.intended(g, {"learning_rate": 0.01}, "float32") is g
+    assert intended(g, {"learning_rate": 0.01}, "float32") is g
 
 
 def test_fit_is_not_in_the_default_modes():
     args = cli.build_parser().parse_args(["--optimizer", "sgd", "--backend",
-                                          cli.installed_backends()[0]])
+                                          selection.installed_backends()[0]])
     sel, _, _ = cli.selection_from_args(args)
     assert "fit" not in sel.modes and "fit" in cli.MODES
 
@@ -76,14 +77,14 @@ import io, json, os, sys
 backend, change, class_name, config = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 os.environ["KERAS_BACKEND"] = backend
 import numpy as np, keras
-from verify import fit_mode
+from verify.worker import fit
 if change == "data":
-    data = fit_mode.FitRun._data
+    data = fit.FitRun._data
     def perturbed(self, steps):
         rows = data(self, steps)
         rows[4, 0] = np.nextafter(rows[4, 0], np.inf)
         return rows
-    fit_mode.FitRun._data = perturbed
+    fit.FitRun._data = perturbed
 if change == "unscaled":
     keras.optimizers.LossScaleOptimizer.scale_loss = lambda self, loss: loss
 if change == "no-finalize":
@@ -93,14 +94,14 @@ spec = {"id": 0, "scenarios": ["s"], "weights": [["w", [4]], ["m", [2, 3]]],
         "mode": "fit"}
 rng = np.random.default_rng(0)
 grads = {"s": rng.normal(size=(25, 10))}
-run = fit_mode.FitRun(keras, spec, {"backend": backend}, grads, rng.normal(size=10))
+run = fit.FitRun(keras, spec, {"backend": backend}, grads, rng.normal(size=10))
 out = io.BytesIO()
 try:
     run.execute(out, 25, 10)
-except fit_mode.FitCheckFailed as exc:
+except fit.FitCheckFailed as exc:
     print(json.dumps({"error": str(exc)}))
     sys.exit(0)
-from verify.protocol import read_message
+from verify.worker.messages import read_message
 out.seek(0)
 while (message := read_message(out)) is not None:
     header = message[0]
@@ -133,7 +134,8 @@ def probe(backend, change, tmp_path):
 
 @pytest.mark.parametrize("change", list(CHANGES))
 def test_what_fit_applied_or_left_is_checked_bit_for_bit(change, tmp_path):
-    backend = "torch" if "torch" in cli.installed_backends() else cli.installed_backends()[0]
+    installed = selection.installed_backends()
+    backend = "torch" if "torch" in installed else installed[0]
     got = probe(backend, change, tmp_path)
     _, _, kind, expected = CHANGES[change]
     if expected is None:

@@ -5,7 +5,7 @@ harness is a harness error, never read as a Keras mismatch."""
 import pytest
 
 from conftest import fast_backend, make_selection
-from verify.report import Sink
+from verify.report.tables import Sink
 from verify.runner import Runner
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from verify import cli, output, workers
+from verify import cli, output, processes
+from verify.worker.pinned import check_pinned
 from conftest import fast_backend, make_selection, run_selection
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -244,8 +245,8 @@ def test_an_internal_error_is_exit_2_with_its_traceback_in_a_log(monkeypatch, tm
 
 
 def test_keras_comparisons_that_cannot_run_are_exit_2_not_1(monkeypatch, tmp_path, capsys):
-    real = workers.start
-    monkeypatch.setattr(workers, "start", lambda module, *args: real("no_such_worker", *args))
+    real = processes.start
+    monkeypatch.setattr(processes, "start", lambda module, *args: real("no_such_worker", *args))
     code = cli.main(["--backend", fast_backend(), *TINY, "--output", str(tmp_path / "r")])
     captured = capsys.readouterr()
     assert code == 2 and one_error_line(captured.err) and "could not run" in captured.err
@@ -289,9 +290,9 @@ def test_a_worker_that_runs_with_another_floatx_refuses():
         backend = type("B", (), {"backend": staticmethod(lambda: "torch")})
 
     with pytest.raises(RuntimeError, match="floatx='float64'"):
-        workers.check_pinned(FakeKeras)
+        check_pinned(FakeKeras)
     FakeConfig.floatx = staticmethod(lambda: "float32")
-    assert workers.check_pinned(FakeKeras)["floatx"] == "float32"
+    assert check_pinned(FakeKeras)["floatx"] == "float32"
 
 
 def test_a_home_without_keras_config_stays_without_one(tmp_path):
@@ -391,7 +392,7 @@ def test_a_signal_stops_workers_removes_partial_files_and_keeps_the_earlier_repo
 KILLER = '''
 import os, signal, sys
 print("I0000 00:00:1795 port.cc:153] oneDNN custom operations are on.", file=sys.stderr)
-import verify.worker as worker
+import verify.worker.__main__ as worker
 if "{how}" == "import":
     raise ImportError("no module named fancy_backend")
 runs = []
@@ -441,7 +442,7 @@ def test_the_reason_is_the_last_traceback_line_not_the_last_log_line(tmp_path):
                    "run 3: Traceback (most recent call last):\nrun 3: KeyError: 'per run'\n"
                    "Traceback (most recent call last):\n  File \"y.py\", line 2\n"
                    "MemoryError: out of memory\nI0000 tensorflow says hello\n")
-    assert workers.death_reason(-9, log) == "killed by SIGKILL; last error: MemoryError: " \
+    assert processes.death_reason(-9, log) == "killed by SIGKILL; last error: MemoryError: " \
                                             "out of memory"
-    assert workers.death_reason(3, tmp_path / "none.log") == "exited with status 3"
+    assert processes.death_reason(3, tmp_path / "none.log") == "exited with status 3"
 

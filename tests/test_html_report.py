@@ -18,9 +18,12 @@ import pytest
 import reference
 from reference.explanations import cause
 from reference.rule import REGISTRY
-from verify import check, cli, compare, html_report, matrix
+from verify import cli, compare
+from verify.commands import matrix
+from verify.commands.baseline import CELL, cell_class
+from verify.report import html as html_report
 from conftest import own_modes
-from verify.cli import installed_backends
+from verify.selection import installed_backends
 
 PNG = b"\x89PNG\r\n\x1a\n"
 BACKEND = "torch" if "torch" in installed_backends() else installed_backends()[0]
@@ -63,7 +66,7 @@ def run(tmp_path, *args) -> tuple:
 
 
 def cell_id(row) -> str:
-    return "-".join(row[f] for f in html_report.CELL)
+    return "-".join(row[f] for f in CELL)
 
 
 def mismatching(doc) -> set:
@@ -184,7 +187,7 @@ def test_a_run_without_mismatches_has_no_figure(tmp_path):
 def test_without_matplotlib_the_page_has_tables_only(article_run, monkeypatch):
     out, doc = article_run
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    monkeypatch.delitem(sys.modules, "verify.figures", raising=False)
+    monkeypatch.delitem(sys.modules, "verify.report.figures", raising=False)
     assert html_report.plotting() is None
     df = pd.read_csv(out / "summary.csv", keep_default_na=False, na_values=[""])
     text = html_report.render(df, doc["settings"], {}, {}, ["html"])
@@ -198,21 +201,28 @@ def test_html_is_written_only_when_asked(tmp_path):
     assert code == 0 and not (out / "report.html").exists()
 
 
+def bin_max(step, values) -> tuple:
+    """A whole series through html.Bins."""
+    bins = html_report.Bins(len(values))
+    bins.add(step, values)
+    return bins.result()
+
+
 def test_binning_keeps_every_peak_and_leaves_short_runs_alone():
     rng = np.random.default_rng(0)
     step = np.arange(1001)
     values = rng.uniform(0, 1, 1001)
     values[537], values[999] = 1e6, np.nan
-    s, v = html_report.bin_max(step, values)
+    s, v = bin_max(step, values)
     assert len(v) <= html_report.POINTS and 1e6 in v and s[list(v).index(1e6)] == 537
     assert list(s[np.isinf(v)]) == [999] and s[-1] == 1000
     assert np.all(np.diff(s) > 0)
-    s, v = html_report.bin_max(step[:40], values[:40])
+    s, v = bin_max(step[:40], values[:40])
     assert list(s) == list(step[:40]) and list(v) == list(values[:40])
 
 
 def test_a_figure_draws_zero_inf_and_the_largest_floats():
-    from verify import figures
+    from verify.report import figures
 
     step = np.arange(6)
     table = pd.DataFrame({"step": step, "drift": [0, 1e-300, 1.0, 1e308, np.inf, np.nan],
@@ -270,10 +280,10 @@ def _matrix(tmp_path, baseline, edit):
     for v in ("3.1", "3.2"):
         shutil.copytree(baseline.parent / "run", work / "runs" / v / "all")
     doc = json.loads((work / "runs" / "3.1" / "all" / "summary.json").read_text())
-    columns = {v: {tuple(c[f] for f in check.CELL): c
-                   for c in map(check.cell_class, doc["rows"])} for v in ("3.1", "3.2")}
+    columns = {v: {tuple(c[f] for f in CELL): c
+                   for c in map(cell_class, doc["rows"])} for v in ("3.1", "3.2")}
     changed = edit(columns["3.2"])
-    cells = [dict(zip(check.CELL, k)) for k in columns["3.1"]]
+    cells = [dict(zip(CELL, k)) for k in columns["3.1"]]
     settings = doc["settings"]
     out = tmp_path / "matrix"
     matrix.write_report(out, settings, ["3.1", "3.2"], {"3.1": {"status": "ran"},

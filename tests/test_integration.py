@@ -111,7 +111,7 @@ def test_paper_rules_keras_follows_match_outside_tensorflow_float64(verification
 
 
 def test_every_article_and_textbook_mismatch_is_explained(verification):
-    from verify.report import explanations
+    from verify.report.tables import explanations
 
     df = verification.copy()
     df["explanation"] = explanations(df)

@@ -15,14 +15,14 @@ import pandas as pd
 import pytest
 
 from conftest import make_selection, needs, run_selection
-from verify import cli
+from verify import cli, selection
 from verify.runner import SAME_AS
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGURATIONS = ["adam", "sgd_momentum", "adam_accumulation", "adam_ema",
                   "lion_cosine_decay_warmup"]
 PERTURBED = {"beta_1+1e-4": "adam", "momentum+1e-4": "sgd_momentum"}
-OWN_JIT = [b for b in ("tensorflow", "torch") if b in cli.installed_backends()]
+OWN_JIT = [b for b in ("tensorflow", "torch") if b in selection.installed_backends()]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_a_selection_of_only_jax_jit_is_bad_input(tmp_path):
 
 def test_jit_is_not_in_the_default_modes():
     args = cli.build_parser().parse_args(["--optimizer", "sgd", "--backend",
-                                          cli.installed_backends()[0]])
+                                          selection.installed_backends()[0]])
     sel, _, _ = cli.selection_from_args(args)
     assert sel.modes == ["eager", "compiled"]
 
@@ -116,7 +116,7 @@ if eager_compile and backend == "tensorflow":  # tf.function without XLA
     import tensorflow as tf
     plain = tf.function
     tf.function = lambda fn, **kwargs: plain(fn, **{**kwargs, "jit_compile": False})
-from verify.worker import Run
+from verify.worker.run import Run
 spec = {"scenarios": ["s"], "weights": [["w", [4]]], "dtype": "float32",
         "class_name": "Adam", "config": {}, "mode": mode}
 grads = {"s": np.ones((2, 4))}

@@ -17,8 +17,8 @@ from reference import PRECISIONS, Arithmetic
 from reference.arithmetic import where
 from reference.rule import REGISTRY
 from verify import compare, scenarios
-from verify.cli import installed_backends
 from verify.configurations import CONFIGURATIONS
+from verify.selection import installed_backends
 
 RULE = reference.get_rule("keras", "LossScaleOptimizer")
 CONFIG = CONFIGURATIONS["loss_scale_adam"].config

@@ -1,4 +1,4 @@
-"""float16, bfloat16 and the mixed policies (verify/dtypes.py).
+"""float16, bfloat16 and the mixed policies (verify/worker/dtypes.py).
 
 Transport: every bfloat16 and float16 bit pattern crosses the worker protocol
 unchanged.  The reference: the error scale is the dtype's; the keras rule against
@@ -25,9 +25,10 @@ from reference.arithmetic import Tracked, finfo, numpy_dtype
 from reference.optimizers import loss_scale
 from reference.rule import REGISTRY
 from test_compare import S, judge, stream
-from verify import compare, dtypes
+from verify import compare
 from verify.configurations import CONFIGURATIONS, Configuration
-from verify.protocol import read_message, write_message
+from verify.worker import dtypes
+from verify.worker.messages import read_message, write_message
 
 ADAM = ("Adam", {"learning_rate": 0.01})
 UNROUNDED = "adam-in-float32"
@@ -164,7 +165,7 @@ def test_real_keras_adam_in_bfloat16_against_an_unrounded_beta_2(low_precision_r
 def test_the_summary_groups_a_finding_over_backends_and_scenarios():
     import pandas as pd
 
-    from verify.report import low_precision
+    from verify.report.tables import low_precision
     text = ("beta_2=0.999 rounds to 1 in bfloat16; variable: update lost from step 1 (scalar), "
             "{} of 10 element-steps")
     df = pd.DataFrame([{"optimizer": "adam", "dtype": "bfloat16", "backend": b, "mode": "eager",

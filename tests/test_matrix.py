@@ -10,9 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from verify import check, cli, matrix
+from verify import cli
+from verify.commands import baseline, matrix
 from verify.runner import distinct
-from verify.cli import installed_backends
+from verify.selection import installed_backends
 
 SETTINGS = {"families": ["keras"], "optimizers": ["adam"], "backends": ["torch"],
             "dtypes": ["float32"], "modes": ["eager"], "scenarios": ["gaussian", "tiny"],
@@ -23,11 +24,11 @@ def cell(verdict="match", step="", state="", magnitude=None, scenario="gaussian"
     return {"family": "keras", "optimizer": "adam", "backend": "torch", "dtype": "float32",
             "mode": "eager", "scenario": scenario, "verdict": verdict,
             "first_divergent_step": step, "divergent_state": state,
-            "magnitude": magnitude or check.magnitude(verdict, None), "reason": ""}
+            "magnitude": magnitude or baseline.magnitude(verdict, None), "reason": ""}
 
 
 def column(*cells):
-    return {tuple(c[f] for f in check.CELL): c for c in cells}
+    return {tuple(c[f] for f in baseline.CELL): c for c in cells}
 
 
 def report(tmp_path, columns):
@@ -35,7 +36,7 @@ def report(tmp_path, columns):
     releases = {v: ({"status": "ran"} if columns[v] is not None
                     else {"status": matrix.UNSUPPORTED, "reason": "pip install failed"})
                 for v in versions}
-    cells = [dict(zip(check.CELL, k)) for k in next(c for c in columns.values() if c)]
+    cells = [dict(zip(baseline.CELL, k)) for k in next(c for c in columns.values() if c)]
     matrix.write_report(tmp_path, SETTINGS, versions, releases, columns, cells)
     return (tmp_path / "matrix.md").read_text(), pd.read_csv(tmp_path / "matrix.csv", dtype=str)
 

@@ -16,8 +16,9 @@ import pandas as pd
 from hypothesis import given, settings, strategies as st
 
 from conftest import ROOT, fast_backend
-from verify import html_report, scenarios
-from verify.report import StepFiles
+from verify import scenarios
+from verify.report import html as html_report
+from verify.report.tables import StepFiles
 
 STEPS, SIZE = 100_000, 128
 ELEMENTS = scenarios.element_count(scenarios.weight_shapes(SIZE))  # 119: five weights
@@ -41,7 +42,7 @@ def test_the_harness_stays_near_its_inputs_at_100000_steps(tmp_path):
     out = tmp_path / "report"
     code = ("import sys\n"
             "from verify.cli import main\n"
-            "from verify.protocol import peak_memory_mb\n"
+            "from verify.worker.messages import peak_memory_mb\n"
             "code = main(sys.argv[1:])\n"
             "print(peak_memory_mb())\n"
             "sys.exit(code)\n")
@@ -81,14 +82,14 @@ def test_a_child_reports_its_own_peak_not_its_parents():
     """ru_maxrss survives vfork + exec: a child of a process holding 300 MiB reads
     300 MiB (the full test session's 637 MiB reading); peak_memory_mb must not."""
     held = np.ones(300 * MIB // 8)
-    code = "from verify.protocol import peak_memory_mb; print(peak_memory_mb())"
+    code = "from verify.worker.messages import peak_memory_mb; print(peak_memory_mb())"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
     assert held.sum() == held.size and float(done.stdout) < 150
 
 
 def _bin_max_whole(step, values, points=html_report.POINTS):
-    """bin_max as it was written for a whole series (reshape into bins)."""
+    """Bins as it was written for a whole series (reshape into bins)."""
     values = np.where(np.isnan(values), np.inf, values)
     if len(values) <= points:
         return step, values

@@ -4,7 +4,8 @@ apart, and is its own class in `check`; the keras family can never be `n/a`."""
 import json
 
 from reference.rule import REGISTRY
-from verify import check, cli
+from verify import cli
+from verify.commands import baseline, check
 from verify.configurations import CONFIGURATIONS, Configuration
 
 from conftest import fast_backend
@@ -44,17 +45,17 @@ def cell(verdict, reason=""):
     return {"family": "article", "optimizer": "sgd", "backend": "torch", "dtype": "float32",
             "mode": "eager", "scenario": "gaussian", "verdict": verdict,
             "first_divergent_step": "", "divergent_state": "",
-            "magnitude": check.magnitude(verdict, None), "reason": reason}
+            "magnitude": baseline.magnitude(verdict, None), "reason": reason}
 
 
 def test_n_a_is_its_own_class_in_check_and_not_a_change_in_keras():
-    assert check.magnitude("n/a", None) == "n/a"
-    assert check.compare_cells([cell("n/a", "a")], [cell("n/a", "b")]) == []
+    assert baseline.magnitude("n/a", None) == "n/a"
+    assert baseline.compare_cells([cell("n/a", "a")], [cell("n/a", "b")]) == []
     for before, after in (("n/a", "match"), ("match", "n/a")):
-        changes = check.compare_cells([cell(before)], [cell(after)])
+        changes = baseline.compare_cells([cell(before)], [cell(after)])
         assert [c.what for c in changes] == ["verdict"] and changes[0].fails
         assert check.unverified(changes[0])  # the harness changed, not Keras: exit 2
-    changes = check.compare_cells([cell("match")], [cell("mismatch")])
+    changes = baseline.compare_cells([cell("match")], [cell("mismatch")])
     assert not check.unverified(changes[0])
 
 

@@ -13,10 +13,10 @@ import pytest
 
 import reference
 from reference import PRECISIONS, Arithmetic, schedules
-from verify.cli import installed_backends
 from verify.compare import TOLERANCE, element_errors
 from verify.configurations import CONFIGURATIONS
-from verify.workers import pinned_environment
+from verify.processes import pinned_environment
+from verify.selection import installed_backends
 
 # every step of the first 40 (the warmups, pieces, cycles and first restarts), then
 # every 11th up to 1000 (later restarts and cycles, the ends of the decays) and the

@@ -9,8 +9,8 @@ import pytest
 
 import check_edits
 from conftest import fast_backend, make_selection, run_selection
-from verify import cli
-from verify.resume_mode import ResumeRun, interruptions
+from verify import cli, selection
+from verify.worker.resume import ResumeRun, interruptions
 
 STEPS = 30
 K1, K2 = interruptions(STEPS)
@@ -51,10 +51,10 @@ def test_the_stream_is_each_process_s_own_segment():
 
 def test_resume_is_a_mode_not_in_the_default_run():
     args = cli.build_parser().parse_args(["--optimizer", "adam", "--mode", "resume",
-                                          "--backend", cli.installed_backends()[0]])
+                                          "--backend", selection.installed_backends()[0]])
     assert cli.selection_from_args(args)[0].modes == ["resume"]
     args = cli.build_parser().parse_args(["--optimizer", "adam", "--backend",
-                                          cli.installed_backends()[0]])
+                                          selection.installed_backends()[0]])
     assert "resume" not in cli.selection_from_args(args)[0].modes
 
 

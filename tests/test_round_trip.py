@@ -8,7 +8,7 @@ import pytest
 import check_edits
 from conftest import fast_backend, make_selection
 from verify.configurations import CONFIGURATIONS, EXCLUDE
-from verify.report import Sink
+from verify.report.tables import Sink
 from verify.runner import Runner
 
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from verify.worker import _state_layout
+from verify.worker.run import _state_layout
 
 
 def var(name, shape=(3,), path=None):

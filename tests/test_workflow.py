@@ -17,7 +17,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from conftest import ROOT
-from verify.cli import BACKENDS
+from verify.selection import BACKENDS
 
 WORKFLOW = ROOT / ".github" / "workflows" / "verify.yml"
 

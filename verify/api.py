@@ -12,7 +12,7 @@ through them.
     result.rows[["optimizer", "backend", "verdict"]]
     result.write("reports/mine")
 
-Bad input raises `verify.cli.UsageError` (a ValueError) before anything runs;
+Bad input raises `verify.selection.UsageError` (a ValueError) before anything runs;
 `configurations.ConfigError` (also a ValueError) for a bad configuration.
 """
 
@@ -28,16 +28,16 @@ import pandas as pd
 
 import reference
 from verify import scenarios as scenario_module
-from verify.cli import (DEFAULT_DTYPES, DEFAULT_MODES, DEFAULT_SIZE, DEFAULT_STEPS, DTYPES,
-                        FORMATS, FULL_SIZE, FULL_STEPS,
-                        MAX_GRADIENT_BYTES, MODES, UsageError, check_has_runs, choices, check_run_size,
-                        chosen_backends, parse_shard, report_order, settings_of, timing_of,
-                        write_shard_file)
 from verify.configurations import (CONFIGURATIONS, EXCLUDE, ConfigError, Configuration, from_keras,
                                    user_selection)
 from verify.output import check_folder, replacing_folder
-from verify.report import Sink
+from verify.report.tables import Sink
 from verify.runner import Runner, Selection
+from verify.selection import (DEFAULT_DTYPES, DEFAULT_MODES, DEFAULT_SIZE, DEFAULT_STEPS, DTYPES,
+                              FORMATS, FULL_SIZE, FULL_STEPS, MAX_GRADIENT_BYTES, MODES,
+                              UsageError, check_has_runs, check_run_size, choices,
+                              chosen_backends, parse_shard, report_order, settings_of, timing_of,
+                              write_shard_file)
 
 
 @dataclass

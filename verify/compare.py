@@ -20,7 +20,7 @@ Two comparisons share one stream of Keras states:
   free-run  the reference runs on its own from the same start; the distance of
             its weights from Keras's is reported as drift, not judged.
 
-Low precision (float16, bfloat16 and the mixed policies, verify/dtypes.py): the
+Low precision (float16, bfloat16 and the mixed policies, verify/worker/dtypes.py): the
 keras family's comparison also runs the same rule in float64, each step from
 Keras's own previous state (cast up exactly) with the scenario's float64
 gradients (in float32, the weights' dtype, under a mixed policy), and names where the low dtype changes the math qualitatively
@@ -46,7 +46,7 @@ import numpy as np
 
 from reference import Arithmetic, Unsupported
 from reference.arithmetic import numpy_dtype
-from verify import dtypes
+from verify.worker import dtypes
 
 TOLERANCE = 16.0
 # a rule that overflows or divides by zero gives the IEEE result (inf, NaN), which is
@@ -337,7 +337,7 @@ class RunComparison:
         # (a peer library's factored moments), is compared where it keeps it; the
         # rest continues the reference's own chain and is not compared
         self.partial = {}
-        self.run_dtype = dtype  # a dtype or a mixed policy (verify/dtypes.py)
+        self.run_dtype = dtype  # a dtype or a mixed policy (verify/worker/dtypes.py)
         self.dtype = numpy_dtype(dtypes.variables(dtype))
         self.segments = segments  # the variables, grouped by scenario
         # each state's arrays laid end to end in the variables' order (None: optimizer-wide)

@@ -41,7 +41,7 @@ ENVELOPE = ("module", "registered_name")
 # at the only value that means the same optimizer in Keras 3
 DROPPED = {"is_legacy_optimizer": False}
 EXCLUDE = "exclude_from_weight_decay"
-# a plain callable learning rate (verify/worker.py builds it; reference/schedules.py)
+# a plain callable learning rate (verify/worker/run.py builds it; reference/schedules.py)
 CALLABLE = "callable"
 
 

@@ -25,8 +25,10 @@ from pathlib import Path
 import numpy as np
 
 import reference
-from verify import compare, configurations, dtypes, fit_mode, scenarios, workers
-from verify.protocol import read_message
+from verify import compare, configurations, processes, scenarios
+from verify.worker import dtypes
+from verify.worker.gradients import gradient_digest, intended
+from verify.worker.messages import read_message
 
 CHUNK = 50
 EXIT_SECONDS = 60  # a worker's exit after its stream ends
@@ -151,8 +153,8 @@ class Runner:
             self.segments[names] = compare.Segments(paths, shapes, groups, len(names), labels)
             self.all_gradients[names] = np.concatenate(
                 [sel.gradients[n].reshape(len(sel.gradients[n]), -1) for n in names], axis=1)
-        self.environment = {"backends": {}, "pinned": workers.pinned_description(),
-                            "user_settings_not_used": workers.overridden_user_settings()}
+        self.environment = {"backends": {}, "pinned": processes.pinned_description(),
+                            "user_settings_not_used": processes.overridden_user_settings()}
         self._lock = threading.Lock()  # the sink and progress, shared by the diff threads
         # where the time goes (seconds): per worker process, and in this process
         self.timing = {"workers": [], "receive_cpu": 0.0, "diff_cpu": 0.0}
@@ -198,13 +200,13 @@ class Runner:
                 self._pump(started)
             finally:  # an interrupt or a failure: no worker outlives the run
                 for w in started:
-                    workers.stop(w["proc"])
+                    processes.stop(w["proc"])
                     w["log"].close()
 
     def _start_worker(self, backend, x64, job_path, tmp, index, specs):
-        env = workers.pinned_environment(backend, tmp / f"keras-home-{index}", x64=x64)
+        env = processes.pinned_environment(backend, tmp / f"keras-home-{index}", x64=x64)
         log_path = tmp / f"worker-{index}.log"
-        proc, log = workers.start("verify.worker", job_path, log_path, env, self.sel.python)
+        proc, log = processes.start("verify.worker", job_path, log_path, env, self.sel.python)
         return {"proc": proc, "log": log, "log_path": log_path, "backend": backend,
                 "runs": [s["id"] for s in specs]}
 
@@ -255,13 +257,13 @@ class Runner:
                 if msg is None:
                     open_workers -= 1
                     if "torn" in w:  # nobody reads its stream: it would block writing
-                        workers.stop(w["proc"])
+                        processes.stop(w["proc"])
                     try:
                         w["proc"].wait(timeout=EXIT_SECONDS)
                     except subprocess.TimeoutExpired:
-                        workers.stop(w["proc"])
+                        processes.stop(w["proc"])
                     w["log"].close()
-                    reason = workers.death_reason(w["proc"].returncode, w["log_path"])
+                    reason = processes.death_reason(w["proc"].returncode, w["log_path"])
                     for run_id in w["runs"]:
                         if run_id not in done:
                             failed(run_id, f"{w['backend']} worker failed: {reason}")
@@ -338,7 +340,6 @@ class Runner:
 
     def _digest(self, run_id, start, k) -> str:
         """The digest of steps start..start+k-1 as the worker computes it."""
-        from verify.worker import gradient_digest
         digest = gradient_digest()
         run = self.runs[run_id]
         rows = dtypes.gradients(self.all_gradients[run.scenarios][start - 1:start - 1 + k],
@@ -369,8 +370,8 @@ class Runner:
         run = self.runs[run_id]
         keras_states = [n for n in states if n != "variable"]
         gradients = self.all_gradients[run.scenarios]
-        if run.mode == fit_mode.MODE:  # apply receives them times the trainer's loss scale
-            gradients = fit_mode.intended(gradients, run.configuration.config, run.dtype)
+        if run.mode == "fit":  # apply receives them times the trainer's loss scale
+            gradients = intended(gradients, run.configuration.config, run.dtype)
         c, reason = compare.build(family, reference.get_rule, run.configuration, run.dtype,
                                   reference.PRECISIONS[run.backend], self.segments[run.scenarios],
                                   gradients, keras_states)
@@ -400,7 +401,7 @@ class Runner:
                 c.notes[s].extend(notes)
 
     def _unfinalised(self, run_id, family, found, active):
-        """Weights fit left other than finalize_variable_values writes (fit_mode)."""
+        """Weights fit left other than finalize_variable_values writes (verify/worker/fit.py)."""
         c = active[run_id, family]
         if isinstance(c, compare.RunComparison) and not c.error:
             for f in found:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from reference.arithmetic import finfo, numpy_dtype
-from verify.dtypes import compute
+from verify.worker.dtypes import compute
 
 DESCRIPTIONS = {
     "gaussian": "independent N(0, 1) entries",

@@ -25,7 +25,7 @@ which counts the steps not skipped.
 
 The scenario's gradient, for this class, is the gradient of the unscaled
 loss.  The trainer differentiates `scale_loss(loss)` = loss * dynamic_scale,
-so `apply` receives g * scale: the worker (verify/worker.py) plays that part
+so `apply` receives g * scale: the worker (verify/worker/run.py) plays that part
 with the scale after the previous step, a numpy product in the working
 dtype, and `step` below forms the same product.  With a power-of-two scale
 and no overflow the inner optimizer sees the scenario's gradient itself.

@@ -15,10 +15,11 @@ import time
 import numpy as np
 from tabulate import tabulate
 
-from verify.cli import UsageError, choices, Parser, chosen_backends, claim_output, one_line
+from verify.cli import Parser, claim_output, one_line
 from verify.configurations import CONFIGURATIONS
-from verify.output import replacing_folder
 from verify.convergence.article import ARTICLE_EPOCHS
+from verify.output import replacing_folder
+from verify.selection import UsageError, choices, chosen_backends
 
 MAX_EPOCHS, MAX_SEEDS = 100_000, 1000  # beyond these a run would not end or not fit
 

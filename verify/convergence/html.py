@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from html import escape
 
-from verify import htmlkit
 from verify.convergence import tables
+from verify.report import htmlkit
 
 STYLE = """
 td.holds { background: #d9f2d9; } td.some { background: #fff2cc; }

@@ -177,7 +177,7 @@ class _EpochCallback(keras.callbacks.Callback):
 def built(optimizer_config: dict):
     """The optimizer of a configuration dict as the verification's workers build it
     (from its class; a serialized schedule deserialized)."""
-    from verify.worker import build_optimizer
+    from verify.worker.run import build_optimizer
 
     config = copy.deepcopy(optimizer_config)
     return build_optimizer(keras, config["class_name"], config.get("config", {}))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from verify.convergence.claims import NEAR_ZERO
-from verify.figures import plt, png  # Agg, deterministic PNG
+from verify.report.figures import plt, png  # Agg, deterministic PNG
 
 
 def configuration_figure(config_id: str, description: str, losses: dict, keras_version: str

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from verify import workers
+from verify import processes
 from verify.convergence.worker import THREAD_ENV
 
 class WorkerError(RuntimeError):
@@ -18,9 +18,9 @@ class WorkerError(RuntimeError):
 
 
 def _start(backend, job_path, log_path, python):
-    env = workers.pinned_environment(backend, log_path.with_name(f"keras-home-{backend}"),
+    env = processes.pinned_environment(backend, log_path.with_name(f"keras-home-{backend}"),
                                      extra=THREAD_ENV)
-    return workers.start("verify.convergence.worker", job_path, log_path, env, python)
+    return processes.start("verify.convergence.worker", job_path, log_path, env, python)
 
 
 def run(backends, runs, seeds, work: Path, *, progress=None, python=sys.executable):
@@ -69,13 +69,13 @@ def run(backends, runs, seeds, work: Path, *, progress=None, python=sys.executab
             proc.wait()
             log.close()
             if proc.returncode and backend not in errors:
-                errors[backend] = workers.death_reason(proc.returncode,
+                errors[backend] = processes.death_reason(proc.returncode,
                                                        work / f"worker-{backend}.log")
         if errors:
             raise WorkerError("; ".join(f"{b} worker failed: {r}" for b, r in errors.items()))
     finally:
         for _, proc, log in started:
-            workers.stop(proc)
+            processes.stop(proc)
             log.close()
     curves = {b: {} for b in backends}
     for b in backends:

@@ -53,7 +53,7 @@ def main(job_path: str) -> int:
         import keras
 
         from verify.convergence import model
-        from verify.workers import check_pinned
+        from verify.worker.pinned import check_pinned
 
         _say(event="hello", **_versions(keras), keras_config=check_pinned(keras))
         output = Path(job["output"])

@@ -24,23 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import reference
-from reference.arithmetic import PRECISIONS, Precision
 
 CLASSES_FILE = Path(__file__).with_name("classes.toml")
 WRAPPERS_FILE = Path(__file__).with_name("wrappers.toml")
 CONFIGURATIONS_FILE = Path(__file__).with_name("configurations.toml")
 # library -> the name of its process in reports (the runner's "backend")
 LIBRARIES = {"torch": "torch.optim", "optax": "optax"}
-BACKEND_LIBRARY = {b: lib for lib, b in LIBRARIES.items()}
 ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-
-# A peer rounds nowhere beyond the working dtype: a Python-float hyperparameter
-# meets a tensor in the tensor's dtype (torch's wrapped scalars, JAX's weak types),
-# and the learning rate is a Python float, not Keras's float32 variable.  XLA on CPU
-# flushes subnormals (as in the harness's jax setting); torch's CPU kernels do not.
-for _backend, _flush in (("torch.optim", False), ("optax", True)):
-    PRECISIONS.setdefault(_backend, Precision(_backend, learning_rate_float32=False,
-                                              flushes_subnormals=_flush))
 
 
 class PeerError(ValueError):
@@ -56,7 +46,6 @@ def _load_classes(path: Path = CLASSES_FILE) -> dict:
 
 CLASSES = _load_classes()
 WRAPPERS = _load_classes(WRAPPERS_FILE)
-STAGES = ("accumulate", "clip", "decay", "others", "schedule", "ema")
 
 
 @dataclass(frozen=True)

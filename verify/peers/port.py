@@ -220,7 +220,7 @@ def build_parser():
 
 def _subjects(args, library):
     """[(subject text, [candidates], {peer class: why blocked}, Keras class)]."""
-    from verify.cli import UsageError
+    from verify.selection import UsageError
 
     out = []
     if args.to:
@@ -244,7 +244,8 @@ def _subjects(args, library):
 
 
 def main(argv) -> int:
-    from verify.cli import UsageError, choices, check_run_size, claim_report_file, one_line
+    from verify.cli import claim_report_file, one_line
+    from verify.selection import UsageError, check_run_size, choices
     from verify.output import replace_file
 
     args = build_parser().parse_args(argv)

@@ -28,7 +28,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from reference import PRECISIONS, SPACES, name_of, register_variants
-from verify import compare, peers, scenarios, workers
+from verify import compare, peers, processes, scenarios
 from verify.runner import Runner, Selection
 
 EXPLANATIONS_FILE = Path(__file__).with_name("explanations.toml")
@@ -49,9 +49,9 @@ class PeerRunner(Runner):
         for spec in job["runs"]:
             spec["peer"] = self.runs[spec["id"]].configuration.peer_spec()
         job_path.write_text(json.dumps(job))
-        env = workers.pinned_environment(backend, tmp / f"keras-home-{index}")
+        env = processes.pinned_environment(backend, tmp / f"keras-home-{index}")
         log_path = tmp / f"worker-{index}.log"
-        proc, log = workers.start("verify.peers.worker", job_path, log_path, env,
+        proc, log = processes.start("verify.peers.worker", job_path, log_path, env,
                                   self.sel.python)
         return {"proc": proc, "log": log, "log_path": log_path, "backend": backend,
                 "runs": [s["id"] for s in specs]}
@@ -62,7 +62,7 @@ class PeerRunner(Runner):
 
 def run_peers(configurations, dtypes, names, steps, size, seed):
     """(variants per configuration id, the rows as a DataFrame, environment)."""
-    from verify.report import Sink
+    from verify.report.tables import Sink
 
     variants = {c.id: register_variants(SPACES[c.class_name]) for c in configurations}
     families = list(dict.fromkeys(["keras", "textbook"]
@@ -254,7 +254,8 @@ def build_parser():
 
 
 def main(argv) -> int:
-    from verify.cli import UsageError, choices, check_run_size, claim_report_file, one_line
+    from verify.cli import claim_report_file, one_line
+    from verify.selection import UsageError, check_run_size, choices
     from verify.output import replace_file
 
     args = build_parser().parse_args(argv)

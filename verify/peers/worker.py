@@ -1,5 +1,5 @@
 """Peer worker: runs torch.optim or optax optimizers, without Keras, and streams their
-states in the Keras worker's protocol (verify/worker.py), under Keras's slot names.
+states in the Keras worker's protocol (verify/worker/messages.py), under Keras's slot names.
 
 Started as `python -m verify.peers.worker JOB.json` by verify/peers/run.py, one
 process per library and dtype (JAX's x64 is set from the dtype before JAX is
@@ -27,8 +27,8 @@ import traceback
 import numpy as np
 
 import reference.schedules
-from verify.protocol import peak_memory_mb, write_message
-from verify.worker import gradient_digest
+from verify.worker.gradients import gradient_digest
+from verify.worker.messages import peak_memory_mb, write_message
 
 
 def _places(spec):

@@ -20,6 +20,9 @@ from reference.arithmetic import numpy_dtype
 
 
 BITS = {"bfloat16": np.uint16}  # dtypes sent as their bits
+# A run_error's reason for a class the installed Keras lacks is "unsupported: ...";
+# matrix marks such a release's cell with the word alone.
+UNSUPPORTED = "unsupported"
 
 
 def write_message(stream, header: dict, arrays: dict | None = None) -> None:

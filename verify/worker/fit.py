@@ -39,11 +39,10 @@ import time
 
 import numpy as np
 
-from verify.protocol import write_message
-from verify.worker import (Run, _json_safe, computed_dtypes, gradient_digest,
-                           iteration_variable)
+from verify.worker.gradients import gradient_digest, intended, scale_factor
+from verify.worker.messages import write_message
+from verify.worker.run import Run, _json_safe, computed_dtypes, iteration_variable
 
-MODE = "fit"
 # Prime to gradient_accumulation_steps (4) and ema_overwrite_frequency (10) of the
 # shipped configurations, so that executions straddle their update and overwrite steps.
 STEPS_PER_EXECUTION = 3
@@ -51,23 +50,6 @@ STEPS_PER_EXECUTION = 3
 
 class FitCheckFailed(RuntimeError):
     """What fit applied or left is not what the harness intended."""
-
-
-def scale_factor(config: dict):
-    """The `loss_scale_factor` the trainer's `scale_loss` multiplies the loss by
-    (a LossScaleOptimizer's own scale is its state, handled by its reference)."""
-    return config.get("loss_scale_factor")
-
-
-def intended(gradients: np.ndarray, config: dict, dtype) -> np.ndarray:
-    """The gradient `apply` receives in fit for scenario gradients [steps, N]:
-    g * loss_scale_factor in the working dtype (IEEE, as the trainer's product),
-    else g itself.  The comparison of a fit run feeds its reference these."""
-    factor = scale_factor(config)
-    if factor is None:
-        return gradients
-    with np.errstate(over="ignore", invalid="ignore"):
-        return np.asarray(gradients, dtype=dtype) * np.asarray(factor, dtype=dtype)
 
 
 def steps_per_execution(backend: str) -> int:

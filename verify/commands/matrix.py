@@ -12,7 +12,7 @@ for every column.
 A release that cannot be installed, or that cannot be imported with a backend,
 is a column (or the backend's cells of a column) marked `unsupported` with the
 reason; the matrix goes on.  Cells are classed as in `verify-optimizers check`
-(verify/check.py), and every cell whose class differs between consecutive
+(verify/commands/baseline.py), and every cell whose class differs between consecutive
 releases is listed.
 """
 
@@ -31,17 +31,19 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
-from verify import api, check, compare, html_report, worker
-from verify.cli import (UsageError, interruptible, selection_from_args, selection_parser,
-                        settings_of)
+from verify import api, compare
+from verify.cli import interruptible, selection_from_args, selection_parser
+from verify.commands import baseline
 from verify.configurations import CONFIGURATIONS
 from verify.output import MARKER, OutputRefused, add_files, check_folder, write_marker
-from verify.report import records
+from verify.report import html as html_report
+from verify.report.tables import records
 from verify.runner import distinct
+from verify.selection import UsageError, listed, settings_of
+from verify.worker.messages import UNSUPPORTED
 
 DEFAULT_OUTPUT = "reports/matrix"
 DEFAULT_WORK = str(Path.home() / ".cache" / "verify-optimizers" / "matrix")
-UNSUPPORTED = "unsupported"
 
 
 def _parser():
@@ -124,7 +126,7 @@ def cell_text(c: dict) -> str:
     if c["verdict"] == "mismatch":
         text = f"mismatch@{c['first_divergent_step']} {c['divergent_state']} {c['magnitude']}"
     elif c["verdict"] == "error":  # a class this release does not have is not an error
-        return UNSUPPORTED if c["reason"].startswith(worker.UNSUPPORTED) else "error"
+        return UNSUPPORTED if c["reason"].startswith(f"{UNSUPPORTED}: ") else "error"
     else:
         text = c["verdict"]
     return text + (" (+states)" if c["reason"] else "")
@@ -136,7 +138,7 @@ def consecutive_changes(columns: dict, versions: list) -> list:
     ran = [v for v in versions if columns.get(v) is not None]
     for a, b in zip(ran, ran[1:]):
         both = [k for k, c in columns[a].items() if c is not None and columns[b].get(k)]
-        out += [(a, b, change) for change in check.compare_cells(
+        out += [(a, b, change) for change in baseline.compare_cells(
             [columns[a][k] for k in both], [columns[b][k] for k in both], strict=True)]
     return out
 
@@ -145,10 +147,10 @@ def write_report(output: Path, settings: dict, versions: list, releases: dict, c
                  cells: list, work: Path | None = None) -> None:
     """matrix.md, matrix.csv, releases.json and matrix.html (its figures read the
     per-release runs under `work`, as main() keeps them)."""
-    keyed = [tuple(c[f] for f in check.CELL) for c in cells]
+    keyed = [tuple(c[f] for f in baseline.CELL) for c in cells]
     table = []
     for k in keyed:
-        row = dict(zip(check.CELL, k))
+        row = dict(zip(baseline.CELL, k))
         for v in versions:
             col = columns.get(v)
             if col is None:
@@ -157,7 +159,7 @@ def write_report(output: Path, settings: dict, versions: list, releases: dict, c
                 c = col.get(k)
                 row[v] = UNSUPPORTED if c is None else cell_text(c)
         table.append(row)
-    df = pd.DataFrame(table, columns=list(check.CELL) + versions)
+    df = pd.DataFrame(table, columns=list(baseline.CELL) + versions)
     changes = consecutive_changes(columns, versions)
     worst = _worst(df, versions)
     runs = {v: [work / "runs" / v / "all"] + [work / "runs" / v / o
@@ -169,7 +171,7 @@ def write_report(output: Path, settings: dict, versions: list, releases: dict, c
                                     sort_keys=True) + "\n",
         "matrix.md": _markdown(settings, versions, releases, worst, changes, df),
         "matrix.html": html_report.render_matrix(settings, versions, releases, worst, changes,
-                                                 check.describe, runs)}, "matrix")
+                                                 baseline.describe, runs)}, "matrix")
 
 
 def _worst(df, versions) -> list:
@@ -213,7 +215,7 @@ def _markdown(settings, versions, releases, worst, changes, df) -> str:
         groups = {}
         for a, b, ch in changes:
             key = (a, b, ch.cell["family"], ch.cell["optimizer"], ch.cell["backend"],
-                   check.describe(ch.before), check.describe(ch.after), ch.what)
+                   baseline.describe(ch.before), baseline.describe(ch.after), ch.what)
             groups.setdefault(key, []).append(ch.cell)
         rows = []
         for key, members in groups.items():
@@ -225,15 +227,15 @@ def _markdown(settings, versions, releases, worst, changes, df) -> str:
         lines += [tabulate(rows, headers=["releases", "family", "optimizer", "backend",
                                           "cells", "n", "before", "after", "changed"],
                            tablefmt="github", disable_numparse=True), ""]
-        changed = {tuple(ch.cell[f] for f in check.CELL) for _, _, ch in changes}
-        marks = {(tuple(ch.cell[f] for f in check.CELL), b) for _, b, ch in changes}
+        changed = {tuple(ch.cell[f] for f in baseline.CELL) for _, _, ch in changes}
+        marks = {(tuple(ch.cell[f] for f in baseline.CELL), b) for _, b, ch in changes}
         detail = []
         for r in df.itertuples(index=False):
-            k = tuple(getattr(r, f) for f in check.CELL)
+            k = tuple(getattr(r, f) for f in baseline.CELL)
             if k in changed:
-                detail.append([check.cell_id(dict(zip(check.CELL, k)))]
+                detail.append([baseline.cell_id(dict(zip(baseline.CELL, k)))]
                               + [f"**{x}**" if (k, v) in marks else x
-                                 for v, x in zip(versions, r[len(check.CELL):])])
+                                 for v, x in zip(versions, r[len(baseline.CELL):])])
         lines += ["### Changed cells", "", "Bold: differs from the previous release.", "",
                   tabulate(detail, headers=["cell"] + versions, tablefmt="github",
                            disable_numparse=True), ""]
@@ -243,7 +245,7 @@ def _markdown(settings, versions, releases, worst, changes, df) -> str:
 
 
 # --- one release's run: a child process ------------------------------------------
-# Each release's selection runs in a child process (`python -m verify.matrix`),
+# Each release's selection runs in a child process (`python -m verify.commands.matrix`),
 # so that a harness failure on an unexpected release ends that child, not the
 # matrix.  The child's interface is this and nothing else:
 #   stdin   one JSON request: "selection", the keyword arguments of api.selection
@@ -252,7 +254,7 @@ def _markdown(settings, versions, releases, worst, changes, df) -> str:
 #           "output", the run's report folder; "harness", harness_fingerprint().
 #   output  the run's report (json and csv: matrix.html's figures read its
 #           steps/), holding RESULT: {"request": the request, "environment": the
-#           run's environment block, "cells": its cells as check.cell_class gives
+#           run's environment block, "cells": its cells as baseline.cell_class gives
 #           them, "wall_seconds": how long the run took}.  The parent reads RESULT
 #           only; a RESULT of the same request is reused (an interrupted matrix goes
 #           on where it stopped), with the time of the run that made it.
@@ -278,7 +280,7 @@ def run_release(request: dict) -> None:
     started = time.perf_counter()
 
     def finish(folder, result):
-        cells = [check.cell_class(r) for r in records(result.rows)]
+        cells = [baseline.cell_class(r) for r in records(result.rows)]
         (folder / RESULT).write_text(json.dumps(
             {"request": request, "environment": result.environment, "cells": cells,
              "wall_seconds": round(time.perf_counter() - started)},
@@ -290,7 +292,7 @@ def run_release(request: dict) -> None:
 def harness_fingerprint() -> str:
     """sha256 of the harness's own sources (verify/, reference/): a finished run is
     reused only if the code that produced it is the code running now."""
-    root = Path(__file__).parent.parent
+    root = Path(__file__).parents[2]
     digest = hashlib.sha256()
     for path in sorted(p for package in ("verify", "reference")
                        for p in (root / package).rglob("*")
@@ -318,9 +320,10 @@ def _child_result(python, output, selection) -> tuple:
             return done, None
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    child = subprocess.Popen([sys.executable, "-m", "verify.matrix"], stdin=subprocess.PIPE,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             cwd=str(Path(__file__).parent.parent))
+    child = subprocess.Popen([sys.executable, "-m", "verify.commands.matrix"],
+                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True,
+                             cwd=str(Path(__file__).parents[2]))
     try:
         _, stderr = child.communicate(json.dumps(request))
     except BaseException:  # interrupted: the child stops its workers and cleans up
@@ -343,8 +346,8 @@ def run_columns(sel, python, out: Path) -> tuple:
     The whole selection runs first in one child (out/all).  If that child fails,
     each configuration runs again in a child of its own (out/<id>), so that one
     configuration the harness cannot run on this release does not take the others
-    with it.  `cells` maps each cell key (its values of check.CELL) to its baseline
-    columns (check.cell_class); the cells of a configuration that failed on its own
+    with it.  `cells` maps each cell key (its values of baseline.CELL) to its baseline
+    columns (baseline.cell_class); the cells of a configuration that failed on its own
     are `error` cells with the child's reason.  `environment` is the environment
     block of the last child that succeeded ({} when none did).  `failed`
     maps the id of each configuration that failed on its own to that reason.
@@ -364,11 +367,11 @@ def run_columns(sel, python, out: Path) -> tuple:
     for result in done:
         environment = result["environment"]
         for c in result["cells"]:
-            cells[tuple(c[f] for f in check.CELL)] = c
+            cells[tuple(c[f] for f in baseline.CELL)] = c
     for opt, why in failed.items():
         for combo in itertools.product(sel.families, [opt], sel.backends, sel.dtypes, sel.modes,
                                        sel.scenarios):
-            c = {**dict(zip(check.CELL, combo)), "verdict": "error", "first_divergent_step": "",
+            c = {**dict(zip(baseline.CELL, combo)), "verdict": "error", "first_divergent_step": "",
                  "divergent_state": "", "magnitude": "error", "reason": why}
             cells[combo] = c
     return cells, environment, failed, round(seconds)
@@ -376,7 +379,7 @@ def run_columns(sel, python, out: Path) -> tuple:
 
 def main(argv) -> int:
     args = _parser().parse_args(list(argv))
-    versions = check._names(args.keras)
+    versions = listed(args.keras)
     if not versions:
         raise UsageError("--keras needs at least one release")
     if args.gradients:
@@ -431,8 +434,8 @@ def main(argv) -> int:
     if all(c is None for c in columns.values()):
         raise UsageError("no release could run: " + "; ".join(
             f"{v}: {r['reason']}" for v, r in releases.items()))
-    cells = [c for c in (dict(zip(check.CELL, k)) for k in itertools.product(
-        *(settings[check.LISTS[f]] for f in check.CELL)))
+    cells = [c for c in (dict(zip(baseline.CELL, k)) for k in itertools.product(
+        *(settings[baseline.LISTS[f]] for f in baseline.CELL)))
         if distinct(c["backend"], c["mode"])]  # torch's compiled run is its eager one
     write_report(Path(args.output), settings, versions, releases, columns, cells, work)
     n = len(consecutive_changes(columns, versions))

@@ -3,7 +3,7 @@
 
 divergence_figure draws comparisons step by step: per row, the lockstep
 scaled error on a log axis with the tolerance line, and beside it the
-free-run drift (lines: verify.html_report.Trace, already reduced to bins).
+free-run drift (lines: verify.report.html.Trace, already reduced to bins).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def png(fig, dpi=DPI) -> bytes:
 
 @dataclass
 class Line:
-    trace: object                    # verify.html_report.Trace
+    trace: object                    # verify.report.html.Trace
     color: int                       # index into PALETTE
     style: str = "-"                 # matplotlib linestyle
     reference_step: int | None = None  # marked by a vertical dotted line (the baseline's step)

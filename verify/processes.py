@@ -19,11 +19,10 @@ import signal
 import subprocess
 from pathlib import Path
 
+from verify.worker.pinned import PINNED_KERAS_CONFIG
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# Keras's defaults (keras/src/backend/config.py)
-PINNED_KERAS_CONFIG = {"floatx": "float32", "epsilon": 1e-07,
-                       "image_data_format": "channels_last", "nnx_enabled": False}
 UNSET = ("KERAS_HOME", "KERAS_NNX_ENABLED", "KERAS_MAX_EPOCHS", "KERAS_MAX_STEPS_PER_EPOCH",
          "XLA_FLAGS", "JAX_DEFAULT_MATMUL_PRECISION", "JAX_DEFAULT_DTYPE_BITS",
          "JAX_NUMPY_DTYPE_PROMOTION", "JAX_ENABLE_X64", "TF_ENABLE_ONEDNN_OPTS")
@@ -78,18 +77,6 @@ def pinned_description() -> dict:
             "KERAS_HOME": "a fresh folder per worker, removed after the run",
             "home and caches": ", ".join(sorted(CACHES)) + " point into that folder",
             "unset": [n for n in UNSET if n != "KERAS_HOME"]}
-
-
-def check_pinned(keras) -> dict:
-    """In a worker: the Keras config it runs with; raises if it is not the pinned one."""
-    seen = {"floatx": keras.config.floatx(), "epsilon": keras.config.epsilon(),
-            "image_data_format": keras.config.image_data_format(),
-            "backend": keras.backend.backend()}
-    for key in ("floatx", "epsilon", "image_data_format"):
-        if seen[key] != PINNED_KERAS_CONFIG[key]:
-            raise RuntimeError(f"Keras runs with {key}={seen[key]!r}, not the pinned "
-                               f"{PINNED_KERAS_CONFIG[key]!r}")
-    return seen
 
 
 def start(module: str, job_path: Path, log_path: Path, env: dict, python: str):

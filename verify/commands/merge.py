@@ -19,12 +19,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from verify.cli import UsageError, Parser, claim_output, conclude, report_order
+from verify.cli import Parser, claim_output, conclude
 from verify.output import replacing_folder
-from verify.report import ROW_FIELDS, Sink, steps_path
+from verify.report.findings import CELL, steps_path
+from verify.report.tables import ROW_FIELDS, Sink
 from verify.runner import distinct
+from verify.selection import UsageError, report_order
 
-CELL = ("family", "optimizer", "backend", "dtype", "mode", "scenario")
 LISTS = ("families", "optimizers", "backends", "dtypes", "modes", "scenarios")
 # row fields the JSON report writes as "inf"/"-inf" when infinite
 NUMBERS = ("keras_value", "reference_value", "error_bound", "max_abs_error", "max_rel_error",

@@ -1,9 +1,4 @@
-"""Backend worker: runs real Keras optimizers and streams their state.
-
-Started as `python -m verify.worker JOB.json` with KERAS_BACKEND set (the
-backend is fixed when keras is imported, hence one process per backend).  It
-writes protocol messages to its standard output; anything else printed while
-it runs goes to standard error.
+"""The worker's runs of real Keras optimizers (the process: verify/worker/__main__.py).
 
 For every run it builds the optimizer from its Keras config dict on the
 weights of every scenario (verify/scenarios.py: several ranks, each a Keras
@@ -14,29 +9,17 @@ them in chunks of steps.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import sys
 import time
 import traceback
 
 import numpy as np
 
 from reference.arithmetic import numpy_dtype
-from verify import dtypes
-from verify.protocol import peak_memory_mb, write_message
-
-MODES = ("eager", "compiled", "jit", "fit", "resume")
-
-
-def _probe_float64(keras) -> bool:
-    """Does this process compute float64 in float64? (JAX needs x64.)"""
-    from keras import ops
-    one = ops.ones((), dtype="float64")
-    tiny = ops.convert_to_tensor(np.float64(2.0 ** -40), dtype="float64")
-    return float(ops.convert_to_numpy(ops.add(one, tiny))) == 1.0 + 2.0 ** -40
-
+from verify.worker import dtypes
+from verify.worker.gradients import gradient_digest
+from verify.worker.messages import write_message
 
 def _state_layout(optimizer, variables):
     """Map every optimizer variable to (variable index or None, state name).
@@ -120,9 +103,6 @@ def _inner_layouts(multi, variables):
 
 class ClassMissing(ValueError):
     """The installed Keras has no such optimizer class (an older release)."""
-
-
-UNSUPPORTED = "unsupported: "  # how a run error that is a missing class begins
 
 
 def iteration_variable(optimizer):
@@ -252,7 +232,7 @@ class Run:
     def __init__(self, keras, spec, job, gradients, initial):
         self.keras = keras
         self.spec = spec
-        # the weights' dtype; spec["dtype"] may be a mixed policy (verify/dtypes.py)
+        # the weights' dtype; spec["dtype"] may be a mixed policy (verify/worker/dtypes.py)
         self.dtype = dtypes.variables(spec["dtype"])
         self.np_dtype = numpy_dtype(self.dtype)
         self.gradients = gradients
@@ -445,12 +425,6 @@ def raised_in_keras(exc, keras) -> bool:
             and any(f.filename.startswith(keras_dir) for f in frames))
 
 
-def gradient_digest():
-    """A digest of gradients: each step's arrays in the variables' order, in the
-    working dtype, C order (the runner's rows of the same steps hash alike)."""
-    return hashlib.blake2b(digest_size=8)
-
-
 def _jit_step(backend, opt, variables):
     """The update as model.compile(jit_compile=True) runs it: the train step in
     tf.function(jit_compile=True) (XLA) on TensorFlow, torch.compile with the update
@@ -521,84 +495,3 @@ def _tf_uses_xla(keras) -> bool:
 
 def _json_safe(value):
     return json.loads(json.dumps(value, default=repr))
-
-
-def main(job_path: str) -> int:
-    with open(job_path) as f:
-        job = json.load(f)
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # stray prints from libraries must not corrupt the protocol
-    os.environ["KERAS_BACKEND"] = job["backend"]
-    if job["backend"] == "jax":
-        os.environ["JAX_ENABLE_X64"] = "1" if job.get("x64") else "0"
-    for path in reversed(job.get("python_path", [])):
-        sys.path.insert(0, path)
-    import keras
-
-    from verify.workers import check_pinned
-
-    hello = {"type": "hello", "backend": keras.backend.backend(),
-             "keras": keras.__version__, "numpy": np.__version__,
-             "python": sys.version.split()[0],
-             "float64_computes_float64": _probe_float64(keras),
-             "keras_config": check_pinned(keras)}
-    try:
-        module = __import__({"tensorflow": "tensorflow", "jax": "jax",
-                             "torch": "torch"}[job["backend"]])
-        hello["backend_version"] = module.__version__
-    except Exception:  # pragma: no cover - version only informs the report
-        hello["backend_version"] = "unknown"
-    write_message(out, hello)
-    startup = time.process_time()  # CPU from the start of the process: imports, probes
-
-    inputs = job["inputs"]
-    initial = np.load(inputs["initial"])
-    gradients = {name: np.load(path, mmap_mode="r")
-                 for name, path in inputs["scenarios"].items()}
-    build = 0.0
-    round_trips = {}  # one check per configuration and dtype, shared by the modes
-    for spec in job["runs"]:
-        try:
-            if spec["dtype"] == "float64" and not hello["float64_computes_float64"]:
-                raise RuntimeError(f"{job['backend']} computes float64 in float32 in this "
-                                   "process (JAX without x64)")
-            started = time.process_time()
-            if spec["mode"] == "fit":  # a real model.fit (verify/fit_mode.py)
-                from verify.fit_mode import FitRun as run_class
-            elif spec["mode"] == "resume":  # saved and resumed (verify/resume_mode.py)
-                from verify.resume_mode import ResumeRun as run_class
-            else:
-                run_class = Run
-            run = run_class(keras, spec, job, gradients, initial)
-            build += time.process_time() - started
-            key = (spec["class_name"], json.dumps(spec["config"], sort_keys=True), spec["dtype"],
-                   json.dumps(spec["weights"]))
-            if key not in round_trips and not job.get("floor"):
-                first = spec["scenarios"][0]
-                round_trips[key] = round_trip(
-                    keras, spec["class_name"], spec["config"], lambda: run.make_variables(first),
-                    lambda t: run._grads(t, run._gradient_arrays(t, first)), job["steps"],
-                    run.variables)
-            run.round_trip = round_trips.get(key)
-            if job.get("floor"):
-                run.floor(out, job["steps"])
-            else:
-                run.execute(out, job["steps"], job["chunk"])
-        except Exception as exc:  # reported as an `error` verdict for this run
-            for line in traceback.format_exc().splitlines():  # not taken for a fatal error
-                print(f"run {spec['id']}: {line}", file=sys.stderr)
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            if isinstance(exc, ClassMissing):
-                reason = f"{UNSUPPORTED}{exc}"
-            elif raised_in_keras(exc, keras):
-                reason = f"Keras raises {reason}"
-            write_message(out, {"type": "run_error", "id": spec["id"], "reason": reason})
-    write_message(out, {"type": "bye", "build_seconds": build, "startup_seconds": startup,
-                        "cpu_seconds": time.process_time(),
-                        "peak_rss_mb": peak_memory_mb()})
-    out.close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))

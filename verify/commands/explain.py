@@ -92,13 +92,12 @@ def run_variants(configurations, backend, names, steps, size, seed):
 
 
 def main(argv) -> int:
-    from verify import cli
-    from verify.cli import (UsageError, check_run_size, claim_report_file, installed_backends,
-                            one_line)
+    from verify.cli import claim_report_file, one_line
+    from verify.selection import UsageError, check_run_size, choices, installed_backends
     from verify.output import replace_file
 
     args = build_parser().parse_args(argv)
-    ids = (cli.choices(args.optimizer, list(CONFIGURATIONS), "optimizer")
+    ids = (choices(args.optimizer, list(CONFIGURATIONS), "optimizer")
            or [i for i, c in CONFIGURATIONS.items() if c.class_name in SPACES])
     unknown = [i for i in ids if CONFIGURATIONS[i].class_name not in SPACES]
     if unknown:
@@ -107,7 +106,7 @@ def main(argv) -> int:
     backend = args.backend or next((b for b in PREFERRED_BACKENDS if b in installed), None)
     if backend not in installed:
         raise UsageError(f"backend not installed: {backend}")
-    names = cli.choices(args.scenario, scenarios.SCENARIOS, "scenario") or list(scenarios.SCENARIOS)
+    names = choices(args.scenario, scenarios.SCENARIOS, "scenario") or list(scenarios.SCENARIOS)
     check_run_size(args.steps, args.size, len(names), args.seed)
     output = claim_report_file(args.output)
 

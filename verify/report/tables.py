@@ -18,6 +18,8 @@ from tabulate import tabulate
 import reference
 from reference.explanations import cause
 from verify import compare
+from verify.report.findings import CELL, FINDING_HEADERS, finding_groups, steps_path
+from verify.report.html import render, trace, trace_of
 from verify.scenarios import DESCRIPTIONS, WEIGHTS
 
 ROW_FIELDS = [
@@ -29,12 +31,6 @@ ROW_FIELDS = [
 ]
 EXCERPT_STEPS = 6  # steps shown around a divergence in the markdown excerpts
 STEP_ROWS = 10_000  # rows of a per-step table read at once
-
-
-def steps_path(key) -> str:
-    """A cell's per-step table in a report folder."""
-    family, optimizer, backend, dtype, mode, scenario = key
-    return f"steps/{family}/{optimizer}/{backend}-{dtype}-{mode}-{scenario}.csv.gz"
 
 
 class _Appending:
@@ -202,7 +198,6 @@ class Sink:
                     yield table
 
         if "html" in self.formats:
-            from verify.html_report import trace_of  # (it imports this module)
             self.traces[key] = trace_of(pieces(), self.settings["steps"] + 1, state, step)
         else:
             for _ in pieces():
@@ -220,7 +215,6 @@ class Sink:
                 files.append(0, table)
                 files.close()
             if self._divergences[key] is not None and "html" in self.formats:
-                from verify.html_report import trace  # (it imports this module)
                 self.traces[key] = trace(self.tables[key], *self._divergences[key])
         return self.write(environment)
 
@@ -249,7 +243,6 @@ class Sink:
             (self.out_dir / "summary.md").write_text(self.markdown(df, environment))
             (self.out_dir / "steps.md").write_text(self.steps_markdown(df))
         if "html" in self.formats:
-            from verify.html_report import render
             (self.out_dir / "report.html").write_text(
                 render(df, self.settings, self.traces, environment, self.formats))
         return df
@@ -336,7 +329,7 @@ class Sink:
                  "the elements at that step; drift is the free-run distance of the weights. "
                  "Full per-step tables for every comparison: steps/**/*.csv.gz.", ""]
         for _, r in df[df.verdict == "mismatch"].iterrows():
-            key = tuple(r[f] for f in ("family", "optimizer", "backend", "dtype", "mode", "scenario"))
+            key = tuple(r[f] for f in CELL)
             if key not in self.excerpts:
                 continue
             lines += [f"## {' / '.join(key)}", "", _table(self.excerpts[key]), ""]
@@ -371,33 +364,6 @@ def explanations(df: pd.DataFrame) -> list:
                      " In float32 it stays within rounding here: a float32 user would not "
                      "see it in this scenario.")
         out.append(text)
-    return out
-
-
-FINDING_HEADERS = ["backend", "dtype", "mismatching cells", "scenarios", "first step", "state",
-                   "max rel. error", "final drift"]
-
-
-def finding_groups(df: pd.DataFrame, families=None) -> list:
-    """Per family x configuration with mismatching cells (article and textbook
-    unless `families` says otherwise): (family, optimizer, causes, rows of
-    FINDING_HEADERS, the mismatching rows)."""
-    families = [f for f in df.family.unique() if f != "keras"] if families is None else families
-    bad = df[df.family.isin(families) & (df.verdict == "mismatch")]
-    out = []
-    for (family, optimizer), group in bad.groupby(["family", "optimizer"], sort=False):
-        causes = list(dict.fromkeys(cause(family, optimizer, b, d) or "No curated cause."
-                                    for b, d in zip(group.backend, group.dtype)))
-        rows = []
-        for (backend, dtype), g in group.groupby(["backend", "dtype"], sort=False):
-            total = len(df[(df.family == family) & (df.optimizer == optimizer)
-                           & (df.backend == backend) & (df.dtype == dtype)])
-            rows.append([backend, dtype, f"{len(g)} of {total}",
-                         ", ".join(dict.fromkeys(g.scenario)),
-                         ", ".join(str(int(x)) for x in sorted(set(g.first_divergent_step))),
-                         ", ".join(dict.fromkeys(g.divergent_state)),
-                         f"{g.max_rel_error.max():.2g}", f"{g.final_drift.max():.2g}"])
-        out.append((family, optimizer, causes, rows, group))
     return out
 
 

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from verify.protocol import read_message, write_message
-from verify.worker import Run, computed_dtypes, gradient_digest, raised_in_keras
+from verify.worker.gradients import gradient_digest
+from verify.worker.messages import read_message, write_message
+from verify.worker.run import Run, computed_dtypes, raised_in_keras
 
 PATHS = {"keras": "model.save(.keras) and keras.models.load_model",
          "weights": "model.save_weights(.weights.h5) and load_weights into a new model"}
@@ -163,7 +164,7 @@ class ResumeRun(Run):
                "out": str(tmp / f"{label}.msg"), "error": str(tmp / f"{label}.json")}
         job_path = tmp / f"{label}-job.json"
         job_path.write_text(json.dumps(job))
-        proc = subprocess.run([sys.executable, "-m", "verify.resume_mode", str(job_path)],
+        proc = subprocess.run([sys.executable, "-m", "verify.worker.resume", str(job_path)],
                               stdin=subprocess.DEVNULL, stdout=sys.stderr, env=os.environ)
         if Path(job["error"]).exists():
             return json.loads(Path(job["error"]).read_text())["reason"]

@@ -26,9 +26,10 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from verify.cli import KERAS_REFUSES, UsageError, run, selection_from_args, selection_parser
+from verify.cli import run, selection_from_args, selection_parser
 from verify.output import replacing_folder
 from verify.runner import Runner
+from verify.selection import KERAS_REFUSES, UsageError
 
 DEFAULT_OUTPUT = "reports/bench"
 

@@ -1,8 +1,8 @@
 """report.html of a run, check.html of `check`, matrix.html of `matrix`: one
-self-contained file each (verify/htmlkit.py), the verdicts as a colour-coded
+self-contained file each (verify/report/htmlkit.py), the verdicts as a colour-coded
 grid (each cell also says its verdict in a symbol and a word) and a figure
 for every family x configuration that mismatches or changed
-(verify/figures.py; without matplotlib the pages hold the tables only and
+(verify/report/figures.py; without matplotlib the pages hold the tables only and
 say so).
 
 The figures draw per step what the run kept: for a mismatching comparison,
@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from verify import compare, htmlkit
-from verify.report import FINDING_HEADERS, finding_groups, steps_path
+from verify import compare
+from verify.report import htmlkit
+from verify.report.findings import CELL, FINDING_HEADERS, finding_groups, steps_path
 
 POINTS = 250
-CELL = ("family", "optimizer", "backend", "dtype", "mode", "scenario")
 SYMBOL = {"exact": "=", "match": "\u2248", "n/a": "\u2013", "mismatch": "\u2717", "error": "!"}
 STYLE = """
 td.v-exact { background: #8fd19e; } td.v-match { background: #dff0d8; }
@@ -45,9 +45,9 @@ NO_FIGURES = ("Figures need matplotlib (pip install 'verify-optimizers[convergen
 
 
 def plotting():
-    """verify.figures, or None without matplotlib."""
+    """verify.report.figures, or None without matplotlib."""
     try:
-        return importlib.import_module("verify.figures")
+        return importlib.import_module("verify.report.figures")
     except ImportError:
         return None
 
@@ -57,17 +57,10 @@ def cell_id(key) -> str:
 
 
 # --- per-step traces ----------------------------------------------------------
-def bin_max(step, values, points: int = POINTS) -> tuple:
-    """(steps, values) reduced to the largest value of each of at most `points`
-    bins of consecutive steps, at the step where it occurs; NaN counts as inf."""
-    bins = Bins(len(values), points)
-    bins.add(step, values)
-    return bins.result()
-
-
 class Bins:
-    """bin_max of a series of known length fed in consecutive pieces: it holds
-    the bins, never the series."""
+    """A series of known length, fed in consecutive pieces, reduced to the largest
+    value of each of at most `points` bins of consecutive steps, at the step where
+    it occurs (NaN counts as inf): it holds the bins, never the series."""
 
     def __init__(self, length: int, points: int = POINTS):
         self.size = 1 if length <= points else -(-length // points)
@@ -245,7 +238,7 @@ def finding_png(folder, family, optimizer) -> bytes:
         key = tuple(r[f] for f in CELL)
         cells.append((key, read_trace(folder / steps_path(key), r.divergent_state,
                                       int(r.first_divergent_step))))
-    figs = importlib.import_module("verify.figures")
+    figs = importlib.import_module("verify.report.figures")
     title, panels, legend, _ = _finding(figs, family, optimizer, cells, settings)
     return _png(figs, title, panels, legend, settings)
 
@@ -537,10 +530,10 @@ def _matrix_figure(figs, family, optimizer, changes, describe, runs, settings) -
 
 
 def main(argv) -> int:
-    """python -m verify.html_report REPORT FAMILY/CONFIGURATION OUT.png: one
+    """python -m verify.report.html REPORT FAMILY/CONFIGURATION OUT.png: one
     finding's figure as a file (the README's figure is made this way)."""
     if len(argv) != 3 or argv[1].count("/") != 1:
-        print("usage: python -m verify.html_report REPORT FAMILY/CONFIGURATION OUT.png",
+        print("usage: python -m verify.report.html REPORT FAMILY/CONFIGURATION OUT.png",
               file=sys.stderr)
         return 2
     family, optimizer = argv[1].split("/")

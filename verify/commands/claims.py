@@ -187,7 +187,8 @@ def markdown(results, backends) -> str:
 
 
 def main(argv) -> int:
-    from verify.cli import Parser, chosen_backends, claim_output
+    from verify.cli import Parser, claim_output
+    from verify.selection import chosen_backends
 
     p = Parser(prog="verify-optimizers claims",
                 description="Check the article's statements about the math on real Keras.")

@@ -1,0 +1,1 @@
+"""The subcommands (verify/cli.py SUBCOMMANDS names them) and check's baseline model."""
