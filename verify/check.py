@@ -46,7 +46,7 @@ from verify import api, compare, configurations, html_report, scenarios
 from verify.cli import (UsageError, add_shard_flag, build_parser, installed_backends, one_line,
                         progress_display, selection_from_args, selection_parser)
 from verify.configurations import CONFIGURATIONS
-from verify.output import OutputRefused, add_files, check_folder, replacing_folder
+from verify.output import OutputRefused, add_files, check_folder, read_back, replacing_folder
 from verify.report import records
 from verify.runner import distinct
 
@@ -201,8 +201,14 @@ def load_baseline(path) -> Baseline:
         if not p.is_file():
             raise _bad(path, f"{p.name} is missing")
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
+        files = read_back(path, [meta_path.name, cells_path.name], what="baseline")
+    except OutputRefused as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise _bad(path, f"cannot read it: {exc}") from None
+    try:
+        meta = json.loads(files[meta_path.name].decode())
+    except UnicodeDecodeError as exc:
         raise _bad(path, f"cannot read baseline.json: {exc}") from None
     except json.JSONDecodeError as exc:
         raise _bad(path, f"baseline.json is not JSON ({exc})") from None
@@ -231,7 +237,7 @@ def load_baseline(path) -> Baseline:
     backends = environment.get("backends", {})
     if not isinstance(backends, dict) or not all(isinstance(v, dict) for v in backends.values()):
         raise _bad(path, "environment `backends` must map backends to objects")
-    cells = _read_cells(path, cells_path)
+    cells = _read_cells(path, files[cells_path.name])
     expected = [c for c in (dict(zip(CELL, combo)) for combo in
                             itertools.product(*(settings[LISTS[k]] for k in CELL)))
                 if distinct(c["backend"], c["mode"])]
@@ -247,10 +253,10 @@ def load_baseline(path) -> Baseline:
     return Baseline(path, settings, environment, cells)
 
 
-def _read_cells(path, cells_path) -> list:
+def _read_cells(path, data: bytes) -> list:
     try:
-        text = cells_path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
+        text = data.decode()
+    except UnicodeDecodeError as exc:
         raise _bad(path, f"cannot read cells.csv: {exc}") from None
     reader = csv.reader(io.StringIO(text))
     header = next(reader, None)
@@ -675,8 +681,11 @@ def read_run(args) -> tuple:
         raise UsageError(f"--from takes the selection from the run in "
                          f"{args.from_run}; do not give --{given[0].replace('_', '-')}")
     folder = Path(args.from_run)
+    if not (folder / "summary.json").is_file():
+        raise UsageError(f"--from {folder} is not a run report (no readable summary.json)")
+    files = read_back(folder, ["summary.json"], what="--from")
     try:
-        doc = json.loads((folder / "summary.json").read_text())
+        doc = json.loads(files["summary.json"])
         settings, environment, rows = doc["settings"], doc["environment"], doc["rows"]
         [cell_class(r) for r in rows]  # every row a cell: else not a run report
         missing = [k for k in REQUIRED_SETTINGS if k not in settings]
