@@ -191,6 +191,12 @@ def test_check_refuses_an_edited_baseline(shards, tmp_path):
     one_line_error(code, err, "cells.csv")
 
 
+def test_the_shard_reports_uploaded_by_ci_keep_their_marker():
+    from test_workflow import _step, load, shard_pairs
+    for job, _ in shard_pairs(load()):
+        assert _step(job, "actions/upload-artifact")["with"].get("include-hidden-files") is True
+
+
 def test_the_committed_reports_read_back():
     for name in ("baseline", "claims", "convergence", "low_precision"):
         output.read_back(ROOT / "reports" / name)
@@ -271,8 +277,8 @@ def test_a_killed_run_leaves_what_the_next_run_removes(tmp_path):
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
-        while not (list(scratch.glob("verify-inputs-*/job-*.json"))
-                   and list(out.parent.glob(".r-partial-*"))):
+        while not (list(out.parent.glob(".r-partial-*")) and any(
+                "children" in p.read_text() for p in scratch.glob(f"*/{output.MARKER}"))):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
     finally:

@@ -201,7 +201,7 @@ def load_baseline(path) -> Baseline:
         if not p.is_file():
             raise _bad(path, f"{p.name} is missing")
     try:
-        files = read_back(path, [meta_path.name, cells_path.name], what="baseline")
+        files = read_back(path, [meta_path.name, cells_path.name], what="malformed baseline")
     except OutputRefused as exc:
         raise UsageError(str(exc)) from None
     except OSError as exc:
