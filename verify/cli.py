@@ -23,16 +23,28 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-from tabulate import tabulate
+from verify import own_modules
 
-import reference
-from verify import compare, configurations, dtypes, scenarios
-from verify.configurations import CONFIGURATIONS
-from verify.report import pivot
-from verify.output import OutputRefused, check_folder
-from verify.protocol import peak_memory_mb
-from verify.runner import SAME_AS, Selection
+# The harness's own imports failing (a user's `reference` module first on
+# PYTHONPATH, a broken install) is exit 2 in one line, never a traceback (exit 1).
+try:
+    if (_foreign := own_modules.foreign()) is not None:
+        raise ImportError(_foreign)
+    import numpy as np
+    from tabulate import tabulate
+
+    import reference
+    from verify import compare, configurations, dtypes, scenarios
+    from verify.configurations import CONFIGURATIONS
+    from verify.report import pivot
+    from verify.output import OutputRefused, check_folder
+    from verify.protocol import peak_memory_mb
+    from verify.runner import SAME_AS, Selection
+except ImportError as _exc:
+    print("".join(c if c.isprintable() else repr(c)[1:-1]
+                  for c in f"verify-optimizers: error: cannot import the harness: {_exc}"),
+          file=sys.stderr)
+    raise SystemExit(2) from None
 
 BACKENDS = ("tensorflow", "jax", "torch")
 # the default run's dtypes; float16, bfloat16 and the mixed policies with --dtype
