@@ -17,6 +17,15 @@ z = fl(x op y) with u the unit roundoff (eps / 2):
     floor x, ceil x   exact integers; a tie where an integer lies within the bound
 
 plus, for every operation, the absolute error of underflow (eq. 2.8).
+
+Infinities and NaN are outside this model (Higham's excludes overflow).  A
+non-finite result that an operand's inf or NaN passes on (inf + x, x / 0, inf *
+inf) is IEEE's exact answer, bound 0, as the comparison takes it; one that
+overflowed from finite operands, or whose operands' bounds are not finite or
+whose sign is unsure (an operand within its bound of 0), may be finite in
+another faithful evaluation: its bound is inf, and a finite value computed from
+it gets a bound that is not finite (x / inf: inf * 0), which the comparison
+cannot judge (verify/compare.py: such an element is never a pass).
 Over whole axes (section 3.1; section 3.5 for matrix products), with
 gamma_n = n u / (1 - n u):
 
@@ -119,10 +128,14 @@ class Precision:
         zero-dimensional one only across categories), which such a kernel
         squares and scales in float32 before the assign rounds the result to
         the variable's dtype.
-    flushes_subnormals: results below the smallest normal number may be
-        flushed to zero (TensorFlow and XLA set FTZ/DAZ on CPU), so each
-        operation's underflow error is up to the smallest normal number
-        rather than half the smallest subnormal (Higham 2002, eq. 2.8).
+    flushes_subnormals: subnormal operands may be read as zero and subnormal
+        results flushed to zero (TensorFlow and XLA set FTZ/DAZ on CPU;
+        measured in float32 and float64, eager and compiled: max(0, s), s + 0,
+        s * 1 and a product that underflows give 0 for a subnormal s, abs(s)
+        keeps it), so each operation's underflow error is up to the smallest
+        normal number rather than half the smallest subnormal (Higham 2002,
+        eq. 2.8), and an input or constant s that is subnormal is within |s|
+        of what the backend computes with.
     """
 
     name: str
@@ -206,12 +219,21 @@ class Arithmetic:
                           else float(info.smallest_subnormal) / 2)
         self.tie_width = tie_width
 
+    def read_as_zero(self, value):
+        """|value| where a backend that flushes subnormals may read it as 0 (a
+        subnormal operand), else 0: the error of reading it."""
+        if not self.precision.flushes_subnormals:
+            return 0.0
+        a = np.abs(np.asarray(value, dtype=np.float64))
+        subnormal = (a > 0) & (a < self.smallest_normal)
+        return np.where(subnormal, a, 0.0) if np.any(subnormal) else 0.0
+
     # --- constants -------------------------------------------------------
     def _rounded(self, exact: float) -> "Tracked":
         value = self.dtype.type(exact)
         err = None
         if self.track:
-            err = np.float64(abs(float(value) - exact))
+            err = np.float64(abs(float(value) - exact) + self.read_as_zero(value))
         return Tracked(np.asarray(value), err, self)
 
     def const(self, x: float) -> "Tracked":
@@ -240,13 +262,32 @@ class Arithmetic:
         return self._rounded(lr)
 
     def exact(self, array) -> "Tracked":
-        """An input that both sides receive bit for bit (gradient, state)."""
+        """An input that both sides receive bit for bit (gradient, state); where
+        it is subnormal a backend that flushes may compute with 0 instead."""
         value = np.asarray(array, dtype=self.dtype)
-        return Tracked(value, np.float64(0.0) if self.track else None, self)
+        return Tracked(value, np.float64(self.read_as_zero(value)) if self.track else None, self)
 
     def step_count(self, t) -> "Tracked":
         """An integer step count converted to the working dtype (exact)."""
         return self.exact(np.asarray(t, dtype=np.float64))
+
+
+def _unsure(x: "Tracked"):
+    """Where an IEEE special computed from x is not certain: x's bound is not
+    finite, or x is within its bound of 0 (the sign of inf * x, x / 0)."""
+    e = np.broadcast_to(x.e, np.shape(x.v))
+    with np.errstate(invalid="ignore"):
+        return ~np.isfinite(e) | ((e > 0) & (np.abs(x.v.astype(np.float64)) <= e))
+
+
+def _specials(z, e, special, unsure):
+    """The bound e with that of z's non-finite elements: 0 where an operand's inf or
+    NaN (or an exact 0 divisor: `special`) passes on exactly, inf where z
+    overflowed or is `unsure` (see the module docstring)."""
+    bad = ~np.isfinite(z)
+    if not np.any(bad):
+        return e
+    return np.where(bad, np.where(special & ~unsure, 0.0, np.inf), e)
 
 
 def _lift(ar: Arithmetic, x) -> "Tracked":
@@ -301,10 +342,12 @@ class Tracked:
     def exact_zero(self):
         return (self.v == 0) & (self.e == 0)
 
-    def _new(self, v, e_parts, other, exact_result=None):
+    def _new(self, v, e_parts, other, exact_result=None, special=None):
         """Result v of an operation with `other`: the propagated bound, its own
         rounding u|v|, and the underflow error where v is below the normal
-        range, unless `exact_result` marks results that are exactly zero."""
+        range, unless `exact_result` marks results that are exactly zero; a
+        non-finite v as `_specials` says (`special`: more operands whose IEEE
+        result is exact, an exact 0 divisor)."""
         if not self.ar.track:
             return Tracked(v, None, self.ar)
         av = np.abs(v)
@@ -314,6 +357,10 @@ class Tracked:
             if exact_result is not None:
                 small = small & ~exact_result()
             e = e + np.where(small, self.ar.underflow, 0.0)
+        if not np.all(np.isfinite(v)):
+            given = ~np.isfinite(self.v) | ~np.isfinite(other.v)
+            e = _specials(v, e, given if special is None else given | special(),
+                          _unsure(self) | _unsure(other))
         return Tracked(v, e, self.ar, _either(self.tie, other.tie))
 
     def __add__(self, other):
@@ -347,10 +394,12 @@ class Tracked:
             if not self.ar.track:
                 return Tracked(z, None, self.ar)
             ay = np.abs(o.v)
-            out = self._new(z, lambda: (self.e + np.abs(z) * o.e) / ay, o, self.exact_zero)
+            out = self._new(z, lambda: (self.e + np.abs(z) * o.e) / ay, o, self.exact_zero,
+                            o.exact_zero)
             # a divisor within its error of zero (but not exactly zero, where
-            # inf or NaN is the exact IEEE result) is a tie: any result goes
-            near_zero = (ay <= o.e) & (o.e > 0)
+            # inf or NaN is the exact IEEE result) is a tie: any result goes; one
+            # whose bound is not finite leaves the result's bound not finite
+            near_zero = (ay <= o.e) & (o.e > 0) & np.isfinite(o.e)
             if np.any(near_zero):
                 out.e = np.where(near_zero, 0.0, out.e)
                 out.tie = _either(out.tie, near_zero)
@@ -397,10 +446,12 @@ def sqrt(x: Tracked) -> Tracked:
         near = np.where(zz > 0, x.e / zz, np.inf)
         e = np.minimum(near, np.sqrt(x.e)) + x.ar.u * np.abs(zz)
     e = np.where((zz > 0) & (zz < x.ar.smallest_normal), e + x.ar.underflow, e)
+    e = _specials(z, e, ~np.isfinite(x.v), _unsure(x))
     negative = x.v < 0
-    tie = negative & (np.abs(x.v.astype(np.float64)) <= x.ar.tie_width * x.e)
+    known = np.isfinite(x.e)  # an unbounded x is no tie: its result is not judged
+    tie = negative & known & (np.abs(x.v.astype(np.float64)) <= x.ar.tie_width * x.e)
     # out of the domain beyond rounding: NaN is the exact answer (bound 0)
-    e = np.where(negative, 0.0, e)
+    e = np.where(negative & known, 0.0, e)
     return Tracked(z, e, x.ar, _either(x.tie, tie if np.any(tie) else None))
 
 
@@ -431,8 +482,10 @@ def _rounded_integer(x: Tracked, z) -> Tracked:
         return Tracked(z, None, x.ar)
     v = x.v.astype(np.float64)
     reach = x.ar.tie_width * np.broadcast_to(x.e, np.shape(v))
-    tie = (reach > 0) & ((np.abs(v - np.round(v)) <= reach))
-    return Tracked(z, np.zeros(np.shape(z)), x.ar, _either(x.tie, tie if np.any(tie) else None))
+    known = np.isfinite(reach)  # an unbounded x is no tie: its result is not judged
+    tie = known & (reach > 0) & ((np.abs(v - np.round(v)) <= reach))
+    return Tracked(z, np.where(known, 0.0, np.inf), x.ar,
+                   _either(x.tie, tie if np.any(tie) else None))
 
 
 def floor(x: Tracked) -> Tracked:
@@ -470,8 +523,10 @@ def sign(x: Tracked) -> Tracked:
         z = np.where(np.isnan(z), 0.0, z).astype(z.dtype)
     if not x.ar.track:
         return Tracked(z, None, x.ar)
-    tie = (x.e > 0) & (np.abs(x.v.astype(np.float64)) <= x.ar.tie_width * x.e)
-    return Tracked(z, np.zeros(np.shape(z)), x.ar, _either(x.tie, tie if np.any(tie) else None))
+    known = np.isfinite(x.e)  # an unbounded x is no tie: its result is not judged
+    tie = known & (x.e > 0) & (np.abs(x.v.astype(np.float64)) <= x.ar.tie_width * x.e)
+    return Tracked(z, np.where(known, np.zeros(np.shape(z)), np.inf), x.ar,
+                   _either(x.tie, tie if np.any(tie) else None))
 
 
 def maximum(x: Tracked, y: Tracked) -> Tracked:
@@ -506,7 +561,7 @@ def to_float32(x: Tracked) -> Tracked:
         underflow = (float(f32.smallest_normal) if x.ar.precision.flushes_subnormals
                      else float(f32.smallest_subnormal) / 2)
         e = e + np.where((az < float(f32.smallest_normal)) & (x.v != 0), underflow, 0.0)
-    return Tracked(z, e, x.ar, x.tie)
+    return Tracked(z, _specials(z, e, ~np.isfinite(x.v), _unsure(x)), x.ar, x.tie)
 
 
 def stored(x: Tracked) -> Tracked:
@@ -520,7 +575,7 @@ def stored(x: Tracked) -> Tracked:
         return Tracked(z, None, x.ar, x.tie)
     az = np.abs(z.astype(np.float64))
     e = x.e + az * x.ar.u + np.where((az < x.ar.smallest_normal) & (z != 0), x.ar.underflow, 0.0)
-    return Tracked(z, e, x.ar, x.tie)
+    return Tracked(z, _specials(z, e, ~np.isfinite(x.v), _unsure(x)), x.ar, x.tie)
 
 
 def gamma(n, u: float):
@@ -533,6 +588,14 @@ def _axes(ndim: int, axis) -> tuple:
     if axis is None:
         return tuple(range(ndim))
     return tuple(a % ndim for a in np.atleast_1d(axis))
+
+
+def _reduced_specials(x: Tracked, z, e, axes, keepdims):
+    """`_specials` of a reduction over `axes`: a term's inf or NaN passes on."""
+    if np.all(np.isfinite(z)):
+        return e
+    return _specials(z, e, np.any(~np.isfinite(x.v), axis=axes, keepdims=keepdims),
+                     np.any(_unsure(x), axis=axes, keepdims=keepdims))
 
 
 def _any_tie(x: Tracked, axis, keepdims):
@@ -561,7 +624,7 @@ def sum_over(x: Tracked, axis=None, keepdims: bool = False) -> Tracked:
     e = propagated + gamma(max(n - 1, 0), x.ar.u) * magnitude
     if x.ar.precision.flushes_subnormals:
         e = e + np.where(magnitude > 0, max(n - 1, 0) * x.ar.underflow, 0.0)
-    return Tracked(z, e, x.ar, _any_tie(x, axes, keepdims))
+    return Tracked(z, _reduced_specials(x, z, e, axes, keepdims), x.ar, _any_tie(x, axes, keepdims))
 
 
 def mean_over(x: Tracked, axis=None, keepdims: bool = False) -> Tracked:
@@ -601,7 +664,7 @@ def ops_mean(x: Tracked, axis=None, keepdims: bool = False) -> Tracked:
               + np.where(magnitude > 0, (2 * n - 1) * underflow32, 0.0))
     e = summed / n + u32 * np.abs(z)
     e = e + np.where(np.abs(z) < float(f32.smallest_normal), underflow32, 0.0)
-    return Tracked(z, e, ar, _any_tie(x, axes, keepdims))
+    return Tracked(z, _reduced_specials(x, z, e, axes, keepdims), ar, _any_tie(x, axes, keepdims))
 
 
 def norm(x: Tracked, axis=None, keepdims: bool = False) -> Tracked:
@@ -635,6 +698,13 @@ def matmul(a: Tracked, b: Tracked) -> Tracked:
     else:
         # gradual underflow: each product may lose half the smallest subnormal
         e = e + np.where(magnitude > 0, n * a.ar.underflow, 0.0)
+    if not np.all(np.isfinite(z)):
+        # a row of a or column of b holding inf or NaN passes it on
+        def along(mask_a, mask_b):
+            return (np.matmul(mask_a.astype(float), np.ones_like(abs_b))
+                    + np.matmul(np.ones_like(abs_a), mask_b.astype(float))) > 0
+        e = _specials(z, e, along(~np.isfinite(a.v), ~np.isfinite(b.v)),
+                      along(_unsure(a), _unsure(b)))
     tie = None
     if a.tie is not None or b.tie is not None:
         ta = np.broadcast_to(False if a.tie is None else a.tie, np.shape(a.v)).astype(float)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import check_edits
-from verify import cli
+from verify import cli, output
 from verify.commands import baseline, check
 from verify.selection import installed_backends, settings_of
 from conftest import make_selection, needs, own_modes
@@ -115,21 +115,26 @@ def test_written_baseline_reads_back(fake_baseline):
     assert (fake_baseline / "cells.csv").read_text().splitlines()[0] == ",".join(baseline.COLUMNS)
 
 
+# the edits below are signed as the harness's (output.write_marker): what is tested is
+# the reading of a baseline the harness wrote malformed, not its digests
 def _edit_json(path, change):
     meta = json.loads((path / "baseline.json").read_text())
     change(meta)
     (path / "baseline.json").write_text(json.dumps(meta))
+    output.write_marker(path, "baseline")
 
 
 def _edit_cells(path, change):
     lines = (path / "cells.csv").read_text().splitlines()
     (path / "cells.csv").write_text("\n".join(change(lines)) + "\n")
+    output.write_marker(path, "baseline")
 
 
 MALFORMED = {
     "no baseline at": lambda p: shutil.rmtree(p),
     "cells.csv is missing": lambda p: (p / "cells.csv").unlink(),
-    "baseline.json is not JSON": lambda p: (p / "baseline.json").write_text("{"),
+    "baseline.json is not JSON": lambda p: (
+        (p / "baseline.json").write_text("{"), output.write_marker(p, "baseline")),
     "settings lack `steps`": lambda p: _edit_json(p, lambda m: m["settings"].pop("steps")),
     "has format": lambda p: _edit_json(p, lambda m: m.update(format=99)),
     "cells.csv header": lambda p: _edit_cells(p, lambda ls: ["a,b"] + ls[1:]),

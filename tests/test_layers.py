@@ -25,7 +25,7 @@ LAYERS = {
     "worker": (["verify.worker.run", "verify.worker.fit", "verify.worker.resume",
                 "verify.worker.__main__"], ["worker-shared", "reference"]),
     "core": (["verify.configurations", "verify.scenarios", "verify.compare", "verify.output",
-              "verify.processes", "verify.runner", "verify.selection"],
+              "verify.processes", "verify.runner", "verify.selection", "verify.own_modules"],
              ["worker-shared", "reference"]),
     "report": (["verify.report"], ["core", "worker-shared", "reference"]),
     "api": (["verify.api"], ["report", "core", "worker-shared", "reference"]),

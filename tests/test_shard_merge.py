@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import fast_backend, make_selection
 from verify import cli
-from verify.output import MARKER
+from verify.output import MARKER, write_marker
 
 # nadam: the article's departs (excerpts and figures to merge); adam: it matches
 SELECTION = ["--optimizer", "nadam,adam", "--dtype", "float32,float64", "--scenario", "gaussian,tiny",
@@ -123,6 +123,7 @@ def edited(runs, tmp_path, name, k, settings=None, part=None):
         shard["part"] = summary["settings"]["shard"] = part
     (copy / "shard.json").write_text(json.dumps(shard))
     (copy / "summary.json").write_text(json.dumps(summary))
+    write_marker(copy, "run")  # as the harness would have written it: merge checks the digests
     return copy
 
 
@@ -170,6 +171,7 @@ def test_check_from_a_merged_run_compares_it_with_the_baseline(runs, tmp_path, c
     i = (cells.verdict == "mismatch").idxmax()
     cells.loc[i, "first_divergent_step"] = str(int(cells.first_divergent_step[i]) + 1)
     cells.to_csv(baseline / "cells.csv", index=False, lineterminator="\n")
+    write_marker(baseline, "baseline")  # signed: else check refuses the edit (digests)
     assert cli.main(["check", "--from", str(merged), "--baseline", str(baseline)]) == 1
     assert "first divergent step" in (merged / "check.md").read_text()
 

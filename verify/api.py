@@ -23,13 +23,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from verify import own_modules
+
+if (_foreign := own_modules.foreign()) is not None:  # before the harness's own imports
+    raise ImportError(_foreign)
+
 import numpy as np
 import pandas as pd
 
 import reference
 from verify import scenarios as scenario_module
-from verify.configurations import (CONFIGURATIONS, EXCLUDE, ConfigError, Configuration, from_keras,
-                                   user_selection)
+from verify.configurations import (CONFIGURATIONS, EXCLUDE, ConfigError, Configuration,
+                                   check_magnitudes, from_keras, user_selection)
 from verify.output import check_folder, replacing_folder
 from verify.report.tables import Sink
 from verify.runner import Runner, Selection
@@ -77,8 +82,9 @@ def configurations(optimizers) -> list:
                                   "`verify-optimizers list`)")
             chosen.append(CONFIGURATIONS[item])
             continue
-        if isinstance(item, Configuration):
-            c = item
+        if isinstance(item, Configuration):  # one not built in is checked as a dict would be
+            c = item if CONFIGURATIONS.get(item.id) == item else from_keras(
+                item.keras_config(), f"configuration {item.id!r}", explicit_id=item.id)
         elif isinstance(item, dict):
             c = from_keras(item, "configuration")
         elif hasattr(item, "get_config"):  # a Keras optimizer: keras is importable here
@@ -166,6 +172,7 @@ def selection(optimizers=None, *, backends=None, dtypes=None, families=None, sce
                     scenarios=names, modes=_names(modes, MODES, "mode", DEFAULT_MODES),
                     steps=steps, size=size, seed=seed, gradients=arrays, weights=weights,
                     shard=part)
+    check_magnitudes(sel.configurations, sel.dtypes, sel.backends)
     check_has_runs(sel)
     if part is not None and part[1] > len(sel.runs(every=True)):
         raise UsageError(f"--shard {shard}: the selection has only {len(sel.runs(every=True))} "

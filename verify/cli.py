@@ -20,17 +20,29 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
-from tabulate import tabulate
+from verify import own_modules
 
-import reference
-from verify import api, configurations, scenarios
-from verify.configurations import CONFIGURATIONS
-from verify.output import OutputRefused, check_folder
-from verify.report.tables import pivot
-from verify.runner import Selection
-from verify.selection import (DEFAULT_DTYPES, DEFAULT_SIZE, DEFAULT_STEPS, DTYPES, FORMATS,
-                              FULL_SIZE, FULL_STEPS, KERAS_REFUSES, UsageError, choices,
-                              installed_backends)
+# The harness's own imports failing (a user's `reference` module first on
+# PYTHONPATH, a broken install) is exit 2 in one line, never a traceback (exit 1).
+try:
+    if (_foreign := own_modules.foreign()) is not None:
+        raise ImportError(_foreign)
+    from tabulate import tabulate
+
+    import reference
+    from verify import api, configurations, scenarios
+    from verify.configurations import CONFIGURATIONS
+    from verify.output import OutputRefused, check_folder
+    from verify.report.tables import pivot
+    from verify.runner import Selection
+    from verify.selection import (DEFAULT_DTYPES, DEFAULT_SIZE, DEFAULT_STEPS, DTYPES, FORMATS,
+                                  FULL_SIZE, FULL_STEPS, KERAS_REFUSES, UsageError, choices,
+                                  installed_backends)
+except ImportError as _exc:
+    print("".join(c if c.isprintable() else repr(c)[1:-1]
+                  for c in f"verify-optimizers: error: cannot import the harness: {_exc}"),
+          file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 class Interrupted(BaseException):

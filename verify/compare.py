@@ -80,10 +80,13 @@ def element_errors(keras: np.ndarray, reference: np.ndarray, bound: np.ndarray, 
 
     Identical values (NaN and infinities included) have error 0.  A bound of
     0 makes any difference infinite, and so does a non-finite reference value
-    (inf or NaN is then the exact IEEE result).  At a tie (see
-    reference/arithmetic.py) any value is accepted.  The relative error is
-    taken against max(|keras|, |reference|), so a state one side leaves at
-    zero reads 1, not an overflow.
+    (inf or NaN is then the exact IEEE result).  A bound that is not finite
+    at a finite reference value (the propagation overflowed: inf * 0 or a
+    bound beyond float64) cannot judge a difference: its scaled error is NaN,
+    unknown, neither a pass nor a mismatch (RunComparison makes the cell an
+    error).  At a tie (see reference/arithmetic.py) any value is accepted.
+    The relative error is taken against max(|keras|, |reference|), so a state
+    one side leaves at zero reads 1, not an overflow.
     """
     k = keras.astype(np.float64, copy=False)
     r = reference.astype(np.float64, copy=False)
@@ -94,9 +97,10 @@ def element_errors(keras: np.ndarray, reference: np.ndarray, bound: np.ndarray, 
             bound = np.where(np.isfinite(r), bound, 0.0)
         scaled = diff / (2 * bound)
         rel = diff / np.maximum(np.maximum(np.abs(k), np.abs(r)), np.finfo(np.float64).tiny)
-    # NaN here is 0/0 (equal under an exact bound) or a NaN bound from inf * 0
-    # in the propagation: both pass
+    # NaN here is 0/0 (equal under an exact bound) or an equal value under a
+    # bound that overflowed: both pass
     scaled[np.isnan(scaled)] = 0.0
+    scaled[~np.isfinite(bound) & (diff > 0)] = np.nan
     if tie is not None:
         scaled[np.broadcast_to(tie, scaled.shape)] = 0.0
     rel[np.isnan(rel)] = np.where(diff[np.isnan(rel)] == 0, 0.0, np.inf)
@@ -361,6 +365,7 @@ class RunComparison:
         S = segments.group_count
         self.exact = np.ones(S, bool)
         self.divergence: list = [None] * S
+        self.unverified: list = [None] * S  # per scenario: the first element its bound cannot judge
         self.notes: list = [[] for _ in range(S)]  # per scenario: after_last_step's
         self.mismatch_steps = np.zeros(S, int)
         # each chunk's per-step table {"step": [k], "drift": [k,S], (state, metric): [k,S]}
@@ -539,6 +544,10 @@ class RunComparison:
                 kv, rv = keras[name].reshape(k, -1), ref[name].reshape(k, -1)
                 diff, rel, scaled = element_errors(kv, rv, bounds[name],
                                                    self.ties.get(name))
+                unknown = np.isnan(scaled)
+                if unknown.any():
+                    self._unverified(name, steps, kv, rv, unknown)
+                    scaled = np.where(unknown, 0.0, scaled)  # the rest is still judged
                 # a counter Keras keeps as an integer is exact as its value
                 if kv.dtype != rv.dtype and not np.issubdtype(kv.dtype, np.integer):
                     self.exact[:] = False
@@ -578,6 +587,24 @@ class RunComparison:
                                             float(scaled_by_state[name][j, s]), detail[2],
                                             self.segments.label(weight))
 
+    def _unverified(self, name, steps, kv, rv, unknown):
+        """Record, per scenario, the first step and element of state `name` whose
+        error bound overflowed while Keras's value differs: the harness cannot
+        verify that scenario (its verdict is `error`, unless a mismatch was found)."""
+        per = self._reduce(name, unknown.astype(np.int8)).astype(bool)
+        seg = self.state_segments.get(name)
+        for s in np.flatnonzero(per.any(axis=0)):
+            if self.unverified[s] is not None:
+                continue
+            j = int(np.argmax(per[:, s]))
+            i, weight = (0, "") if seg is None else seg.argmax(unknown[j].astype(float), s)
+            where = f" ({self.segments.label(weight)})" if weight else ""
+            self.unverified[s] = (
+                f"cannot verify {name} at step {int(steps[j])}{where}: its error bound "
+                f"overflowed in the reference's {self.dtype.name} arithmetic (Keras "
+                f"{float(kv[j, i])!r}, reference {float(rv[j, i])!r})")
+            self.notes[s].append(self.unverified[s])  # the row's reason
+
     def after_last_step(self, step: int, place: int, keras: float, expected: float,
                         why: str) -> None:
         """What happened to a variable after the last step compared (fit's end): its
@@ -600,8 +627,10 @@ class RunComparison:
     def verdict(self, s: int) -> str:
         if self.error:
             return "error"
-        if self.divergence[s] is not None:
+        if self.divergence[s] is not None:  # a verified change, whatever else happened
             return "mismatch"
+        if self.unverified[s] is not None:
+            return "error"
         return "exact" if self.exact[s] else "match"
 
     def summary(self, s: int) -> dict:

@@ -5,10 +5,15 @@ A user configuration is checked here, before any run: its class must be one
 the reference models (reference.OPTIMIZERS), every key of its config one of
 that class's arguments (the `keras` rule's defaults: the class's own and the
 base optimizer's, reference/base.py) or `name`, each value of the kind of its
-default; `learning_rate` may also be a serialized object (a schedule), kept as
-it is for the worker to deserialize, and a MultiOptimizer's `optimizer_map` is
-a serialized OptimizerMap whose optimizers are checked the same way.  Its id is
-the object's "id", else the class name and a hash of the canonical config.
+default; `learning_rate` may also be a serialized schedule, kept as it is for
+the worker to deserialize and checked as Keras's constructor would take it (a
+class of keras.optimizers.schedules, which reference/schedules.py models, its
+arguments, their kinds, and what the constructor refuses), and a
+MultiOptimizer's `optimizer_map` is a serialized OptimizerMap whose optimizers
+are checked the same way.  Its id is the object's "id", else the class name and
+a hash of the canonical config.  Once the run's backends and dtypes are known,
+`check_magnitudes` refuses a number that a dtype it passes through in Keras
+rounds to infinity, as gradient files are refused (verify/scenarios.py).
 
 `exclude_from_weight_decay` is a method of every Keras optimizer, called before
 build, not a constructor argument (get_config does not record it): it is given
@@ -28,7 +33,12 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 import reference
+from reference import schedules
+from reference.arithmetic import finfo, numpy_dtype
+from verify.worker import dtypes
 
 CONFIG_FILE = Path(__file__).with_name("configurations.toml")
 MAX_FILE_BYTES = 1024 ** 2
@@ -151,6 +161,51 @@ def _serialized_object(value, where) -> None:
                           "object config")
 
 
+def _schedule(value, where) -> None:
+    """A serialized learning-rate schedule as Keras's constructor takes it: a class of
+    keras.optimizers.schedules (reference/schedules.py states each), only the
+    arguments it takes and those it needs, each of its kind, and none of the values
+    its constructor refuses (decay_steps <= 0; boundaries and values of
+    PiecewiseConstantDecay, one value more than boundaries)."""
+    _serialized_object(value, where)
+    name, config = value["class_name"], value["config"]
+    module, registered = value.get("module", "keras.optimizers.schedules"), value.get(
+        "registered_name")
+    if registered not in (None, name) or not (isinstance(module, str)
+                                              and module.split(".")[0] == "keras"):
+        raise ConfigError(f"{where}: module {json.dumps(module)[:60]}, registered_name "
+                          f"{json.dumps(registered)[:60]}: not a built-in Keras schedule")
+    if name not in schedules.DEFAULTS:
+        raise ConfigError(f"{where}: unknown learning-rate schedule class {name!r}: "
+                          f"keras.optimizers.schedules has {', '.join(schedules.DEFAULTS)}")
+    takes = schedules.DEFAULTS[name]
+    for key, given in config.items():
+        if key not in takes:
+            raise ConfigError(f"{where}: {name} has no argument {key!r} (it takes "
+                              f"{', '.join(takes)})")
+        default = takes[key]
+        if key == "name":
+            expected = ("a string", "null")
+        elif key in ("boundaries", "values"):
+            expected = ("a list of numbers",)
+        elif default is schedules.REQUIRED or default is None:
+            expected = ("a number",) + (("null",) if default is None else ())
+        else:
+            expected = (_kind(default),)
+        kind = _kind(given)
+        if kind == "a list" and all(_kind(x) == "a number" for x in given):
+            kind = "a list of numbers"
+        if kind not in expected:
+            raise ConfigError(f"{where}: {name} {key}={json.dumps(given)[:60]} is {_kind(given)}"
+                              f", expected {' or '.join(expected)}")
+    if reason := schedules.unsupported(value):  # a missing argument; boundaries vs values
+        raise ConfigError(f"{where}: {reason}")
+    for steps in ("decay_steps", "first_decay_steps"):
+        if steps in config and not config[steps] > 0:
+            raise ConfigError(f"{where}: {name} {steps}={config[steps]}: Keras's constructor "
+                              "refuses it (it must be > 0)")
+
+
 def _plain_callable(value, where) -> None:
     """A plain callable learning rate, {"callable": x}: `lambda: x` for a number x,
     `lambda: schedule(optimizer.iterations)` for a serialized schedule x."""
@@ -159,7 +214,7 @@ def _plain_callable(value, where) -> None:
                           "alone, x a number or a serialized schedule")
     inner = value[CALLABLE]
     if isinstance(inner, dict):
-        _serialized_object(inner, where)
+        _schedule(inner, where)
     elif isinstance(inner, bool) or not isinstance(inner, (int, float)):
         raise ConfigError(f"{where}: the callable returns {_kind(inner)}, expected a number "
                           "or a serialized schedule")
@@ -241,7 +296,7 @@ def _check_value(key, value, default, where):
         _plain_callable(value, what)
         return
     if key == "learning_rate" and isinstance(value, dict):
-        _serialized_object(value, what)
+        _schedule(value, what)
         return
     if key == "optimizer_map":
         _optimizer_map(value, where)
@@ -427,3 +482,68 @@ def check_names(configurations: list, names: list, known=CONFIGURATIONS) -> None
                 raise ConfigError(f"configuration {c.id!r}: the OptimizerMap's pattern "
                                   f"{pattern[:40]!r} fullmatches no variable of this run, so "
                                   f"its optimizer would update nothing (its variables: {shown})")
+
+
+def _numbers(value, path="", rate=None):
+    """(path, number, role) for every number of a configuration; role "rate" for a
+    constant learning rate (a float32 variable in Keras), "schedule" inside a
+    learning-rate schedule, else None (a plain callable's number included: a Python
+    float each update casts)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            role = rate
+            if key == "learning_rate":
+                role = "rate" if _kind(item) == "a number" else "schedule"
+            elif key == CALLABLE:
+                role = None if _kind(item) == "a number" else "schedule"
+            yield from _numbers(item, f"{path}.{key}" if path else key, role)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _numbers(item, f"{path}[{i}]", rate)
+    elif _kind(value) == "a number":
+        yield path, value, rate
+
+
+def _overflows(value, dtype: str) -> bool:
+    try:
+        wide = np.float64(value)
+    except OverflowError:  # an integer beyond float64
+        return True
+    with np.errstate(over="ignore"):
+        return bool(np.isinf(wide.astype(numpy_dtype(dtype))))
+
+
+def check_magnitudes(configurations: list, dtype_names, backends) -> None:
+    """ConfigError for a number of a configuration that a dtype it passes through in
+    Keras rounds to infinity: the weights' dtype of each run (every hyperparameter
+    meets the weights there), and float32 for the learning rate (Keras keeps it in a
+    float32 variable; a schedule computes in float32, floatx, except on JAX in
+    float64: Precision.schedule_float64) and for any number on a backend that rounds
+    Python floats through float32 (Precision.cast_rounds_to_float32, operand_float32).
+    Keras would compute with infinity, and the reference with it: NaN or inf states
+    on both sides, `exact`, saying nothing."""
+    for c in configurations:
+        for path, value, role in _numbers(c.config):
+            for backend in backends:
+                p = reference.PRECISIONS[backend]
+                for name in dtype_names:
+                    weights = dtypes.variables(name)
+                    why = {}
+                    if role == "rate":
+                        why["float32"] = ("Keras keeps the learning rate in a float32 "
+                                          "variable; give a smaller value")
+                    elif role == "schedule" and not (p.schedule_float64
+                                                     and weights == "float64"):
+                        why["float32"] = (f"a schedule computes in float32 on {backend}; "
+                                          "give a smaller value")
+                    elif role is None and (p.cast_rounds_to_float32 or p.operand_float32):
+                        why["float32"] = (f"{backend} rounds Python floats through float32; "
+                                          "give a smaller value")
+                    why.setdefault(weights, f"the weights' dtype of the {name} runs; give a "
+                                            f"smaller value or leave {name} out with --dtype")
+                    for dtype, reason in why.items():
+                        if _overflows(value, dtype):
+                            limit = float(finfo(dtype).max)
+                            raise ConfigError(
+                                f"configuration {c.id!r}: {path}={json.dumps(value)[:60]} "
+                                f"overflows {dtype}, largest finite {limit:.7g} ({reason})")

@@ -14,7 +14,6 @@ import os
 import queue
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -26,6 +25,7 @@ import numpy as np
 
 import reference
 from verify import compare, configurations, processes, scenarios
+from verify.output import note_child, scratch_folder
 from verify.worker import dtypes
 from verify.worker.gradients import gradient_digest, intended
 from verify.worker.messages import read_message
@@ -161,8 +161,7 @@ class Runner:
 
     def run(self) -> None:
         sel = self.sel
-        with tempfile.TemporaryDirectory(prefix="verify-inputs-") as tmp:
-            tmp = Path(tmp)
+        with scratch_folder("verify-inputs-") as tmp:
             self.spill = tmp / "steps"  # per-step tables the report does not keep
             inputs = {"initial": str(tmp / "initial.npy"), "scenarios": {}}
             np.save(inputs["initial"], sel.initial)
@@ -207,6 +206,7 @@ class Runner:
         env = processes.pinned_environment(backend, tmp / f"keras-home-{index}", x64=x64)
         log_path = tmp / f"worker-{index}.log"
         proc, log = processes.start("verify.worker", job_path, log_path, env, self.sel.python)
+        note_child(tmp, proc.pid)
         return {"proc": proc, "log": log, "log_path": log_path, "backend": backend,
                 "runs": [s["id"] for s in specs]}
 

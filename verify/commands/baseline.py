@@ -33,7 +33,7 @@ from pathlib import Path
 import pandas as pd
 
 from verify import compare
-from verify.output import replacing_folder
+from verify.output import OutputRefused, read_back, replacing_folder
 from verify.report.findings import CELL
 from verify.runner import distinct
 from verify.selection import UsageError
@@ -186,8 +186,14 @@ def load_baseline(path) -> Baseline:
         if not p.is_file():
             raise malformed(path, f"{p.name} is missing")
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
+        files = read_back(path, [meta_path.name, cells_path.name], what="malformed baseline")
+    except OutputRefused as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise malformed(path, f"cannot read it: {exc}") from None
+    try:
+        meta = json.loads(files[meta_path.name].decode())
+    except UnicodeDecodeError as exc:
         raise malformed(path, f"cannot read baseline.json: {exc}") from None
     except json.JSONDecodeError as exc:
         raise malformed(path, f"baseline.json is not JSON ({exc})") from None
@@ -216,7 +222,7 @@ def load_baseline(path) -> Baseline:
     backends = environment.get("backends", {})
     if not isinstance(backends, dict) or not all(isinstance(v, dict) for v in backends.values()):
         raise malformed(path, "environment `backends` must map backends to objects")
-    cells = _read_cells(path, cells_path)
+    cells = _read_cells(path, files[cells_path.name])
     expected = [c for c in (dict(zip(CELL, combo)) for combo in
                             itertools.product(*(settings[LISTS[k]] for k in CELL)))
                 if distinct(c["backend"], c["mode"])]
@@ -232,10 +238,10 @@ def load_baseline(path) -> Baseline:
     return Baseline(path, settings, environment, cells)
 
 
-def _read_cells(path, cells_path) -> list:
+def _read_cells(path, data: bytes) -> list:
     try:
-        text = cells_path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
+        text = data.decode()
+    except UnicodeDecodeError as exc:
         raise malformed(path, f"cannot read cells.csv: {exc}") from None
     reader = csv.reader(io.StringIO(text))
     header = next(reader, None)

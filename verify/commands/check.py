@@ -28,7 +28,7 @@ from verify.commands.baseline import (CELL, CLASS, LISTS, NUMBERS, REQUIRED_SETT
                                       cell_class, cell_id, compare_cells, describe,
                                       load_baseline, write_baseline)
 from verify.configurations import CONFIGURATIONS
-from verify.output import OutputRefused, add_files, check_folder
+from verify.output import OutputRefused, add_files, check_folder, read_back
 from verify.report import html as html_report
 from verify.report.tables import records
 from verify.selection import UsageError, installed_backends, listed
@@ -383,8 +383,11 @@ def read_run(args) -> tuple:
         raise UsageError(f"--from takes the selection from the run in "
                          f"{args.from_run}; do not give --{given[0].replace('_', '-')}")
     folder = Path(args.from_run)
+    if not (folder / "summary.json").is_file():
+        raise UsageError(f"--from {folder} is not a run report (no readable summary.json)")
+    files = read_back(folder, ["summary.json"], what="--from")
     try:
-        doc = json.loads((folder / "summary.json").read_text())
+        doc = json.loads(files["summary.json"])
         settings, environment, rows = doc["settings"], doc["environment"], doc["rows"]
         [cell_class(r) for r in rows]  # every row a cell: else not a run report
         missing = [k for k in REQUIRED_SETTINGS if k not in settings]

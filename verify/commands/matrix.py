@@ -9,6 +9,13 @@ that is not already there).  Only the backend workers run in that environment
 (`Selection.python`); the references and the comparison run here, identical
 for every column.
 
+A release is a public version number (`release`), checked with every other flag
+before anything is created; its environment and runs are folders under --work
+named by its normalised form, and an environment folder is cleared only when it
+carries VENV_MARKER, written before the environment into a folder the harness
+made: nothing outside --work, and nothing there the harness did not make, is
+created, cleared or removed.
+
 A release that cannot be installed, or that cannot be imported with a backend,
 is a column (or the backend's cells of a column) marked `unsupported` with the
 reason; the matrix goes on.  Cells are classed as in `verify-optimizers check`
@@ -18,10 +25,13 @@ releases is listed.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import itertools
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -29,6 +39,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from packaging.version import InvalidVersion, Version
 from tabulate import tabulate
 
 from verify import api, compare
@@ -44,6 +55,65 @@ from verify.worker.messages import UNSUPPORTED
 
 DEFAULT_OUTPUT = "reports/matrix"
 DEFAULT_WORK = str(Path.home() / ".cache" / "verify-optimizers" / "matrix")
+VENV_MARKER = ".verify-optimizers-venv"
+# "keras-" + the release is one folder name, at most NAME_MAX (255) bytes on Linux and macOS
+MAX_RELEASE = 200
+
+
+def release(text: str) -> str:
+    """A --keras value as the release it names, normalised (str(Version)): it
+    becomes a folder name under --work and pip's `keras==` pin.  UsageError unless
+    it is a public PEP 440 version (no local part) with no whitespace or path
+    separator."""
+    if any(c.isspace() or c in "/\\" for c in text):
+        raise UsageError(f"--keras {text!r} is not a release number (e.g. 3.5.0)")
+    try:
+        version = Version(text)
+    except ValueError:  # InvalidVersion, or a number past int()'s digit limit
+        raise UsageError(f"--keras {text!r} is not a release number (e.g. 3.5.0)") from None
+    if version.local is not None:
+        raise UsageError(f"--keras {text!r} has a local part (+{version.local}); PyPI "
+                         "publishes none: give a release number")
+    if len(str(version)) > MAX_RELEASE:
+        raise UsageError(f"--keras {text[:20]!r}... is longer than {MAX_RELEASE} characters")
+    return str(version)
+
+
+def _same_release(text: str, version: str) -> bool:
+    """Whether keras.__version__ `text` is the release `version` (3.1 is 3.1.0)."""
+    try:
+        return Version(text) == Version(version)
+    except InvalidVersion:
+        return False
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds (got {text!r})")
+    return value
+
+
+def inside(work: Path, *parts: str) -> Path:
+    """work/parts..., OutputRefused unless it resolves to a folder strictly inside
+    work (a symlink on the way may not lead out of it)."""
+    path = work.joinpath(*parts)
+    if work.resolve() not in path.resolve().parents:
+        raise OutputRefused(f"{path} lies outside --work {work}")
+    return path
+
+
+def venv_folder(work: Path, version: str) -> Path:
+    """The environment folder of `version`; OutputRefused if it lies outside work or
+    exists without VENV_MARKER (the harness did not make it: never cleared)."""
+    env = inside(work, "venvs", f"keras-{version}")
+    if env.is_symlink() or (env.exists() and not (env / VENV_MARKER).is_file()):
+        raise OutputRefused(f"{env} was not made by verify-optimizers (no {VENV_MARKER}): "
+                            "move it away or choose another --work")
+    return env
 
 
 def _parser():
@@ -54,7 +124,7 @@ def _parser():
                    help="Keras releases, comma-separated, oldest first (e.g. 3.0.0,3.5.0)")
     p.add_argument("--work", default=DEFAULT_WORK,
                    help="virtual environments and per-release runs (default %(default)s)")
-    p.add_argument("--timeout", type=int, default=1800,
+    p.add_argument("--timeout", type=_seconds, default=1800,
                    help="seconds allowed for one release's pip install (default %(default)s)")
     return p
 
@@ -68,17 +138,25 @@ def _venv_python(env: Path) -> Path:
     return env / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
-def prepare(version: str, work: Path, timeout: int) -> tuple:
-    """(python of an environment with keras==version, None) or (None, reason)."""
-    env = work / "venvs" / f"keras-{version}"
+def prepare(version: str, work: Path, timeout: float) -> tuple:
+    """(python of an environment with keras==version, None) or (None, reason);
+    `version` as release() gives it.  OutputRefused for a folder the harness may
+    not clear (venv_folder)."""
+    env = venv_folder(work, version)
     python = _venv_python(env)
     probe = [str(python), "-c", "import importlib.metadata as m; print(m.version('keras'))"]
     if python.exists():
         done = subprocess.run(probe, capture_output=True, text=True)
-        if done.returncode == 0 and done.stdout.strip() == version:
+        if done.returncode == 0 and _same_release(done.stdout.strip(), version):
             return python, None
     try:
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(env)], check=True,
+        if env.exists():
+            shutil.rmtree(env)
+        # the marker first: an interrupted build is still the harness's to clear
+        env.mkdir(parents=True)
+        (env / VENV_MARKER).write_text(json.dumps(
+            {"written_by": "verify-optimizers", "command": "matrix", "keras": version}) + "\n")
+        subprocess.run([sys.executable, "-m", "venv", str(env)], check=True,
                        capture_output=True, text=True, timeout=300)
         purelib = Path(subprocess.run([str(python), "-c",
                                        "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -90,7 +168,7 @@ def prepare(version: str, work: Path, timeout: int) -> tuple:
                                "--no-input", f"keras=={version}"],
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return None, f"pip install keras=={version} took more than {timeout} s"
+        return None, f"pip install keras=={version} took more than {timeout:g} s"
     except (OSError, subprocess.CalledProcessError) as exc:
         return None, f"cannot create the environment: {_last_line(getattr(exc, 'stderr', '') or '') or exc}"
     if done.returncode != 0:
@@ -114,7 +192,7 @@ def probe_backends(python: Path, version: str, backends) -> dict:
         lines = done.stdout.split()
         if done.returncode != 0:
             out[backend] = f"import keras fails: {_last_line(done.stderr)}"
-        elif lines[:2] != [version, backend]:
+        elif len(lines) < 2 or not _same_release(lines[0], version) or lines[1] != backend:
             out[backend] = f"imports keras {' '.join(lines[:2])} instead of {version} {backend}"
         else:
             out[backend] = None
@@ -379,7 +457,7 @@ def run_columns(sel, python, out: Path) -> tuple:
 
 def main(argv) -> int:
     args = _parser().parse_args(list(argv))
-    versions = listed(args.keras)
+    versions = list(dict.fromkeys(release(v) for v in listed(args.keras)))
     if not versions:
         raise UsageError("--keras needs at least one release")
     if args.gradients:
@@ -389,6 +467,9 @@ def main(argv) -> int:
     work = Path(args.work).resolve()
     try:
         check_folder(work, what="--work", replace=False)
+        for version in versions:  # before anything is created
+            venv_folder(work, version)
+            inside(work, "runs", version)
     except OutputRefused as exc:
         raise UsageError(str(exc)) from None
     (work / "runs").mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from verify.cli import Parser, claim_output, conclude
-from verify.output import replacing_folder
+from verify.output import read_back, replacing_folder
 from verify.report.findings import CELL, steps_path
 from verify.report.tables import ROW_FIELDS, Sink
 from verify.runner import distinct
@@ -50,10 +50,15 @@ def _parser():
 
 def read_shard(folder: Path) -> dict:
     """A shard report's part, inputs digest, settings (in order), environment,
-    rows and formats; UsageError if the folder is not one."""
+    rows and formats; UsageError if the folder is not one, OutputRefused if it is
+    not what the harness wrote (output.read_back)."""
+    if not (folder / "shard.json").is_file():
+        raise UsageError(f"{folder} is not a shard report (written with --shard K/N: "
+                         "shard.json and summary.json of one shard)")
+    files = read_back(folder, ["shard.json", "summary.json"], what="shard")
     try:
-        shard = json.loads((folder / "shard.json").read_text())
-        doc = json.loads((folder / "summary.json").read_text())
+        shard = json.loads(files["shard.json"])
+        doc = json.loads(files["summary.json"])
         k, n = (int(x) for x in shard["part"].split("/"))
         settings, environment, rows = shard["settings"], doc["environment"], doc["rows"]
         consistent = doc["settings"] == {**settings, "shard": shard["part"]}
