@@ -70,6 +70,9 @@ def test_push_runs_the_quick_tests_and_the_check_and_pull_requests_every_test():
     assert re.search(r"^verify-optimizers check\b", scripts["push"], re.M)
     for event in ("pull_request", "schedule"):
         assert re.search(r"^python -m pytest$", scripts[event], re.M), event
+    # the long sweeps the plain command leaves out run every week
+    assert re.search(r"^python -m pytest -m slow$", scripts["schedule"], re.M)
+    assert not re.search(r"^python -m pytest -m slow$", scripts["push"], re.M)
 
 
 def test_runs_on_reads_the_conditions():
@@ -88,7 +91,7 @@ def test_weekly_check_against_newest_release_and_nightly_on_every_backend():
     _, _, day, month, weekday = crons[0].split()
     assert day == month == "*" and weekday.isdigit()  # once a week
     scheduled = {n: j for n, j in wf["jobs"].items() if "== 'schedule'" in j.get("if", "")}
-    assert set(scheduled) == {"upstream", "upstream-merge"}
+    assert set(scheduled) == {"upstream", "upstream-merge", "slow"}
     job = scheduled["upstream"]
     assert set(job["strategy"]["matrix"]["keras"]) == {"release", "nightly"}
     assert set(job["strategy"]["matrix"]["backend"]) == set(BACKENDS)
