@@ -30,7 +30,8 @@ STEPS, SIZE, SEED = 25, 24, 7
 QUICK = {"test_arithmetic_reductions", "test_compare", "test_diff_pool",
          "test_gradient_digest", "test_readme", "test_reference_adafactor",
          "test_reference_base", "test_reference_muon", "test_reference_rules",
-         "test_reference_shapes", "test_reference_textbook_base", "test_workflow"}
+         "test_reference_shapes", "test_reference_textbook_base", "test_reports_fresh",
+         "test_workflow"}
 
 
 def pytest_collection_modifyitems(items):

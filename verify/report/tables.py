@@ -249,15 +249,7 @@ class Sink:
 
     def markdown(self, df: pd.DataFrame, environment: dict) -> str:
         s = self.settings
-        lines = ["# verify-optimizers report", ""]
-        plain = {k: v for k, v in s.items() if k not in ("configurations", "precision")}
-        lines += ["## Settings", "", tabulate(
-            [(k, ", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in plain.items()],
-            headers=["setting", "value"], tablefmt="github"), ""]
-        lines += ["## Configurations", "", tabulate(
-            [(k, json.dumps(v["config"], sort_keys=True), v["class_name"])
-             for k, v in s["configurations"].items()],
-            headers=["id", "config", "Keras class"], tablefmt="github"), ""]
+        lines = settings_markdown(s)
         lines += ["## Verdicts", "",
                   "Worst verdict over the scenarios; exact < match < n/a < mismatch < error "
                   "(n/a: the family does not state the configuration).", "",
@@ -334,6 +326,19 @@ class Sink:
                 continue
             lines += [f"## {' / '.join(key)}", "", _table(self.excerpts[key]), ""]
         return "\n".join(lines)
+
+
+def settings_markdown(settings: dict) -> list:
+    """summary.md's lines up to its verdicts: what the run was made from
+    (tests/test_reports_fresh.py compares a committed report's with today's)."""
+    plain = {k: v for k, v in settings.items() if k not in ("configurations", "precision")}
+    return ["# verify-optimizers report", "", "## Settings", "", tabulate(
+        [(k, ", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in plain.items()],
+        headers=["setting", "value"], tablefmt="github"), "",
+        "## Configurations", "", tabulate(
+            [(k, json.dumps(v["config"], sort_keys=True), v["class_name"])
+             for k, v in settings["configurations"].items()],
+            headers=["id", "config", "Keras class"], tablefmt="github"), ""]
 
 
 def explanations(df: pd.DataFrame) -> list:
