@@ -208,7 +208,14 @@ def changed(output):
             for c, f in zip(cells, df.fails.astype(str) == "True")]
 
 
-@pytest.mark.parametrize("edit", check_edits.EDITS, ids=[e.name for e in check_edits.EDITS])
+# Every plain `pytest` checks one edit of each code path (the generic update, torch's
+# kernel, JAX's override) and the edit that keeps the math; every edit runs weekly (slow).
+EVERY_RUN = {"changed-default", "torch-only", "branches-and-jax-micro-step-decay", "reassociated"}
+
+
+@pytest.mark.parametrize("edit", [
+    pytest.param(e, id=e.name, marks=() if e.name in EVERY_RUN else pytest.mark.slow)
+    for e in check_edits.EDITS])
 def test_the_check_fails_on_exactly_the_cells_an_edit_of_keras_changes(
         small_baseline, tmp_path, capsys, edit):
     assert {o for o, _ in edit.changes} <= set(OPTIMIZERS), "the small baseline lacks them"

@@ -16,6 +16,8 @@ from verify.commands import baseline
 from verify.selection import installed_backends
 from verify.worker.resume import interruptions
 
+pytestmark = pytest.mark.slow  # a training baseline and two checks on every backend: weekly
+
 STEPS = 12  # not a multiple of adam_ema's ema_overwrite_frequency (10): fit's last
 # step leaves the weights apart from the average, which only the finalisation writes
 K1, _ = interruptions(STEPS)

@@ -38,6 +38,7 @@ TRAJECTORY_MB = STEPS * ELEMENTS * 8 / MIB
 BOUND_MB = 420
 
 
+@pytest.mark.slow
 def test_the_harness_stays_near_its_inputs_at_100000_steps(tmp_path):
     out = tmp_path / "report"
     code = ("import sys\n"
