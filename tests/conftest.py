@@ -4,8 +4,10 @@ shared by the integration, specificity and sensitivity tests."""
 import importlib.util
 import os
 import sys
+import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,10 +30,10 @@ STEPS, SIZE, SEED = 25, 24, 7
 # README's and the workflow's claims, and real runs through a worker
 # (test_gradient_digest).  Plain `pytest` runs everything.
 QUICK = {"test_arithmetic_reductions", "test_compare", "test_diff_pool",
-         "test_gradient_digest", "test_readme", "test_reference_adafactor",
-         "test_reference_base", "test_reference_muon", "test_reference_rules",
-         "test_reference_shapes", "test_reference_textbook_base", "test_reports_fresh",
-         "test_workflow"}
+         "test_gradient_digest", "test_keras_refusals", "test_readme",
+         "test_reference_adafactor", "test_reference_base", "test_reference_muon",
+         "test_reference_rules", "test_reference_shapes", "test_reference_textbook_base",
+         "test_reports_fresh", "test_workflow"}
 
 
 def pytest_collection_modifyitems(items):
@@ -62,6 +64,33 @@ def own_modes(backend) -> list:
     """The default modes that are a run of their own on `backend` (runner.SAME_AS:
     torch's compiled run is its eager one)."""
     return [m for m in DEFAULT_MODES if distinct(backend, m)]
+
+
+REFUSALS = tomllib.loads((Path(__file__).with_name("keras_refusals.toml")).read_text())["refusal"]
+CELL_KEYS = ("optimizer", "backend", "dtype", "mode")
+
+
+def refused_by_keras(frame):
+    """The cells of `frame` that tests/keras_refusals.toml says Keras refuses, checked to
+    be `error` cells with Keras's exception, and the others, which must hold no
+    "Keras raises" cell: a refusal not in the table fails here."""
+    listed = np.zeros(len(frame), bool)
+    for entry in REFUSALS:
+        where = np.ones(len(frame), bool)
+        for key in CELL_KEYS:
+            if key in entry:
+                where &= (frame[key] == entry[key]).to_numpy()
+        hit = frame[where]
+        assert (hit.verdict == "error").all(), hit[hit.verdict != "error"][
+            ["family", *CELL_KEYS, "scenario", "verdict"]].to_string()
+        assert hit.reason.str.startswith(tuple(f"Keras raises {e}" for e in entry["raises"])).all(), \
+            hit.reason.unique()
+        listed |= where
+    others = frame[~listed]
+    new = others[(others.verdict == "error") & others.reason.str.startswith("Keras raises ")]
+    assert new.empty, "Keras refuses cells tests/keras_refusals.toml does not list:\n" + new[
+        ["family", *CELL_KEYS, "scenario", "reason"]].to_string()
+    return frame[listed], others
 
 
 def nonempty(frame):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import reference
-from conftest import fast_backend, make_selection, nonempty, run_selection
+from conftest import fast_backend, make_selection, nonempty, refused_by_keras, run_selection
 from reference import PRECISIONS, Arithmetic
 from reference.arithmetic import where
 from reference.rule import REGISTRY
@@ -159,13 +159,9 @@ def loss_scale_runs(tmp_path_factory):
 def test_real_keras_is_the_keras_loss_scale_rule_on_every_backend(loss_scale_runs):
     got = loss_scale_runs[loss_scale_runs.family == "keras"]
     assert set(got.backend) == set(installed_backends())
-    # JAX: LossScaleOptimizer.apply outside jit has Keras's ops.cond assign variables
-    # (UnexpectedTracerError); its trainer calls stateless_apply, the compiled mode here
-    raises = (got.backend == "jax") & (got["mode"] == "eager")
-    assert len(got[raises]) == ("jax" in installed_backends()) * 2 * 2  # dtypes x scenarios
-    assert (got[raises].verdict == "error").all()
-    assert got[raises].reason.str.startswith("Keras raises UnexpectedTracerError").all()
-    ran = got[~raises]
+    # JAX eager: Keras raises (tests/keras_refusals.toml)
+    refused, ran = refused_by_keras(got)
+    assert len(refused) == ("jax" in installed_backends()) * 2 * 2  # dtypes x scenarios
     assert len(ran) and ran.verdict.isin(["exact", "match"]).all(), ran[
         ["backend", "dtype", "mode", "scenario", "verdict", "divergent_state"]].to_string()
 
@@ -189,8 +185,7 @@ def test_every_configuration_runs_through_nonfinite_without_a_crash(tmp_path):
                          size=64, modes=["eager"])
     got = run_selection(sel, tmp_path)
     assert set(got.optimizer) == set(CONFIGURATIONS)
-    refused = got[(got.verdict == "error") & got.reason.str.startswith("Keras raises ")]
-    ran = got.drop(refused.index)
+    _, ran = refused_by_keras(got)
     assert ran.verdict.isin(["exact", "match"]).all(), ran[ran.verdict != "match"][
         ["optimizer", "dtype", "verdict", "first_divergent_step", "divergent_state",
          "reason"]].to_string()
