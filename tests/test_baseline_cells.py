@@ -50,7 +50,7 @@ CELLS = PLAN[-1] if PLAN else []
 @pytest.fixture(scope="module")
 def checked(tmp_path_factory):
     """Run the selection once: (cells now by key, report folder)."""
-    args, baseline, sel, output, formats, cells = PLAN
+    _, _, sel, output, formats, _ = PLAN
     if not any(a == "--output" or a.startswith("--output=") for a in _argv()):
         output = tmp_path_factory.mktemp("check")
     now, _, _ = check.execute(sel, output, formats)

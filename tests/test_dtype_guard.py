@@ -1,6 +1,5 @@
 """A float64 result computed in float32 is refused, not reported."""
 
-import pytest
 
 from conftest import make_selection, needs, run_selection
 

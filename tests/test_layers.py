@@ -5,7 +5,6 @@ The import graph is read from the source (`ast`), with the imports inside functi
 so an import made late to dodge a cycle is still an edge."""
 
 import ast
-import subprocess
 import sys
 from pathlib import Path
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import reference
-from conftest import fast_backend, make_selection, needs, run_selection
+from conftest import fast_backend, make_selection, run_selection
 from reference import PRECISIONS, Arithmetic
 from reference.arithmetic import Tracked, finfo, numpy_dtype
 from reference.optimizers import loss_scale

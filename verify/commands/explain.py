@@ -93,11 +93,12 @@ def run_variants(configurations, backend, names, steps, size, seed):
 
 def main(argv) -> int:
     from verify.cli import claim_report_file, one_line
-    from verify.selection import UsageError, check_run_size, choices, installed_backends
+    from verify.selection import UsageError, check_run_size, installed_backends
+    from verify.selection import choices as chosen
     from verify.output import replace_file
 
     args = build_parser().parse_args(argv)
-    ids = (choices(args.optimizer, list(CONFIGURATIONS), "optimizer")
+    ids = (chosen(args.optimizer, list(CONFIGURATIONS), "optimizer")
            or [i for i, c in CONFIGURATIONS.items() if c.class_name in SPACES])
     unknown = [i for i in ids if CONFIGURATIONS[i].class_name not in SPACES]
     if unknown:
@@ -106,7 +107,7 @@ def main(argv) -> int:
     backend = args.backend or next((b for b in PREFERRED_BACKENDS if b in installed), None)
     if backend not in installed:
         raise UsageError(f"backend not installed: {backend}")
-    names = choices(args.scenario, scenarios.SCENARIOS, "scenario") or list(scenarios.SCENARIOS)
+    names = chosen(args.scenario, scenarios.SCENARIOS, "scenario") or list(scenarios.SCENARIOS)
     check_run_size(args.steps, args.size, len(names), args.seed)
     output = claim_report_file(args.output)
 
