@@ -340,13 +340,9 @@ class Runner:
 
     def _digest(self, run_id, start, k) -> str:
         """The digest of steps start..start+k-1 as the worker computes it."""
-        digest = gradient_digest()
         run = self.runs[run_id]
-        rows = dtypes.gradients(self.all_gradients[run.scenarios][start - 1:start - 1 + k],
-                                run.dtype)
-        for row in rows:
-            digest.update(row.tobytes())
-        return digest.hexdigest()
+        return gradient_digest(dtypes.gradients(
+            self.all_gradients[run.scenarios][start - 1:start - 1 + k], run.dtype))
 
     def _worker_timing(self, w, bye):
         self.timing["workers"].append({
