@@ -144,12 +144,12 @@ class Sink:
         s = comparison.summary(index)
         d = s["divergence"]
         reason = ""
-        if comparison.only_keras:
-            reason += f"Keras state not in the reference: {', '.join(comparison.only_keras)}. "
-        if comparison.only_reference:
-            reason += ("reference state not in Keras: "
-                       f"{', '.join(comparison.only_reference)}. ")
-        for text in comparison.unmatched.values():
+        layout = comparison.layout
+        if layout.only_keras:
+            reason += f"Keras state not in the reference: {', '.join(layout.only_keras)}. "
+        if layout.only_reference:
+            reason += f"reference state not in Keras: {', '.join(layout.only_reference)}. "
+        for text in layout.unmatched.values():
             reason += f"{text}. "
         for text in comparison.notes[index]:
             reason += f"{text}. "
