@@ -219,8 +219,8 @@ def decays(hp: dict, path: str) -> bool:
     return re.search("|".join(exclude["var_names"]), path) is None
 
 
-def weight_decay(ar: Arithmetic, hp: dict, c: dict, variables: list, grads: list,
-                 lr: Tracked, paths: list) -> tuple:
+def weight_decay(ar: Arithmetic, hp: dict, c: dict, variables: list, lr: Tracked,
+                 paths: list) -> list:
     """Decoupled weight decay of every variable `decays`, when `weight_decay` is set.
 
     Pieces (AdamW's variant space names them; Keras's choice is the default):
@@ -231,12 +231,12 @@ def weight_decay(ar: Arithmetic, hp: dict, c: dict, variables: list, grads: list
     "base_optimizer" decays in its own update instead.
     """
     if hp["weight_decay"] is None or c.get("decay_form", "base_optimizer") != "base_optimizer":
-        return variables, grads
+        return variables
     by_lr = c.get("decay_scale", "lr") == "lr"
     scale = lr if by_lr else ar.const(1.0)
     python_lr = schedules.python_float(hp["learning_rate"]) if by_lr else None
     return [decoupled_weight_decay(ar, w, hp["weight_decay"], scale, python_lr)
-            if decays(hp, path) else w for w, path in zip(variables, paths)], grads
+            if decays(hp, path) else w for w, path in zip(variables, paths)]
 
 
 # --- 2. accumulate ----------------------------------------------------------
@@ -271,16 +271,13 @@ def accumulate(ar, hp, c, state, grads, t, lr, step, paths) -> tuple:
 
 # --- 3-5: clip, weight decay, the optimizer's own step ----------------------
 def update(ar, hp, c, state, grads, t, lr, step, paths) -> dict:
-    """Clip, weight decay (before or after, by the point's pieces) and the
+    """The stages of PIPELINE that the point's pieces choose, in order, around the
     optimizer's own step `step(state, grads, t)` -> {state: value}."""
-    grads = clip(ar, hp, grads)
-    variables = list(state["variable"])
-    for stage in stages(c, "before"):
-        variables, grads = stage.apply(ar, hp, c, variables, grads, lr, paths)
-    out = step({**state, "variable": variables}, grads, t)
-    for stage in stages(c, "after"):
-        out["variable"], grads = stage.apply(ar, hp, c, out["variable"], grads, lr, paths)
-    return out
+    states = {**state, "variable": list(state["variable"])}
+    for stage in PIPELINE:
+        if stage.chosen(c):
+            states, grads = stage.apply(ar, hp, c, states, grads, t, lr, step, paths)
+    return states
 
 
 # --- 6. EMA ------------------------------------------------------------------
@@ -439,18 +436,32 @@ def elementwise(hp: dict, c: dict) -> bool:
 @dataclass(frozen=True)
 class Stage:
     name: str
-    apply: Callable  # (ar, hp, c, variables, grads, lr, paths) -> (variables, grads)
-    # the point's pieces -> "before" or "after" the optimizer's update
-    when: Callable[[dict], str]
+    # (ar, hp, c, states, grads, t, lr, step, paths) -> (states, grads)
+    apply: Callable
+    chosen: Callable[[dict], bool] = lambda c: True  # the point's pieces -> does it run here?
 
 
-# the stages whose place around the update a point's pieces choose
+def _clip_stage(ar, hp, c, states, grads, t, lr, step, paths):
+    return states, clip(ar, hp, grads)
+
+
+def _weight_decay_stage(ar, hp, c, states, grads, t, lr, step, paths):
+    return {**states, "variable": weight_decay(ar, hp, c, states["variable"], lr, paths)}, grads
+
+
+def _step_stage(ar, hp, c, states, grads, t, lr, step, paths):
+    return step(states, grads, t), grads
+
+
+def _decays_after_step(c: dict) -> bool:
+    return c.get("decay_order") == "after_step"
+
+
+# Steps 3-5 of the module docstring in Keras's order; weight decay goes before the
+# optimizer's step, or after it where the point's `decay_order` piece says so.
 PIPELINE = (
-    Stage("weight_decay", weight_decay,
-          lambda c: "after" if c.get("decay_order") == "after_step" else "before"),
+    Stage("clip", _clip_stage),
+    Stage("weight_decay", _weight_decay_stage, lambda c: not _decays_after_step(c)),
+    Stage("step", _step_stage),
+    Stage("weight_decay", _weight_decay_stage, _decays_after_step),
 )
-
-
-def stages(c: dict, when: str) -> tuple:
-    """The stages of the pipeline that run `when` ("before", "after") the update."""
-    return tuple(s for s in PIPELINE if s.when(c) == when)

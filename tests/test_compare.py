@@ -193,7 +193,7 @@ def test_per_variable_evaluation_gives_the_flat_evaluation_bit_for_bit():
         c = compare.RunComparison("keras", r, config, "float64", PRECISIONS["jax"],
                                   compare.Segments([f"s{i}" for i in range(S)], [N] * S), g,
                                   [n for n in h[0] if n != "variable"])
-        assert len(c.layouts["variable"].names) == (S if r is not rule else 1)
+        assert len(c.layout.layouts["variable"].names) == (S if r is not rule else 1)
         batch = lambda hs: {n: np.stack([x[n] for x in hs]) for n in h[0]}
         c.start(batch(h[:1]), 0)
         c.feed(1, batch(h[1:]), np.arange(1, len(h)))
@@ -259,8 +259,8 @@ def test_a_change_in_one_weight_is_its_scenarios_mismatch_and_names_the_weight()
 def test_a_slot_keras_keeps_in_another_shape_is_not_compared_as_the_same_state():
     layout = {"momentum": [(0, (2, 3)), (1, (4,)), (2, (2, 3)), (3, (4,))],
               "velocity": [(0, (6,)), (1, (4,)), (2, (2, 3)), (3, (4,))]}
-    assert not shaped_run(layout={"momentum": layout["momentum"]}).unmatched
+    assert not shaped_run(layout={"momentum": layout["momentum"]}).layout.unmatched
     c = shaped_run(layout=layout)
-    assert list(c.unmatched) == ["velocity"] and "Keras keeps velocity as" in c.unmatched[
-        "velocity"]
+    assert list(c.layout.unmatched) == ["velocity"]
+    assert "Keras keeps velocity as" in c.layout.unmatched["velocity"]
     assert [c.verdict(s) for s in (0, 1)] == ["mismatch", "mismatch"]

@@ -64,7 +64,7 @@ def test_fit_is_not_in_the_default_modes():
     args = cli.build_parser().parse_args(["--optimizer", "sgd", "--backend",
                                           selection.installed_backends()[0]])
     sel, _, _ = cli.selection_from_args(args)
-    assert "fit" not in sel.modes and "fit" in cli.MODES
+    assert "fit" not in sel.modes and "fit" in selection.MODES
 
 
 # One fit run of the worker in a fresh process, with one thing changed: "data" feeds

@@ -130,7 +130,7 @@ class LowPrecision:
     KINDS = {"lost": "update lost (Keras keeps the value, the formula moves it)",
              "nonfinite": "NaN or inf where the formula stays finite"}
 
-    def __init__(self, comparison: "RunComparison"):
+    def __init__(self, comparison: RunComparison):
         self.c = comparison
         weights = np.dtype(comparison.ar.dtype)
         self.ar = Arithmetic(np.float64 if weights.itemsize < 4 else weights,
@@ -156,14 +156,14 @@ class LowPrecision:
 
     def feed(self, steps, states, before, g64, t_before):
         k = len(steps)
-        state, grads = self.c._inputs(self.ar, {n: v.astype(self.ar.dtype) for n, v in
+        state, grads = self.c.layout.inputs(self.ar, {n: v.astype(self.ar.dtype) for n, v in
                                                  before.items()}, g64, k)
         with ieee():
             out = self.c.rule(self.ar, self.c.hp, state, grads, self.ar.step_count(t_before),
-                              self.c.paths)
-        parts = self.c._outputs(out)
-        for name in self.c.ref_states:
-            if name not in states or name in self.c.unmatched:
+                              self.c.layout.paths)
+        parts = self.c.layout.outputs(out)
+        for name in self.c.layout.ref_states:
+            if name not in states or name in self.c.layout.unmatched:
                 continue
             new = states[name].reshape(k, -1).astype(np.float64)
             old = before[name].reshape(k, -1).astype(np.float64)
@@ -177,7 +177,7 @@ class LowPrecision:
                 self._count(kind, name, steps, hit, eligible)
 
     def _count(self, kind, name, steps, hit, eligible):
-        seg = self.c.state_segments.get(name)
+        seg = self.c.layout.state_segments.get(name)
         if seg is None:  # optimizer-wide: one value for every scenario
             seg = Segments(["g"], [hit.shape[1]], [0], 1)
         record = self.seen.setdefault((kind, name), [np.zeros(self.S, int), [""] * self.S,
@@ -194,7 +194,7 @@ class LowPrecision:
             if record[0][s] == 0 and per[:, s].any():
                 j = int(np.argmax(per[:, s]))
                 record[0][s] = int(steps[j])
-                if name in self.c.state_segments and self.c.state_segments[name] is not None:
+                if self.c.layout.state_segments.get(name) is not None:
                     _, weight = seg.argmax(hit[j].astype(float), s)
                     record[1][s] = seg.label(weight)
 
@@ -310,22 +310,16 @@ def _describe(parts, segments) -> str:
                            f"{shape}" for i, shape in parts) + "}"
 
 
-class RunComparison:
-    """One family x configuration x backend x dtype x mode, all scenarios.
+class StateLayout:
+    """The states of one comparison and how each side lays them out: the rule's and
+    Keras's, those only one side has, those Keras keeps in another layout
+    (`unmatched`) or, as the subject declares, in part (`partial`); each state's
+    variables laid end to end (segments), and the rule's inputs and outputs."""
 
-    Fed chunk by chunk with Keras's states; keeps per step and per scenario
-    (the segments' groups) the maxima of each error measure over every weight
-    of the scenario, and per scenario the verdict state.
-    """
-
-    def __init__(self, family, rule, config, dtype, precision, segments: Segments,
-                 gradients: np.ndarray, keras_states):
-        self.family = family
-        self.rule = rule
-        self.hp = rule.hyperparameters(config)
+    def __init__(self, rule, hp, segments: Segments, keras_states):
         # a slot that no variable of this run has (Muon's Adam velocity when every
         # weight is Muon's) is not a state of the run, on either side
-        self.specs = {s.name: s for s in rule.states(self.hp)
+        self.specs = {s.name: s for s in rule.states(hp)
                       if not s.per_variable or any(
                           s.shape_for(shape, path) is not None
                           for shape, path in zip(segments.shapes, segments.names))}
@@ -341,8 +335,6 @@ class RunComparison:
         # (a peer library's factored moments), is compared where it keeps it; the
         # rest continues the reference's own chain and is not compared
         self.partial = {}
-        self.run_dtype = dtype  # a dtype or a mixed policy (verify/worker/dtypes.py)
-        self.dtype = numpy_dtype(dtypes.variables(dtype))
         self.segments = segments  # the variables, grouped by scenario
         # each state's arrays laid end to end in the variables' order (None: optimizer-wide)
         self.state_segments = {"variable": segments}
@@ -352,66 +344,18 @@ class RunComparison:
                  zip(segments.shapes, segments.names)]) if spec.per_variable else None
         # the states as the rule sees them: per variable with its shape, or, for
         # an elementwise rule, all variables as one flat variable (the same numbers)
-        if rule.elementwise(self.hp):
+        if rule.elementwise(hp):
             self.layouts = {n: None if seg is None else Segments([""], [seg.total])
                             for n, seg in self.state_segments.items()}
             self.paths = [""]
         else:
             self.layouts = self.state_segments
             self.paths = segments.names
-        self.gradients = gradients  # [steps, N] float64, the variables laid end to end
-        self.ar = Arithmetic(self.dtype, precision, tie_width=2 * TOLERANCE)
-        self.free_ar = Arithmetic(self.dtype, precision, track=False)
-        S = segments.group_count
-        self.exact = np.ones(S, bool)
-        self.divergence: list = [None] * S
-        self.unverified: list = [None] * S  # per scenario: the first element its bound cannot judge
-        self.notes: list = [[] for _ in range(S)]  # per scenario: after_last_step's
-        self.mismatch_steps = np.zeros(S, int)
-        # each chunk's per-step table {"step": [k], "drift": [k,S], (state, metric): [k,S]}
-        # goes to on_table: kept in `tables`, unless the runner sends it to the report's
-        # files as it comes (report.StepFiles)
-        self.tables: list = []
-        self.on_table = self.tables.append
-        # over all steps so far, per scenario: the largest error of each metric over the
-        # states, the largest and the last drift
-        self.largest = {m: np.full(S, -np.inf) for m in METRICS}
-        self.drift = np.full(S, -np.inf)
-        self.final_drift = np.full(S, np.nan)
-        self.error = None
-        self.low_precision = (LowPrecision(self) if family == "keras"
-                              and dtypes.compute(dtype) in dtypes.LOW else None)
 
-    def _reduce(self, name: str, values: np.ndarray) -> np.ndarray:
-        """[k, N] errors of a state -> [k, S] maxima per scenario."""
-        seg = self.state_segments.get(name)
-        if seg is None:  # optimizer-wide: the same value for every scenario
-            return np.repeat(values.reshape(len(values), -1)[:, :1], self.segments.group_count,
-                             axis=1)
-        return seg.reduce_max(values)
-
-    # --- feeding ----------------------------------------------------------
-    def start(self, initial: dict, iteration: int, layout: dict | None = None,
-              not_kept=()) -> None:
-        """Step 0: Keras's states before any update against the rule's initial state.
-
-        `layout` is Keras's: state -> [(variable index or None, shape)], for the
-        slots Keras keeps; a state whose layout differs from the reference's is
-        compared as one that side does not have, unless it is `not_kept` (states
-        the subject declares it keeps for some variables only or in another
-        shape): then its parts of the reference's shape are compared, the others
-        not."""
-        w0 = initial["variable"]
-        ref, bounds = {"variable": w0}, {"variable": np.zeros(1)}
-        for name, spec in self.specs.items():
-            seg = self.state_segments[name]
-            if spec.copies_variable:
-                ref[name], bounds[name] = w0, np.zeros(1)
-                continue
-            c = (self.ar.cast if spec.initial_via_cast else self.ar.const)(spec.initial)
-            shape = (1, 1) if seg is None else (1, seg.total)
-            ref[name] = np.broadcast_to(c.v, shape).astype(numpy_dtype(spec.dtype or self.dtype))
-            bounds[name] = np.broadcast_to(c.e, shape)
+    def match(self, layout: dict | None, not_kept=()) -> None:
+        """Keras's `layout` (state -> [(variable index or None, shape)]) against the
+        reference's: a state laid out otherwise is `unmatched`, unless it is `not_kept`
+        (see RunComparison.start), then `partial`."""
         for name, parts in (layout or {}).items():
             if name in self.state_segments and name != "variable":
                 seg = self.state_segments[name]
@@ -432,35 +376,16 @@ class RunComparison:
                     keep[seg.offsets[i]:seg.offsets[i] + seg.sizes[i]] = True
             self.partial[name] = (keep, got)
             self.unmatched.pop(name, None)
-        self.ties = {}
-        initial = {**initial, **{n: self._kept(n, initial.get(n), ref[n]) for n in self.partial}}
-        self._judge(np.array([0]), initial, ref, bounds,
-                    np.zeros((1, self.segments.group_count)))
-        self.prev = {n: v[-1] for n, v in initial.items()}
-        self.prev_iteration = int(iteration)
-        self.last_ref = {n: v[-1] for n, v in ref.items()}
-        self.free = {n: np.asarray(ref[n][-1], dtype=self.dtype) for n in self.ref_states}
 
-    def feed(self, start: int, states: dict, iterations: np.ndarray) -> None:
-        """States after steps start .. start+k-1 (1-based), [k, N] or [k, 1]."""
-        k = len(iterations)
-        g = dtypes.gradients(self.gradients[start - 1:start - 1 + k], self.run_dtype)
-        t_before = np.concatenate([[self.prev_iteration], iterations[:-1]])
-        states = {**states, **{n: self._kept(n, states.get(n), np.repeat(
-            self.last_ref[n][None], k, axis=0)) for n in self.partial}}
-        drift = self._free_run(states, g, t_before)
-        ref, bounds, before = self._lockstep(states, g, t_before)
-        for name, (keep, _) in self.partial.items():
-            states[name][:, ~keep] = ref[name][:, ~keep]
-        if self.low_precision is not None:
-            self.low_precision.feed(np.arange(start, start + k), states, before,
-                                    self.gradients[start - 1:start - 1 + k], t_before)
-        self._judge(np.arange(start, start + k), states, ref, bounds, drift)
-        self.prev = {n: v[-1] for n, v in states.items()}
-        self.prev_iteration = int(iterations[-1])
-        self.last_ref = {n: v[-1] for n, v in ref.items()}
+    def reduce(self, name: str, values: np.ndarray) -> np.ndarray:
+        """[k, N] errors of a state -> [k, S] maxima per scenario."""
+        seg = self.state_segments.get(name)
+        if seg is None:  # optimizer-wide: the same value for every scenario
+            return np.repeat(values.reshape(len(values), -1)[:, :1], self.segments.group_count,
+                             axis=1)
+        return seg.reduce_max(values)
 
-    def _kept(self, name, values, fill) -> np.ndarray:
+    def kept(self, name, values, fill) -> np.ndarray:
         """A partly kept state, [k, N]: the subject's parts of the reference's
         shape, `fill` (the reference's) elsewhere."""
         keep, got = self.partial[name]
@@ -474,7 +399,7 @@ class RunComparison:
             start += n
         return out
 
-    def _inputs(self, ar, flat: dict, g: np.ndarray, k: int):
+    def inputs(self, ar, flat: dict, g: np.ndarray, k: int):
         """Flat states and gradients -> the rule's per-variable Tracked inputs."""
         state = {}
         for name, value in flat.items():
@@ -485,62 +410,70 @@ class RunComparison:
                 state[name] = [None if v is None else ar.exact(v) for v in layout.split(value)]
         return state, [ar.exact(v) for v in self.layouts["variable"].split(g)]
 
-    def _outputs(self, out: dict) -> dict:
+    def outputs(self, out: dict) -> dict:
         """The rule's states -> {name: list of Tracked parts, in the variables' order}."""
         return {n: out[n] if isinstance(out.get(n), list) else [out.get(n)]
                 for n in self.ref_states}
 
-    def _lockstep(self, states, g, t_before):
-        """The rule applied to Keras's previous states, k steps at once."""
+
+class Lockstep:
+    """The comparison that decides the verdict: each step the rule applied to Keras's
+    own previous states (a state only the reference has continues its own chain),
+    Keras's states against its result.  Keeps per scenario whether every state was
+    exact, the first divergence, the first element its bound cannot judge, the
+    steps over TOLERANCE and the largest of each error measure."""
+
+    def __init__(self, layout: StateLayout, rule, hp, ar: Arithmetic):
+        self.layout, self.rule, self.hp, self.ar = layout, rule, hp, ar
+        S = layout.segments.group_count
+        self.exact = np.ones(S, bool)
+        self.divergence: list = [None] * S
+        self.unverified: list = [None] * S  # per scenario: the first element its bound cannot judge
+        self.notes: list = [[] for _ in range(S)]  # per scenario: after_last_step's
+        self.mismatch_steps = np.zeros(S, int)
+        # over all steps so far, per scenario: the largest error of each metric over the states
+        self.largest = {m: np.full(S, -np.inf) for m in METRICS}
+        self.ties = {}
+
+    def keep(self, states: dict, ref: dict, iteration: int) -> None:
+        """The states the next step starts from: Keras's, and the reference's
+        for the states only it has."""
+        self.prev = {n: v[-1] for n, v in states.items()}
+        self.prev_iteration = int(iteration)
+        self.last_ref = {n: v[-1] for n, v in ref.items()}
+
+    def apply(self, states, g, t_before):
+        """The rule applied to Keras's previous states, k steps at once: its values,
+        their bounds, and the states it started from."""
         k = len(t_before)
         before = {}
-        for name in self.ref_states:
-            if name in states and name not in self.unmatched:
+        for name in self.layout.ref_states:
+            if name in states and name not in self.layout.unmatched:
                 seq = np.concatenate([self.prev[name][None], states[name][:-1]])
             else:  # a state only the reference has continues its own chain
                 seq = np.repeat(self.last_ref[name][None], k, axis=0)
             before[name] = seq
-        state, grads = self._inputs(self.ar, before, g, k)
+        state, grads = self.layout.inputs(self.ar, before, g, k)
         with ieee():
             out = self.rule(self.ar, self.hp, state, grads, self.ar.step_count(t_before),
-                            self.paths)
-        parts = self._outputs(out)
-        ref = {n: _flat(parts[n], k, "v") for n in self.ref_states}
-        bounds = {n: _flat(parts[n], k, "e") for n in self.ref_states}
-        self.ties = {n: _flat(parts[n], k, "tie") for n in self.ref_states}
+                            self.layout.paths)
+        parts = self.layout.outputs(out)
+        ref = {n: _flat(parts[n], k, "v") for n in self.layout.ref_states}
+        bounds = {n: _flat(parts[n], k, "e") for n in self.layout.ref_states}
+        self.ties = {n: _flat(parts[n], k, "tie") for n in self.layout.ref_states}
         return ref, bounds, before
 
-    def _free_run(self, states, g, t_before):
-        k = len(t_before)
-        drift = np.zeros((k, self.segments.group_count))
-        tiny = np.finfo(np.float64).tiny
-        for j in range(k):
-            state, grads = self._inputs(self.free_ar, {n: v[None] for n, v in self.free.items()},
-                                        g[j][None], 1)
-            with ieee():
-                out = self.rule(self.free_ar, self.hp, state, grads,
-                                self.free_ar.step_count(np.asarray([t_before[j]])), self.paths)
-            parts = self._outputs(out)
-            self.free = {n: _flat(parts[n], 1, "v")[0] for n in self.ref_states}
-            w_ref = self.free["variable"].astype(np.float64).reshape(1, -1)
-            w_keras = states["variable"][j].astype(np.float64).reshape(1, -1)
-            # NaN and infinities count as in the verdict: equal where both sides agree
-            gap = self.segments.reduce_max(difference(w_keras, w_ref))[0]
-            finite = np.where(np.isfinite(w_ref), np.abs(w_ref), 0.0)
-            scale = np.maximum(self.segments.reduce_max(finite)[0], tiny)
-            with np.errstate(invalid="ignore", over="ignore"):
-                d = gap / scale
-            drift[j] = np.where(np.isnan(d), np.inf, d)
-        return drift
-
-    def _judge(self, steps, keras, ref, bounds, drift):
-        k, S = len(steps), self.segments.group_count
+    def judge(self, steps, keras, ref, bounds, drift) -> dict:
+        """Keras's states of `steps` against the reference's: the per-step table
+        {"step": [k], "drift": [k,S], (state, metric): [k,S]}."""
+        layout = self.layout
+        k, S = len(steps), layout.segments.group_count
         table = {"step": steps, "drift": drift}
         over = np.zeros((k, S), bool)
         scaled_by_state = {}
         elementwise = {}
-        for name in self.names:
-            if name in keras and name in ref and name not in self.unmatched:
+        for name in layout.names:
+            if name in keras and name in ref and name not in layout.unmatched:
                 kv, rv = keras[name].reshape(k, -1), ref[name].reshape(k, -1)
                 diff, rel, scaled = element_errors(kv, rv, bounds[name],
                                                    self.ties.get(name))
@@ -551,10 +484,10 @@ class RunComparison:
                 # a counter Keras keeps as an integer is exact as its value
                 if kv.dtype != rv.dtype and not np.issubdtype(kv.dtype, np.integer):
                     self.exact[:] = False
-                self.exact &= ~self._reduce(name, diff != 0).any(axis=0)
+                self.exact &= ~layout.reduce(name, diff != 0).any(axis=0)
                 elementwise[name] = (kv, rv, np.broadcast_to(bounds[name], kv.shape), scaled)
                 for metric, values in zip(METRICS, (diff, rel, scaled)):
-                    table[(name, metric)] = self._reduce(name, values)
+                    table[(name, metric)] = layout.reduce(name, values)
             else:  # a state that one side does not have at all
                 self.exact[:] = False
                 for metric in METRICS:
@@ -562,22 +495,20 @@ class RunComparison:
             scaled_by_state[name] = table[(name, "scaled")]
             over |= scaled_by_state[name] > TOLERANCE
         for metric in METRICS:
-            for name in self.names:
+            for name in layout.names:
                 self.largest[metric] = np.maximum(self.largest[metric],
                                                   table[(name, metric)].max(axis=0))
-        self.drift = np.maximum(self.drift, drift.max(axis=0))
-        self.final_drift = drift[-1].copy()
-        self.on_table(table)
         self.mismatch_steps += over.sum(axis=0)
         for s in range(S):
             if self.divergence[s] is not None or not over[:, s].any():
                 continue
             j = int(np.argmax(over[:, s]))
-            name = max(self.names, key=lambda n: (scaled_by_state[n][j, s], -self.names.index(n)))
+            name = max(layout.names,
+                       key=lambda n: (scaled_by_state[n][j, s], -layout.names.index(n)))
             weight = ""
             if name in elementwise:
                 kv, rv, bv, sc = elementwise[name]
-                seg = self.state_segments.get(name)
+                seg = layout.state_segments.get(name)
                 i, weight = (0, "") if seg is None else seg.argmax(sc[j], s)
                 detail = (float(kv[j, i]), float(rv[j, i]), float(bv[j, i]))
             else:
@@ -585,33 +516,33 @@ class RunComparison:
             self.divergence[s] = Divergence(int(steps[j]), name, detail[0], detail[1],
                                             abs(detail[0] - detail[1]),
                                             float(scaled_by_state[name][j, s]), detail[2],
-                                            self.segments.label(weight))
+                                            layout.segments.label(weight))
+        return table
 
     def _unverified(self, name, steps, kv, rv, unknown):
         """Record, per scenario, the first step and element of state `name` whose
         error bound overflowed while Keras's value differs: the harness cannot
         verify that scenario (its verdict is `error`, unless a mismatch was found)."""
-        per = self._reduce(name, unknown.astype(np.int8)).astype(bool)
-        seg = self.state_segments.get(name)
+        segments = self.layout.segments
+        per = self.layout.reduce(name, unknown.astype(np.int8)).astype(bool)
+        seg = self.layout.state_segments.get(name)
         for s in np.flatnonzero(per.any(axis=0)):
             if self.unverified[s] is not None:
                 continue
             j = int(np.argmax(per[:, s]))
             i, weight = (0, "") if seg is None else seg.argmax(unknown[j].astype(float), s)
-            where = f" ({self.segments.label(weight)})" if weight else ""
+            where = f" ({segments.label(weight)})" if weight else ""
             self.unverified[s] = (
                 f"cannot verify {name} at step {int(steps[j])}{where}: its error bound "
-                f"overflowed in the reference's {self.dtype.name} arithmetic (Keras "
+                f"overflowed in the reference's {self.ar.dtype.name} arithmetic (Keras "
                 f"{float(kv[j, i])!r}, reference {float(rv[j, i])!r})")
             self.notes[s].append(self.unverified[s])  # the row's reason
 
     def after_last_step(self, step: int, place: int, keras: float, expected: float,
                         why: str) -> None:
-        """What happened to a variable after the last step compared (fit's end): its
-        value, `keras`, is not the `expected` one.  A divergence of its scenario in
-        `variable` at that step, unless an earlier one is recorded; `why` goes into
-        the row's reason."""
-        s = int(self.segments.groups[place])
+        """See RunComparison.after_last_step."""
+        segments = self.layout.segments
+        s = int(segments.groups[place])
         self.exact[s] = False
         self.notes[s].append(why)
         gap = abs(keras - expected)
@@ -621,26 +552,178 @@ class RunComparison:
             self.largest[metric][s] = max(self.largest[metric][s], value)
         if self.divergence[s] is None:
             self.divergence[s] = Divergence(step, "variable", keras, expected, gap, np.inf, 0.0,
-                                            self.segments.label(self.segments.names[place]))
+                                            segments.label(segments.names[place]))
 
-    # --- results ------------------------------------------------------------
     def verdict(self, s: int) -> str:
-        if self.error:
-            return "error"
         if self.divergence[s] is not None:  # a verified change, whatever else happened
             return "mismatch"
         if self.unverified[s] is not None:
             return "error"
         return "exact" if self.exact[s] else "match"
 
+
+class FreeRun:
+    """The rule on its own from the same start as Keras, step by step: the distance
+    of its weights from Keras's per scenario (drift), reported, not judged."""
+
+    def __init__(self, layout: StateLayout, rule, hp, ar: Arithmetic):
+        self.layout, self.rule, self.hp, self.ar = layout, rule, hp, ar
+        S = layout.segments.group_count
+        # over all steps so far, per scenario: the largest and the last drift
+        self.drift = np.full(S, -np.inf)
+        self.final_drift = np.full(S, np.nan)
+
+    def start(self, ref: dict, dtype) -> np.ndarray:
+        """From the rule's initial states; the drift of step 0 (none), [1, S]."""
+        self.states = {n: np.asarray(ref[n][-1], dtype=dtype) for n in self.layout.ref_states}
+        return self._record(np.zeros((1, self.layout.segments.group_count)))
+
+    def feed(self, states, g, t_before) -> np.ndarray:
+        """The drift after each of the k steps of Keras's `states`, [k, S]."""
+        layout, segments = self.layout, self.layout.segments
+        k = len(t_before)
+        drift = np.zeros((k, segments.group_count))
+        tiny = np.finfo(np.float64).tiny
+        for j in range(k):
+            state, grads = layout.inputs(self.ar, {n: v[None] for n, v in self.states.items()},
+                                         g[j][None], 1)
+            with ieee():
+                out = self.rule(self.ar, self.hp, state, grads,
+                                self.ar.step_count(np.asarray([t_before[j]])), layout.paths)
+            parts = layout.outputs(out)
+            self.states = {n: _flat(parts[n], 1, "v")[0] for n in layout.ref_states}
+            w_ref = self.states["variable"].astype(np.float64).reshape(1, -1)
+            w_keras = states["variable"][j].astype(np.float64).reshape(1, -1)
+            # NaN and infinities count as in the verdict: equal where both sides agree
+            gap = segments.reduce_max(difference(w_keras, w_ref))[0]
+            finite = np.where(np.isfinite(w_ref), np.abs(w_ref), 0.0)
+            scale = np.maximum(segments.reduce_max(finite)[0], tiny)
+            with np.errstate(invalid="ignore", over="ignore"):
+                d = gap / scale
+            drift[j] = np.where(np.isnan(d), np.inf, d)
+        return self._record(drift)
+
+    def _record(self, drift):
+        self.drift = np.maximum(self.drift, drift.max(axis=0))
+        self.final_drift = drift[-1].copy()
+        return drift
+
+
+class RunComparison:
+    """One family x configuration x backend x dtype x mode, all scenarios.
+
+    Fed chunk by chunk with Keras's states, which go to the lockstep comparison
+    (the verdict), the free run (drift) and, in a low dtype, LowPrecision; keeps
+    per step and per scenario (the segments' groups) the maxima of each error
+    measure over every weight of the scenario, and per scenario the verdict state.
+    """
+
+    def __init__(self, family, rule, config, dtype, precision, segments: Segments,
+                 gradients: np.ndarray, keras_states):
+        self.family = family
+        self.rule = rule
+        self.hp = rule.hyperparameters(config)
+        self.layout = StateLayout(rule, self.hp, segments, keras_states)
+        self.run_dtype = dtype  # a dtype or a mixed policy (verify/worker/dtypes.py)
+        self.dtype = numpy_dtype(dtypes.variables(dtype))
+        self.segments = segments  # the variables, grouped by scenario
+        self.gradients = gradients  # [steps, N] float64, the variables laid end to end
+        self.ar = Arithmetic(self.dtype, precision, tie_width=2 * TOLERANCE)
+        self.lockstep = Lockstep(self.layout, rule, self.hp, self.ar)
+        self.free_run = FreeRun(self.layout, rule, self.hp,
+                                Arithmetic(self.dtype, precision, track=False))
+        # each chunk's per-step table (Lockstep.judge) goes to on_table: kept in
+        # `tables`, unless the runner sends it to the report's files as it comes
+        # (report.StepFiles)
+        self.tables: list = []
+        self.on_table = self.tables.append
+        self.error = None
+        self.low_precision = (LowPrecision(self) if family == "keras"
+                              and dtypes.compute(dtype) in dtypes.LOW else None)
+
+    @property
+    def divergence(self) -> list:
+        """Per scenario: its first Divergence, or None."""
+        return self.lockstep.divergence
+
+    @property
+    def unverified(self) -> list:
+        """Per scenario: the first element its bound cannot judge, or None."""
+        return self.lockstep.unverified
+
+    @property
+    def notes(self) -> list:
+        """Per scenario: what its row's reason says besides the states."""
+        return self.lockstep.notes
+
+    # --- feeding ----------------------------------------------------------
+    def start(self, initial: dict, iteration: int, layout: dict | None = None,
+              not_kept=()) -> None:
+        """Step 0: Keras's states before any update against the rule's initial state.
+
+        `layout` is Keras's: state -> [(variable index or None, shape)], for the
+        slots Keras keeps; a state whose layout differs from the reference's is
+        compared as one that side does not have, unless it is `not_kept` (states
+        the subject declares it keeps for some variables only or in another
+        shape): then its parts of the reference's shape are compared, the others
+        not."""
+        w0 = initial["variable"]
+        ref, bounds = {"variable": w0}, {"variable": np.zeros(1)}
+        for name, spec in self.layout.specs.items():
+            seg = self.layout.state_segments[name]
+            if spec.copies_variable:
+                ref[name], bounds[name] = w0, np.zeros(1)
+                continue
+            c = (self.ar.cast if spec.initial_via_cast else self.ar.const)(spec.initial)
+            shape = (1, 1) if seg is None else (1, seg.total)
+            ref[name] = np.broadcast_to(c.v, shape).astype(numpy_dtype(spec.dtype or self.dtype))
+            bounds[name] = np.broadcast_to(c.e, shape)
+        self.layout.match(layout, not_kept)
+        initial = {**initial, **{n: self.layout.kept(n, initial.get(n), ref[n])
+                                 for n in self.layout.partial}}
+        drift = self.free_run.start(ref, self.dtype)
+        self.on_table(self.lockstep.judge(np.array([0]), initial, ref, bounds, drift))
+        self.lockstep.keep(initial, ref, iteration)
+
+    def feed(self, start: int, states: dict, iterations: np.ndarray) -> None:
+        """States after steps start .. start+k-1 (1-based), [k, N] or [k, 1]."""
+        lockstep = self.lockstep
+        k = len(iterations)
+        g = dtypes.gradients(self.gradients[start - 1:start - 1 + k], self.run_dtype)
+        t_before = np.concatenate([[lockstep.prev_iteration], iterations[:-1]])
+        states = {**states, **{n: self.layout.kept(n, states.get(n), np.repeat(
+            lockstep.last_ref[n][None], k, axis=0)) for n in self.layout.partial}}
+        drift = self.free_run.feed(states, g, t_before)
+        ref, bounds, before = lockstep.apply(states, g, t_before)
+        for name, (keep, _) in self.layout.partial.items():
+            states[name][:, ~keep] = ref[name][:, ~keep]
+        if self.low_precision is not None:
+            self.low_precision.feed(np.arange(start, start + k), states, before,
+                                    self.gradients[start - 1:start - 1 + k], t_before)
+        self.on_table(lockstep.judge(np.arange(start, start + k), states, ref, bounds, drift))
+        lockstep.keep(states, ref, iterations[-1])
+
+    def after_last_step(self, step: int, place: int, keras: float, expected: float,
+                        why: str) -> None:
+        """What happened to a variable after the last step compared (fit's end): its
+        value, `keras`, is not the `expected` one.  A divergence of its scenario in
+        `variable` at that step, unless an earlier one is recorded; `why` goes into
+        the row's reason."""
+        self.lockstep.after_last_step(step, place, keras, expected, why)
+
+    # --- results ------------------------------------------------------------
+    def verdict(self, s: int) -> str:
+        return "error" if self.error else self.lockstep.verdict(s)
+
     def summary(self, s: int) -> dict:
+        lockstep = self.lockstep
         return {
             "verdict": self.verdict(s),
-            "divergence": self.divergence[s],
-            "mismatch_steps": int(self.mismatch_steps[s]),
-            **{f"max_{m}_error": float(self.largest[m][s]) for m in METRICS},
-            "drift": float(self.drift[s]),
-            "final_drift": float(self.final_drift[s]),
+            "divergence": lockstep.divergence[s],
+            "mismatch_steps": int(lockstep.mismatch_steps[s]),
+            **{f"max_{m}_error": float(lockstep.largest[m][s]) for m in METRICS},
+            "drift": float(self.free_run.drift[s]),
+            "final_drift": float(self.free_run.final_drift[s]),
             "low_precision": "" if self.low_precision is None else self.low_precision.describe(s),
         }
 

@@ -214,8 +214,9 @@ class Runner:
         threads (numpy releases the GIL), one comparison (run and family) at a time
         in arrival order, different comparisons in parallel."""
         q = queue.Queue(maxsize=2 * len(started))  # backpressure: workers wait for the diff
-        families = self.sel.families
-        diff = _OrderedPool(_diff_threads(), budget=(2 * len(started) + 2) * len(families))
+        diff = _OrderedPool(_diff_threads(),
+                            budget=(2 * len(started) + 2) * len(self.sel.families))
+        streams = _Streams(self, diff)
 
         def reader(w):
             try:
@@ -231,104 +232,19 @@ class Runner:
                 q.put((w, ({"type": "torn", "reason": f"{type(exc).__name__}: {exc}"}, {})))
             q.put((w, None))
 
-        def each_family(run_id, method, *args):
-            for family in families:
-                diff.submit((run_id, family), method, run_id, family, *args)
-
-        def failed(run_id, reason):
-            if self.floor:
-                self.timing.setdefault("failures", []).append(reason)
-                return
-            each_family(run_id, self._finish_error, reason, active)
-            run = self.runs[run_id]
-            self._advance(self.sel.steps - getattr(run, "steps_done", 0))
-
         threads = [threading.Thread(target=reader, args=(w,), daemon=True) for w in started]
         for t in threads:
             t.start()
         open_workers = len(started)
-        active = {}  # (run id, family) -> comparison, touched only by its own tasks
-        done = set()
         try:
             while open_workers:
                 w, msg = q.get()
                 diff.raise_failure()
                 if msg is None:
                     open_workers -= 1
-                    if "torn" in w:  # nobody reads its stream: it would block writing
-                        processes.stop(w["proc"])
-                    try:
-                        w["proc"].wait(timeout=EXIT_SECONDS)
-                    except subprocess.TimeoutExpired:
-                        processes.stop(w["proc"])
-                    w["log"].close()
-                    reason = processes.death_reason(w["proc"].returncode, w["log_path"])
-                    for run_id in w["runs"]:
-                        if run_id not in done:
-                            failed(run_id, f"{w['backend']} worker failed: {reason}")
-                            done.add(run_id)
-                    continue
-                header, arrays = msg
-                kind = header["type"]
-                if kind == "torn":
-                    w["torn"] = header["reason"]
-                    for run_id in w["runs"]:
-                        if run_id not in done:
-                            failed(run_id, f"{w['backend']} worker's stream could not be "
-                                           f"read: {header['reason']}")
-                            done.add(run_id)
-                    continue
-                run_id = header.get("id")
-                if run_id in done and kind in ("chunk", "run_end", "run_error"):
-                    continue  # a run already failed (its rows are written)
-                if kind == "bye":
-                    self._worker_timing(w, header)
-                elif kind == "hello":
-                    self.environment["backends"][header["backend"]] = {
-                        "keras": header["keras"], "version": header.get("backend_version"),
-                        "numpy": header["numpy"], "python": header["python"],
-                        "keras_config": header.get("keras_config")}
-                elif kind == "run_start":
-                    self.runs[run_id].round_trip = header.get("round_trip")
-                    states = _assemble(arrays, 1)
-                    if self.observer:
-                        self.observer(self.runs[run_id], 0, states, header)
-                    self._check_dtypes(self.runs[run_id], header["computed_dtypes"])
-                    each_family(run_id, self._start, states, int(arrays["iterations"][0]),
-                                _layout(arrays), active)
-                elif kind == "chunk":
-                    k = len(arrays["iterations"])
-                    if header.get("gradients") != self._digest(run_id, header["start"], k):
-                        failed(run_id, "harness error: the worker applied other gradients at "
-                                       f"steps {header['start']}..{header['start'] + k - 1} "
-                                       "than the comparison uses")
-                        done.add(run_id)
-                        continue
-                    states = _assemble(arrays, len(arrays["iterations"]))
-                    if self.observer:
-                        self.observer(self.runs[run_id], header["start"], states, header)
-                    each_family(run_id, self._feed, header["start"], states,
-                                arrays["iterations"], active)
-                    run = self.runs[run_id]
-                    run.steps_done = getattr(run, "steps_done", 0) + len(arrays["iterations"])
-                    self._advance(len(arrays["iterations"]))
-                elif kind == "run_end":
-                    for part, seconds in header["seconds"].items():
-                        key = f"workers_{part}"
-                        self.timing[key] = self.timing.get(key, 0.0) + seconds
-                    if self.floor:
-                        self._advance(self.sel.steps)
-                    else:
-                        if header.get("notes"):
-                            each_family(run_id, self._notes, header["notes"], active)
-                        if header.get("unfinalised"):
-                            each_family(run_id, self._unfinalised, header["unfinalised"],
-                                        active)
-                        each_family(run_id, self._finish, active)
-                    done.add(run_id)
-                elif kind == "run_error":
-                    failed(run_id, header["reason"])
-                    done.add(run_id)
+                    streams.closed(w)
+                else:
+                    streams.handle(w, *msg)
         except BaseException:
             diff.abandon()
             raise
@@ -339,13 +255,9 @@ class Runner:
 
     def _digest(self, run_id, start, k) -> str:
         """The digest of steps start..start+k-1 as the worker computes it."""
-        digest = gradient_digest()
         run = self.runs[run_id]
-        rows = dtypes.gradients(self.all_gradients[run.scenarios][start - 1:start - 1 + k],
-                                run.dtype)
-        for row in rows:
-            digest.update(row.tobytes())
-        return digest.hexdigest()
+        return gradient_digest(dtypes.gradients(
+            self.all_gradients[run.scenarios][start - 1:start - 1 + k], run.dtype))
 
     def _worker_timing(self, w, bye):
         self.timing["workers"].append({
@@ -441,6 +353,117 @@ class Runner:
                     self.sink.row(family, run, scenario, not_stated=not_stated)
                 else:
                     self.sink.row(family, run, scenario, error=reason)
+
+
+class _Streams:
+    """The workers' messages, each kind to its handler (HANDLERS), for one Runner.run:
+    a run's messages become tasks of its comparisons, one per family, on the diff pool."""
+
+    def __init__(self, runner, diff):
+        self.runner, self.diff = runner, diff
+        self.active = {}  # (run id, family) -> comparison, touched only by its own tasks
+        self.done = set()  # runs whose rows are written or on their way
+
+    def handle(self, w, header, arrays):
+        kind = header["type"]
+        if kind in ("chunk", "run_end", "run_error") and header["id"] in self.done:
+            return  # a run already failed (its rows are written)
+        handler = self.HANDLERS.get(kind)
+        if handler is not None:
+            handler(self, w, header, arrays)
+
+    def closed(self, w):
+        """A worker's stream ended: its runs without an end failed with it."""
+        if "torn" in w:  # nobody reads its stream: it would block writing
+            processes.stop(w["proc"])
+        try:
+            w["proc"].wait(timeout=EXIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            processes.stop(w["proc"])
+        w["log"].close()
+        reason = processes.death_reason(w["proc"].returncode, w["log_path"])
+        self._fail_open_runs(w, f"{w['backend']} worker failed: {reason}")
+
+    def _each_family(self, run_id, method, *args):
+        for family in self.runner.sel.families:
+            self.diff.submit((run_id, family), method, run_id, family, *args)
+
+    def _fail(self, run_id, reason):
+        runner = self.runner
+        self.done.add(run_id)
+        if runner.floor:
+            runner.timing.setdefault("failures", []).append(reason)
+            return
+        self._each_family(run_id, runner._finish_error, reason, self.active)
+        runner._advance(runner.sel.steps - getattr(runner.runs[run_id], "steps_done", 0))
+
+    def _fail_open_runs(self, w, reason):
+        for run_id in w["runs"]:
+            if run_id not in self.done:
+                self._fail(run_id, reason)
+
+    def _torn(self, w, header, arrays):
+        w["torn"] = header["reason"]
+        self._fail_open_runs(w, f"{w['backend']} worker's stream could not be read: "
+                                f"{header['reason']}")
+
+    def _hello(self, w, header, arrays):
+        self.runner.environment["backends"][header["backend"]] = {
+            "keras": header["keras"], "version": header.get("backend_version"),
+            "numpy": header["numpy"], "python": header["python"],
+            "keras_config": header.get("keras_config")}
+
+    def _bye(self, w, header, arrays):
+        self.runner._worker_timing(w, header)
+
+    def _run_start(self, w, header, arrays):
+        runner, run_id = self.runner, header["id"]
+        run = runner.runs[run_id]
+        run.round_trip = header.get("round_trip")
+        states = _assemble(arrays, 1)
+        if runner.observer:
+            runner.observer(run, 0, states, header)
+        runner._check_dtypes(run, header["computed_dtypes"])
+        self._each_family(run_id, runner._start, states, int(arrays["iterations"][0]),
+                          _layout(arrays), self.active)
+
+    def _chunk(self, w, header, arrays):
+        runner, run_id, start = self.runner, header["id"], header["start"]
+        k = len(arrays["iterations"])
+        if header.get("gradients") != runner._digest(run_id, start, k):
+            self._fail(run_id, "harness error: the worker applied other gradients at "
+                               f"steps {start}..{start + k - 1} than the comparison uses")
+            return
+        run = runner.runs[run_id]
+        states = _assemble(arrays, k)
+        if runner.observer:
+            runner.observer(run, start, states, header)
+        self._each_family(run_id, runner._feed, start, states, arrays["iterations"],
+                          self.active)
+        run.steps_done = getattr(run, "steps_done", 0) + k
+        runner._advance(k)
+
+    def _run_end(self, w, header, arrays):
+        runner, run_id = self.runner, header["id"]
+        for part, seconds in header["seconds"].items():
+            key = f"workers_{part}"
+            runner.timing[key] = runner.timing.get(key, 0.0) + seconds
+        if runner.floor:
+            runner._advance(runner.sel.steps)
+        else:
+            if header.get("notes"):
+                self._each_family(run_id, runner._notes, header["notes"], self.active)
+            if header.get("unfinalised"):
+                self._each_family(run_id, runner._unfinalised, header["unfinalised"],
+                                  self.active)
+            self._each_family(run_id, runner._finish, self.active)
+        self.done.add(run_id)
+
+    def _run_error(self, w, header, arrays):
+        self._fail(header["id"], header["reason"])
+
+    HANDLERS = {"torn": _torn, "hello": _hello, "bye": _bye, "run_start": _run_start,
+                "chunk": _chunk, "run_end": _run_end, "run_error": _run_error}
 
 
 def _diff_threads() -> int:

@@ -28,7 +28,7 @@ import numpy as np
 
 import reference.schedules
 from verify.worker.gradients import gradient_digest
-from verify.worker.messages import peak_memory_mb, write_message
+from verify.worker.messages import RunMessages, peak_memory_mb, write_message
 
 
 def _places(spec):
@@ -357,22 +357,19 @@ def run(out, spec, gradients, initial, steps, chunk):
         spec, gradients, initial)
     states = peer.states()
     names = list(states)
-    write_message(out, {
-        "type": "run_start", "id": spec["id"], "states": names,
-        "computed_dtypes": sorted({str(v.dtype) for n, v in states.items()
-                                   if n.endswith("/variable")}),
-        "round_trip": None, "peer": spec["peer"]},
-        {**{n: v[None] for n, v in states.items()}, "iterations": np.array([0])})
+    messages = RunMessages(out, spec["id"])
+    messages.start(states, 0, computed_dtypes=sorted({str(v.dtype) for n, v in states.items()
+                                                      if n.endswith("/variable")}),
+                   round_trip=None, peer=spec["peer"])
     clock = time.process_time
     spent = {"step": 0.0, "read": 0.0, "send": 0.0}
     for t0 in range(0, steps, chunk):
         k = min(chunk, steps - t0)
         buffers = {n: np.empty((k,) + v.shape, v.dtype) for n, v in states.items()}
-        applied = gradient_digest()
+        applied = []
         for j in range(k):
             arrays = peer.gradient_arrays(t0 + j)
-            for a in arrays:
-                applied.update(a.tobytes())
+            applied += arrays
             t = clock()
             peer.step(arrays)
             t_step = clock()
@@ -384,12 +381,11 @@ def run(out, spec, gradients, initial, steps, chunk):
                 buffers[n][j] = v
             spent["step"] += t_step - t
             spent["read"] += clock() - t_step
+        digest = gradient_digest(applied)
         t = clock()
-        write_message(out, {"type": "chunk", "id": spec["id"], "start": t0 + 1,
-                            "gradients": applied.hexdigest()},
-                      {**buffers, "iterations": np.arange(t0 + 1, t0 + k + 1)})
+        messages.chunk(t0 + 1, digest, buffers, np.arange(t0 + 1, t0 + k + 1))
         spent["send"] += clock() - t
-    write_message(out, {"type": "run_end", "id": spec["id"], "seconds": spent})
+    messages.end(seconds=spent)
 
 
 def versions(libraries) -> str:

@@ -107,81 +107,83 @@ def records(df: pd.DataFrame) -> list:
             for r in df.astype(object).where(df.notna(), None).to_dict("records")]
 
 
-class Sink:
-    """Collects summary rows; writes each per-step table as soon as it is final
-    (into `out_dir`; None: nowhere), and keeps them with `keep_tables` (for
-    `tables` and a later `replay` into a folder)."""
+def compared(comparison, error=None, not_stated=None) -> bool:
+    """Does a row hold its comparison's results (not an error or n/a)?"""
+    return (not_stated is None and error is None and comparison is not None
+            and not comparison.error)
 
-    def __init__(self, out_dir: Path | None, formats, settings: dict, order: dict,
-                 keep_tables=False):
-        self.out_dir = None if out_dir is None else Path(out_dir)
-        self.formats = set(formats) if out_dir is not None else set()
-        self.settings = settings
-        self.order = order  # field -> list giving the row order
-        self.rows = []
+
+def summary_row(family, run, scenario, steps: int, comparison=None, index=None, error=None,
+                not_stated=None) -> dict:
+    """One comparison's summary row (ROW_FIELDS): of scenario `index` of
+    `comparison`, or an error or a configuration the family does not state."""
+    base = {"family": family, "optimizer": run.configuration.id, "backend": run.backend,
+            "dtype": run.dtype, "mode": run.mode, "scenario": scenario,
+            "steps": steps, "precision": run.backend,
+            "serialization": getattr(run, "round_trip", None) or ""}
+    if not_stated is not None:
+        return {**{f: None for f in ROW_FIELDS}, **base, "verdict": "n/a",
+                "reason": not_stated, "mismatch_steps": 0}
+    if not compared(comparison, error, not_stated):
+        reason = error if error is not None else comparison.error
+        return {**{f: None for f in ROW_FIELDS}, **base, "verdict": "error",
+                "reason": reason, "mismatch_steps": 0}
+    s = comparison.summary(index)
+    d = s["divergence"]
+    reason = ""
+    layout = comparison.layout
+    if layout.only_keras:
+        reason += f"Keras state not in the reference: {', '.join(layout.only_keras)}. "
+    if layout.only_reference:
+        reason += f"reference state not in Keras: {', '.join(layout.only_reference)}. "
+    for text in layout.unmatched.values():
+        reason += f"{text}. "
+    for text in comparison.notes[index]:
+        reason += f"{text}. "
+    return {
+        **base, "verdict": s["verdict"],
+        "first_divergent_step": d.step if d else None,
+        "divergent_state": d.state if d else None,
+        "divergent_weight": (d.weight or None) if d else None,
+        "keras_value": d.keras if d else None,
+        "reference_value": d.reference if d else None,
+        "error_bound": d.bound if d else None,
+        "max_abs_error": s["max_abs_error"], "max_rel_error": s["max_rel_error"],
+        "max_scaled_error": s["max_scaled_error"], "mismatch_steps": s["mismatch_steps"],
+        "drift": s["drift"], "final_drift": s["final_drift"], "reason": reason.strip(),
+        "low_precision": s["low_precision"] or None,
+    }
+
+
+class StepTables:
+    """The per-step tables of a run: where each goes as it is written (StepFiles),
+    and what the reports take from them, read back in pieces: the excerpt around a
+    first divergence (steps.md) and the figure's trace (report.html); with
+    `keep_tables`, the tables themselves (for a later `replay` into a folder)."""
+
+    def __init__(self, out_dir: Path | None, formats: set, steps: int, keep_tables=False):
+        self.out_dir, self.formats, self.steps = out_dir, formats, steps
         self.excerpts = {}
         self.traces = {}  # cell -> html_report.Trace of a mismatching comparison
         self.keep_tables = keep_tables
         self.tables = {}  # cell -> its per-step table, with keep_tables
         self._divergences = {}  # cell -> (state, step) of its first divergence
 
-    def row(self, family, run, scenario, comparison=None, index=None, error=None,
-            not_stated=None, steps=None):
-        """One comparison's row; `steps` the path of its per-step table (StepFiles)."""
-        base = {"family": family, "optimizer": run.configuration.id, "backend": run.backend,
-                "dtype": run.dtype, "mode": run.mode, "scenario": scenario,
-                "steps": self.settings["steps"], "precision": run.backend,
-                "serialization": getattr(run, "round_trip", None) or ""}
-        if not_stated is not None:
-            self.rows.append({**{f: None for f in ROW_FIELDS}, **base, "verdict": "n/a",
-                              "reason": not_stated, "mismatch_steps": 0})
-            return
-        if error is not None or comparison is None or comparison.error:
-            reason = error if error is not None else comparison.error
-            self.rows.append({**{f: None for f in ROW_FIELDS}, **base, "verdict": "error",
-                              "reason": reason, "mismatch_steps": 0})
-            return
-        s = comparison.summary(index)
-        d = s["divergence"]
-        reason = ""
-        if comparison.only_keras:
-            reason += f"Keras state not in the reference: {', '.join(comparison.only_keras)}. "
-        if comparison.only_reference:
-            reason += ("reference state not in Keras: "
-                       f"{', '.join(comparison.only_reference)}. ")
-        for text in comparison.unmatched.values():
-            reason += f"{text}. "
-        for text in comparison.notes[index]:
-            reason += f"{text}. "
-        self.rows.append({
-            **base, "verdict": s["verdict"],
-            "first_divergent_step": d.step if d else None,
-            "divergent_state": d.state if d else None,
-            "divergent_weight": (d.weight or None) if d else None,
-            "keras_value": d.keras if d else None,
-            "reference_value": d.reference if d else None,
-            "error_bound": d.bound if d else None,
-            "max_abs_error": s["max_abs_error"], "max_rel_error": s["max_rel_error"],
-            "max_scaled_error": s["max_scaled_error"], "mismatch_steps": s["mismatch_steps"],
-            "drift": s["drift"], "final_drift": s["final_drift"], "reason": reason.strip(),
-            "low_precision": s["low_precision"] or None,
-        })
-        key = (family, run.configuration.id, run.backend, run.dtype, run.mode, scenario)
-        self.steps(key, steps, None if d is None else (d.step, d.state))
-        if self.keep_tables:
-            self.tables[key] = pd.read_csv(steps, compression="gzip")
-            self._divergences[key] = None if d is None else (d.state, d.step)
-
-    def step_files(self, family, run, scenarios, spill: Path) -> StepFiles:
-        """Where a comparison's per-step tables go as they come: the report's
-        steps/ when csv is a format, else a file in `spill` read back by row()."""
-        keys = [(family, run.configuration.id, run.backend, run.dtype, run.mode, scenario)
-                for scenario in scenarios]
+    def files(self, keys: list, spill: Path) -> StepFiles:
+        """The files of the tables of cells `keys` (Sink.step_files)."""
         if "csv" in self.formats:
             return StepFiles([self.out_dir / steps_path(k) for k in keys], temporary=False)
         return StepFiles([spill / steps_path(k) for k in keys], temporary=True)
 
-    def steps(self, key, path: Path, divergence) -> None:
+    def finished(self, key, path: Path, divergence) -> None:
+        """The table of cell `key` at `path` is complete; `divergence`: its first
+        (step, state), or None."""
+        self.read_back(key, path, divergence)
+        if self.keep_tables:
+            self.tables[key] = pd.read_csv(path, compression="gzip")
+            self._divergences[key] = None if divergence is None else divergence[::-1]
+
+    def read_back(self, key, path: Path, divergence) -> None:
         """At a divergence (step, state), keep the excerpt around it and the
         figure's trace from the per-step table at `path` (gzip'd CSV), read in
         pieces of STEP_ROWS rows: nothing held grows with the steps."""
@@ -198,17 +200,17 @@ class Sink:
                     yield table
 
         if "html" in self.formats:
-            self.traces[key] = trace_of(pieces(), self.settings["steps"] + 1, state, step)
+            self.traces[key] = trace_of(pieces(), self.steps + 1, state, step)
         else:
             for _ in pieces():
                 pass
         self.excerpts[key] = pd.concat(excerpt)
 
-    def replay(self, out_dir: Path, formats, environment: dict) -> pd.DataFrame:
-        """Write the reports of a finished run (its tables kept) into `out_dir`."""
+    def replay(self, out_dir: Path, formats: set) -> None:
+        """The kept tables written into `out_dir` in `formats`, their traces made anew."""
         if not self.keep_tables:
             raise ValueError("the run did not keep its per-step tables")
-        self.out_dir, self.formats, self.traces = Path(out_dir), set(formats), {}
+        self.out_dir, self.formats, self.traces = out_dir, formats, {}
         for key, table in self.tables.items():
             if "csv" in self.formats:
                 files = StepFiles([self.out_dir / steps_path(key)], temporary=False)
@@ -216,9 +218,56 @@ class Sink:
                 files.close()
             if self._divergences[key] is not None and "html" in self.formats:
                 self.traces[key] = trace(self.tables[key], *self._divergences[key])
+
+
+class Sink:
+    """Collects summary rows and the per-step tables (StepTables: each written as
+    soon as it is final into `out_dir`, None: nowhere); writes the reports."""
+
+    def __init__(self, out_dir: Path | None, formats, settings: dict, order: dict,
+                 keep_tables=False):
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.formats = set(formats) if out_dir is not None else set()
+        self.settings = settings
+        self.order = order  # field -> list giving the row order
+        self.rows = []
+        self.step_tables = StepTables(self.out_dir, self.formats, settings["steps"],
+                                      keep_tables)
+
+    @property
+    def tables(self) -> dict:
+        """cell -> its per-step table, with keep_tables."""
+        return self.step_tables.tables
+
+    def row(self, family, run, scenario, comparison=None, index=None, error=None,
+            not_stated=None, steps=None):
+        """One comparison's row; `steps` the path of its per-step table (StepFiles)."""
+        row = summary_row(family, run, scenario, self.settings["steps"], comparison, index,
+                          error, not_stated)
+        self.rows.append(row)
+        if not compared(comparison, error, not_stated):
+            return
+        key = (family, run.configuration.id, run.backend, run.dtype, run.mode, scenario)
+        self.step_tables.finished(key, steps, None if row["first_divergent_step"] is None
+                                  else (row["first_divergent_step"], row["divergent_state"]))
+
+    def step_files(self, family, run, scenarios, spill: Path) -> StepFiles:
+        """Where a comparison's per-step tables go as they come: the report's
+        steps/ when csv is a format, else a file in `spill` read back by row()."""
+        return self.step_tables.files(
+            [(family, run.configuration.id, run.backend, run.dtype, run.mode, s)
+             for s in scenarios], spill)
+
+    def steps(self, key, path: Path, divergence) -> None:
+        """The per-step table of a merged cell (verify/commands/merge.py)."""
+        self.step_tables.read_back(key, path, divergence)
+
+    def replay(self, out_dir: Path, formats, environment: dict) -> pd.DataFrame:
+        """Write the reports of a finished run (its tables kept) into `out_dir`."""
+        self.step_tables.replay(Path(out_dir), set(formats))
+        self.out_dir, self.formats = self.step_tables.out_dir, self.step_tables.formats
         return self.write(environment)
 
-    # --- final files --------------------------------------------------------
     def frame(self) -> pd.DataFrame:
         df = pd.DataFrame(self.rows, columns=ROW_FIELDS)
         keys = []
@@ -232,100 +281,109 @@ class Sink:
 
     def write(self, environment: dict) -> pd.DataFrame:
         df = self.frame()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if "csv" in self.formats:
-            df.to_csv(self.out_dir / "summary.csv", index=False)
-        if "json" in self.formats:
-            doc = {"environment": environment, "settings": self.settings, "rows": records(df)}
-            (self.out_dir / "summary.json").write_text(
-                json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n")
-        if "md" in self.formats:
-            (self.out_dir / "summary.md").write_text(self.markdown(df, environment))
-            (self.out_dir / "steps.md").write_text(self.steps_markdown(df))
-        if "html" in self.formats:
-            (self.out_dir / "report.html").write_text(
-                render(df, self.settings, self.traces, environment, self.formats))
+        write_reports(self.out_dir, self.formats, df, self.settings, environment,
+                      self.step_tables)
         return df
 
-    def markdown(self, df: pd.DataFrame, environment: dict) -> str:
-        s = self.settings
-        lines = settings_markdown(s)
-        lines += ["## Verdicts", "",
-                  "Worst verdict over the scenarios; exact < match < n/a < mismatch < error "
-                  "(n/a: the family does not state the configuration).", "",
-                  pivot(df, tablefmt="github"), ""]
-        lines += ["## Serialization", "",
-                  "Each configuration is built from its class and, beside it, rebuilt "
-                  "through Keras's public serialization round trip (keras.optimizers."
-                  "serialize, JSON, keras.optimizers.deserialize; model.save stores the same "
-                  "serialized dict) and run for a few steps; a rebuilt optimizer that fails "
-                  "or computes differently is listed here.", ""]
-        lines += serialization(df) or ["Every configuration survives it: the rebuilt "
-                                       "optimizer computes bit for bit what the original does.",
-                                       ""]
-        if "low_precision" in df and df.low_precision.fillna("").ne("").any():
-            lines += ["## Low precision", "",
-                      "Where float16 or bfloat16 changes the math qualitatively: Keras's "
-                      "state compared, each step, with the keras rule in float64 from the "
-                      "same state and the unrounded gradient (verify/compare.py, "
-                      "LowPrecision).", ""]
-            lines += low_precision(df)
-        lines += ["## Findings", "",
-                  "Where the article's or the papers' formulas depart from what Keras "
-                  "computes, why, and where it shows (a mismatch of the keras family would "
-                  "be a failure instead, listed under Deviations).", ""]
-        lines += findings(df) or ["None.", ""]
-        lines += ["## Deviations", "",
-                  "Every mismatch and error, grouped where the first divergent step and "
-                  "state agree; per-scenario rows are under All comparisons, per-step "
-                  "excerpts in steps.md.", ""]
-        dev = deviations(df)
-        lines += [_table(dev) if len(dev) else "None.", ""]
-        lines += ["## All comparisons", "",
-                  _table(df.drop(columns=["precision", "explanation", "low_precision"])), ""]
-        lines += ["## References", ""]
-        for family in s["families"]:
-            for opt_id in s["optimizers"]:
-                class_name = s["configurations"][opt_id]["class_name"]
-                try:
-                    rule = reference.get_rule(family, class_name)
-                except reference.Unsupported:
-                    continue
-                lines += [f"### {family} / {opt_id}", "", f"Source: {rule.source}", "",
-                          "```", rule.doc, "```", ""]
-                if rule.choices:
-                    lines += [f"Choices: {rule.choices}", ""]
-        lines += ["## Precision settings", "",
-                  tabulate([(p.name, p.describe()) for p in reference.PRECISIONS.values()
-                            if p.name in s["backends"]],
-                           headers=["backend", "rounding modelled"], tablefmt="github"), ""]
-        lines += ["## Scenarios", "",
-                  tabulate([(n, DESCRIPTIONS.get(n, "user gradient file")) for n in s["scenarios"]],
-                           headers=["scenario", "gradients"], tablefmt="github"), ""]
-        lines += ["## Weights", "",
-                  "Each scenario's optimizer updates these weights at once (Keras variables "
-                  "named <scenario>_<weight>); a row's verdict and errors are the worst over "
-                  "its weights, and divergent_weight names the weight of the first divergence.",
-                  "",
-                  tabulate([(n, "x".join(map(str, shape)) or "()",
-                             WEIGHTS.get(n, "from the user's gradient file"))
-                            for n, shape in s.get("weights", {}).items()],
-                           headers=["weight", "shape", "stands for"], tablefmt="github"), ""]
-        lines += ["---", "", "## Environment", "", "```json",
-                  json.dumps(environment, indent=1, sort_keys=True), "```", ""]
-        return "\n".join(lines)
 
-    def steps_markdown(self, df: pd.DataFrame) -> str:
-        lines = ["# Per-step excerpts around each first divergence", "",
-                 "Columns: per state, the largest absolute, relative and scaled error over "
-                 "the elements at that step; drift is the free-run distance of the weights. "
-                 "Full per-step tables for every comparison: steps/**/*.csv.gz.", ""]
-        for _, r in df[df.verdict == "mismatch"].iterrows():
-            key = tuple(r[f] for f in CELL)
-            if key not in self.excerpts:
+# --- final files --------------------------------------------------------
+def write_reports(out_dir: Path, formats: set, df: pd.DataFrame, settings: dict,
+                  environment: dict, step_tables: StepTables) -> None:
+    """summary.csv, summary.json, summary.md and steps.md, report.html, as `formats` say."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if "csv" in formats:
+        df.to_csv(out_dir / "summary.csv", index=False)
+    if "json" in formats:
+        doc = {"environment": environment, "settings": settings, "rows": records(df)}
+        (out_dir / "summary.json").write_text(
+            json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n")
+    if "md" in formats:
+        (out_dir / "summary.md").write_text(markdown(df, settings, environment))
+        (out_dir / "steps.md").write_text(steps_markdown(df, step_tables.excerpts))
+    if "html" in formats:
+        (out_dir / "report.html").write_text(
+            render(df, settings, step_tables.traces, environment, formats))
+
+
+def markdown(df: pd.DataFrame, settings: dict, environment: dict) -> str:
+    s = settings
+    lines = settings_markdown(s)
+    lines += ["## Verdicts", "",
+              "Worst verdict over the scenarios; exact < match < n/a < mismatch < error "
+              "(n/a: the family does not state the configuration).", "",
+              pivot(df, tablefmt="github"), ""]
+    lines += ["## Serialization", "",
+              "Each configuration is built from its class and, beside it, rebuilt "
+              "through Keras's public serialization round trip (keras.optimizers."
+              "serialize, JSON, keras.optimizers.deserialize; model.save stores the same "
+              "serialized dict) and run for a few steps; a rebuilt optimizer that fails "
+              "or computes differently is listed here.", ""]
+    lines += serialization(df) or ["Every configuration survives it: the rebuilt "
+                                   "optimizer computes bit for bit what the original does.",
+                                   ""]
+    if "low_precision" in df and df.low_precision.fillna("").ne("").any():
+        lines += ["## Low precision", "",
+                  "Where float16 or bfloat16 changes the math qualitatively: Keras's "
+                  "state compared, each step, with the keras rule in float64 from the "
+                  "same state and the unrounded gradient (verify/compare.py, "
+                  "LowPrecision).", ""]
+        lines += low_precision(df)
+    lines += ["## Findings", "",
+              "Where the article's or the papers' formulas depart from what Keras "
+              "computes, why, and where it shows (a mismatch of the keras family would "
+              "be a failure instead, listed under Deviations).", ""]
+    lines += findings(df) or ["None.", ""]
+    lines += ["## Deviations", "",
+              "Every mismatch and error, grouped where the first divergent step and "
+              "state agree; per-scenario rows are under All comparisons, per-step "
+              "excerpts in steps.md.", ""]
+    dev = deviations(df)
+    lines += [_table(dev) if len(dev) else "None.", ""]
+    lines += ["## All comparisons", "",
+              _table(df.drop(columns=["precision", "explanation", "low_precision"])), ""]
+    lines += ["## References", ""]
+    for family in s["families"]:
+        for opt_id in s["optimizers"]:
+            class_name = s["configurations"][opt_id]["class_name"]
+            try:
+                rule = reference.get_rule(family, class_name)
+            except reference.Unsupported:
                 continue
-            lines += [f"## {' / '.join(key)}", "", _table(self.excerpts[key]), ""]
-        return "\n".join(lines)
+            lines += [f"### {family} / {opt_id}", "", f"Source: {rule.source}", "",
+                      "```", rule.doc, "```", ""]
+            if rule.choices:
+                lines += [f"Choices: {rule.choices}", ""]
+    lines += ["## Precision settings", "",
+              tabulate([(p.name, p.describe()) for p in reference.PRECISIONS.values()
+                        if p.name in s["backends"]],
+                       headers=["backend", "rounding modelled"], tablefmt="github"), ""]
+    lines += ["## Scenarios", "",
+              tabulate([(n, DESCRIPTIONS.get(n, "user gradient file")) for n in s["scenarios"]],
+                       headers=["scenario", "gradients"], tablefmt="github"), ""]
+    lines += ["## Weights", "",
+              "Each scenario's optimizer updates these weights at once (Keras variables "
+              "named <scenario>_<weight>); a row's verdict and errors are the worst over "
+              "its weights, and divergent_weight names the weight of the first divergence.",
+              "",
+              tabulate([(n, "x".join(map(str, shape)) or "()",
+                         WEIGHTS.get(n, "from the user's gradient file"))
+                        for n, shape in s.get("weights", {}).items()],
+                       headers=["weight", "shape", "stands for"], tablefmt="github"), ""]
+    lines += ["---", "", "## Environment", "", "```json",
+              json.dumps(environment, indent=1, sort_keys=True), "```", ""]
+    return "\n".join(lines)
+
+def steps_markdown(df: pd.DataFrame, excerpts: dict) -> str:
+    lines = ["# Per-step excerpts around each first divergence", "",
+             "Columns: per state, the largest absolute, relative and scaled error over "
+             "the elements at that step; drift is the free-run distance of the weights. "
+             "Full per-step tables for every comparison: steps/**/*.csv.gz.", ""]
+    for _, r in df[df.verdict == "mismatch"].iterrows():
+        key = tuple(r[f] for f in CELL)
+        if key not in excerpts:
+            continue
+        lines += [f"## {' / '.join(key)}", "", _table(excerpts[key]), ""]
+    return "\n".join(lines)
 
 
 def settings_markdown(settings: dict) -> list:

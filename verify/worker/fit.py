@@ -39,9 +39,9 @@ import time
 
 import numpy as np
 
-from verify.worker.gradients import gradient_digest, intended, scale_factor
-from verify.worker.messages import write_message
-from verify.worker.run import Run, _json_safe, computed_dtypes, iteration_variable
+from verify.worker.gradients import intended, scale_factor
+from verify.worker.messages import RunMessages
+from verify.worker.run import Run, iteration_variable
 
 # Prime to gradient_accumulation_steps (4) and ema_overwrite_frequency (10) of the
 # shipped configurations, so that executions straddle their update and overwrite steps.
@@ -241,37 +241,22 @@ class FitRun(Run):
                 unfinalised):
         """The run's messages, as Run.execute sends them, the weights fit left
         unfinalised in run_end."""
-        spec = self.spec
-        names = [f"{'g' if i is None else i}/{name}" for i, name, _ in self.state_vars]
-        write_message(out, {
-            "type": "run_start", "id": spec["id"], "states": names,
-            "computed_dtypes": computed_dtypes(v for (i, _, _), v in zip(self.state_vars,
-                                                                         start_values)
-                                               if i is not None),
-            "keras_config": _json_safe(self.optimizer.get_config()),
-            "round_trip": self.round_trip,
-        }, {**{n: v[None] for n, v in zip(names, start_values)},
-            "iterations": np.array([start_iteration])})
+        messages = RunMessages(out, self.spec["id"])
+        names = self.state_names()
+        self.send_start(messages, dict(zip(names, start_values)), start_iteration)
         t = time.process_time()
         for t0 in range(0, len(states), chunk):
             part = states[t0:t0 + chunk]
-            applied = gradient_digest()
-            for j in range(len(part)):
-                for a in self._gradient_arrays(t0 + j):
-                    applied.update(a.tobytes())
-            write_message(out, {"type": "chunk", "id": spec["id"], "start": t0 + 1,
-                                "gradients": applied.hexdigest()},
-                          {**{n: np.stack([s[k] for s in part]) for k, n in enumerate(names)},
-                           "iterations": iterations[t0:t0 + chunk]})
+            messages.chunk(t0 + 1, self.applied_digest(t0, t0 + len(part)),
+                           {n: np.stack([s[k] for s in part]) for k, n in enumerate(names)},
+                           iterations[t0:t0 + chunk])
         spent["send"] = time.process_time() - t
-        write_message(out, {"type": "run_end", "id": spec["id"], "seconds": spent,
-                            "unfinalised": unfinalised})
+        messages.end(seconds=spent, unfinalised=unfinalised)
 
     def floor(self, out, steps):
         start = time.process_time()
         self._fit(steps)
-        write_message(out, {"type": "run_end", "id": self.spec["id"],
-                            "seconds": {"step": time.process_time() - start}})
+        RunMessages(out, self.spec["id"]).end(seconds={"step": time.process_time() - start})
 
 
 def _differing(g, w) -> str:

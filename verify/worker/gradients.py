@@ -8,10 +8,14 @@ import hashlib
 import numpy as np
 
 
-def gradient_digest():
-    """A digest of gradients: each step's arrays in the variables' order, in the
-    working dtype, C order (the runner's rows of the same steps hash alike)."""
-    return hashlib.blake2b(digest_size=8)
+def gradient_digest(arrays) -> str:
+    """The digest of gradients: each step's arrays in the variables' order, one step
+    after another, in the working dtype, C order (the runner's rows of the same steps
+    hash alike)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for array in arrays:
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 def scale_factor(config: dict):

@@ -41,6 +41,31 @@ def write_message(stream, header: dict, arrays: dict | None = None) -> None:
     stream.flush()
 
 
+class RunMessages:
+    """One run's messages to the runner: run_start with its states before the first
+    step, a chunk per block of steps with the digest of the gradients applied in it
+    (verify/worker/gradients.py), run_end."""
+
+    def __init__(self, stream, run_id):
+        self.stream, self.run_id = stream, run_id
+
+    def start(self, first: dict, iteration: int, **fields) -> None:
+        """`first`: each state's value before the first step, by name."""
+        write_message(self.stream, {"type": "run_start", "id": self.run_id,
+                                    "states": list(first), **fields},
+                      {**{name: value[None] for name, value in first.items()},
+                       "iterations": np.array([iteration])})
+
+    def chunk(self, start: int, gradients: str, states: dict, iterations) -> None:
+        """Steps start, start + 1, ... (1-based): `states`, each state's rows by name."""
+        write_message(self.stream, {"type": "chunk", "id": self.run_id, "start": start,
+                                    "gradients": gradients},
+                      {**states, "iterations": iterations})
+
+    def end(self, **fields) -> None:
+        write_message(self.stream, {"type": "run_end", "id": self.run_id, **fields})
+
+
 def read_message(stream):
     """The next (header, arrays), or None at end of stream."""
     line = stream.readline()

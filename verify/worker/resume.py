@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from verify.worker.gradients import gradient_digest
-from verify.worker.messages import read_message, write_message
-from verify.worker.run import Run, computed_dtypes, raised_in_keras
+from verify.worker.messages import RunMessages, read_message, write_message
+from verify.worker.run import Run, raised_in_keras
 
 PATHS = {"keras": "model.save(.keras) and keras.models.load_model",
          "weights": "model.save_weights(.weights.h5) and load_weights into a new model"}
@@ -105,9 +105,6 @@ class ResumeRun(Run):
     def _make_step(self, backend, mode):
         return super()._make_step(backend, "eager")
 
-    def names(self):
-        return [f"{'g' if i is None else i}/{name}" for i, name, _ in self.state_vars]
-
     def trajectory(self, start, steps, saves=()):
         """States after steps start..steps (the first: as they are now), iterations,
         each state's dtype in Keras, and each step's gradient digest.  `saves`:
@@ -119,16 +116,13 @@ class ResumeRun(Run):
                 if step == t:
                     write()
             arrays = self._gradient_arrays(t)
-            applied = gradient_digest()
-            for a in arrays:
-                applied.update(a.tobytes())
-            digests.append(applied.hexdigest())
+            digests.append(gradient_digest(arrays))
             self.step_fn(self._grads(t, self._scaled(arrays, values)))
             values, iteration = self.read()
             rows.append(values)
             iterations.append(iteration)
-        states = {n: np.stack([r[j] for r in rows]) for j, n in enumerate(self.names())}
-        dtypes = {n: str(v.dtype) for n, (_, _, v) in zip(self.names(), self.state_vars)}
+        states = {n: np.stack([r[j] for r in rows]) for j, n in enumerate(self.state_names())}
+        dtypes = {n: str(v.dtype) for n, (_, _, v) in zip(self.state_names(), self.state_vars)}
         return states, np.asarray(iterations, np.int64), dtypes, digests
 
     def execute(self, out, steps, chunk):
@@ -232,25 +226,14 @@ class ResumeRun(Run):
         return states, iterations
 
     def send(self, out, states, iterations, steps, chunk):
-        names = list(states)
-        write_message(out, {
-            "type": "run_start", "id": self.spec["id"], "states": names,
-            "computed_dtypes": computed_dtypes(states[n] for n in names
-                                               if not n.startswith("g/")),
-            "keras_config": json.loads(json.dumps(self.optimizer.get_config(), default=repr)),
-            "round_trip": self.round_trip,
-        }, {**{n: states[n][:1] for n in names}, "iterations": iterations[:1]})
+        messages = RunMessages(out, self.spec["id"])
+        self.send_start(messages, {n: rows[0] for n, rows in states.items()}, iterations[0])
         for t0 in range(0, steps, chunk):
             k = min(chunk, steps - t0)
-            applied = gradient_digest()
-            for t in range(t0, t0 + k):
-                for a in self._gradient_arrays(t):
-                    applied.update(a.tobytes())
-            write_message(out, {"type": "chunk", "id": self.spec["id"], "start": t0 + 1,
-                                "gradients": applied.hexdigest()},
-                          {**{n: states[n][t0 + 1:t0 + 1 + k] for n in names},
-                           "iterations": iterations[t0 + 1:t0 + 1 + k]})
-        write_message(out, {"type": "run_end", "id": self.spec["id"], "seconds": {}})
+            messages.chunk(t0 + 1, self.applied_digest(t0, t0 + k),
+                           {n: rows[t0 + 1:t0 + 1 + k] for n, rows in states.items()},
+                           iterations[t0 + 1:t0 + 1 + k])
+        messages.end(seconds={})
 
 
 def _first_difference(a, b):

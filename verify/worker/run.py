@@ -19,7 +19,7 @@ import numpy as np
 from reference.arithmetic import numpy_dtype
 from verify.worker import dtypes
 from verify.worker.gradients import gradient_digest
-from verify.worker.messages import write_message
+from verify.worker.messages import RunMessages
 
 def _state_layout(optimizer, variables):
     """Map every optimizer variable to (variable index or None, state name).
@@ -342,31 +342,40 @@ class Run:
             return step, read
         raise ValueError(f"unknown mode {mode}")
 
+    def state_names(self):
+        """Each state's name in the messages: "<weight index>/<state>", "g/<state>" for
+        an optimizer-wide one."""
+        return [f"{'g' if i is None else i}/{name}" for i, name, _ in self.state_vars]
+
+    def send_start(self, messages, first, iteration):
+        """run_start: the states before the first step (`first`, by name)."""
+        messages.start(first, iteration,
+                       # of the weights and their slots (an optimizer-wide value may have its
+                       # own: LossScaleOptimizer's scale is float32 for any weights)
+                       computed_dtypes=computed_dtypes(v for n, v in first.items()
+                                                       if not n.startswith("g/")),
+                       keras_config=_json_safe(self.optimizer.get_config()),
+                       round_trip=self.round_trip)
+
+    def applied_digest(self, start, stop):
+        """The digest of the gradients of steps start..stop - 1 (from 0)."""
+        return gradient_digest(a for t in range(start, stop) for a in self._gradient_arrays(t))
+
     def execute(self, out, steps, chunk):
-        spec = self.spec
-        names = [f"{'g' if i is None else i}/{name}" for i, name, _ in self.state_vars]
+        messages = RunMessages(out, self.spec["id"])
+        names = self.state_names()
         values, iteration = self.read()
-        write_message(out, {
-            "type": "run_start", "id": spec["id"], "states": names,
-            # of the weights and their slots (an optimizer-wide value may have its
-            # own: LossScaleOptimizer's scale is float32 for any weights)
-            "computed_dtypes": computed_dtypes(v for (i, _, _), v in zip(self.state_vars, values)
-                                               if i is not None),
-            "keras_config": _json_safe(self.optimizer.get_config()),
-            "round_trip": self.round_trip,
-        }, {**{n: v[None] for n, v in zip(names, values)},
-            "iterations": np.array([iteration])})
+        self.send_start(messages, dict(zip(names, values)), iteration)
         clock = time.process_time  # CPU of every thread of this process
         spent = {"step": 0.0, "read": 0.0, "send": 0.0}
         for t0 in range(0, steps, chunk):
             k = min(chunk, steps - t0)
             buffers = [np.empty((k,) + v.shape, v.dtype) for v in values]
             iterations = np.empty(k, np.int64)
-            applied = gradient_digest()  # what was applied, for the runner to check
+            applied = []  # what was applied, for the runner to check
             for j in range(k):
                 arrays = self._gradient_arrays(t0 + j)
-                for a in arrays:
-                    applied.update(a.tobytes())
+                applied += arrays
                 t = clock()
                 self.step_fn(self._grads(t0 + j, self._scaled(arrays, values)))
                 t_step = clock()
@@ -376,13 +385,11 @@ class Run:
                 t_read = clock()
                 spent["step"] += t_step - t
                 spent["read"] += t_read - t_step
+            digest = gradient_digest(applied)
             t = clock()
-            write_message(out, {"type": "chunk", "id": spec["id"], "start": t0 + 1,
-                                "gradients": applied.hexdigest()},
-                          {**dict(zip(names, buffers)), "iterations": iterations})
+            messages.chunk(t0 + 1, digest, dict(zip(names, buffers)), iterations)
             spent["send"] += clock() - t
-        write_message(out, {"type": "run_end", "id": spec["id"], "seconds": spent,
-                            "notes": getattr(self.step_fn, "notes", [])})
+        messages.end(seconds=spent, notes=getattr(self.step_fn, "notes", []))
 
     def floor(self, out, steps):
         """The same Keras work with nothing observed: every step, then one read at
@@ -394,8 +401,7 @@ class Run:
             if self.scale_at is not None:
                 values = self.read()[0]
         self.read()
-        write_message(out, {"type": "run_end", "id": self.spec["id"],
-                            "seconds": {"step": time.process_time() - start}})
+        RunMessages(out, self.spec["id"]).end(seconds={"step": time.process_time() - start})
 
 
 def _counters_in(dtype, read):
