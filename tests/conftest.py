@@ -132,8 +132,15 @@ def backends():
     return found
 
 
-@pytest.fixture(scope="session")
-def verification(backends, tmp_path_factory):
-    """Every configuration x backend x dtype x mode x scenario, every family."""
+@pytest.fixture(scope="session", params=["pairwise", pytest.param("product", marks=pytest.mark.slow)])
+def verification(backends, tmp_path_factory, request):
+    """Every family, every scenario, on the runs of every configuration x backend x dtype
+    x mode: in every run of plain `pytest` their pairwise covering (each configuration on
+    every backend, in every dtype and every mode: a third of the product), weekly (slow)
+    the whole product.  attrs["runs"]: how many runs it made."""
     sel = make_selection(backends, ["article", "textbook", "keras"] + perturbations.FAMILIES)
-    return run_selection(sel, tmp_path_factory.mktemp("verification"))
+    if request.param == "pairwise":
+        sel = sel.pairwise()
+    frame = run_selection(sel, tmp_path_factory.mktemp(f"verification-{request.param}"))
+    frame.attrs["runs"] = len(sel.runs())
+    return frame

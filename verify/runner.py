@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -68,6 +68,9 @@ class Selection:
     jax_x64: bool | None = None  # None: on exactly for float64 work (tests may force it)
     weights: dict | None = None  # name -> shape; None: scenarios.weight_shapes(size)
     shard: tuple | None = None  # (K, N): the K-th of N shards of the runs (runs())
+    # (configuration id, backend, dtype, mode) of the runs to make, a part of the
+    # product (pairwise()); None: every run of the product
+    only: frozenset | None = None
 
     def __post_init__(self):
         if self.weights is None:
@@ -88,11 +91,36 @@ class Selection:
         the shards share out every backend and dtype evenly and each run is in
         exactly one shard."""
         runs = [(c, b, d, m) for b in self.backends for d in self.dtypes
-                for c in self.configurations for m in self.modes if distinct(b, m)]
+                for c in self.configurations for m in self.modes if distinct(b, m)
+                and (self.only is None or (c.id, b, d, m) in self.only)]
         if every or self.shard is None:
             return runs
         k, n = self.shard
         return runs[k - 1::n]
+
+    def pairwise(self) -> "Selection":
+        """This selection with a part of its runs in which every configuration runs on
+        every backend, in every dtype and in every mode at least once (a pairwise
+        covering design; the product is every combination).  Greedy: each
+        configuration takes the run that covers most of its pairs still missing,
+        ties to the (backend, dtype, mode) used least so far, so the parts of the
+        product share the runs evenly."""
+        cells = [(b, d, m) for b in self.backends for d in self.dtypes for m in self.modes
+                 if distinct(b, m)]
+        used = {cell: 0 for cell in cells}
+        chosen = set()
+        for c in self.configurations:
+            missing = ({("backend", b) for b, _, _ in cells} | {("dtype", d) for _, d, _ in cells}
+                       | {("mode", m) for _, _, m in cells})
+            while missing:
+                def gain(cell):
+                    return len(missing & {("backend", cell[0]), ("dtype", cell[1]),
+                                          ("mode", cell[2])})
+                cell = max(cells, key=lambda cell: (gain(cell), -used[cell]))
+                missing -= {("backend", cell[0]), ("dtype", cell[1]), ("mode", cell[2])}
+                used[cell] += 1
+                chosen.add((c.id, *cell))
+        return replace(self, only=frozenset(chosen))
 
     def variables(self, names=None) -> list:
         """(path, weight name, shape, scenario index) of every variable of the
