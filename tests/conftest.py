@@ -2,9 +2,12 @@
 shared by the integration, specificity and sensitivity tests."""
 
 import importlib.util
+import io
 import os
+import subprocess
 import sys
 import tomllib
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +102,29 @@ def nonempty(frame):
     return frame
 
 
+def verify_optimizers(*args, cwd, env=None, timeout=600, **kw):
+    """`verify-optimizers ARGS` in a fresh process (where the process boundary is the
+    subject: signals, environment variables, the console's output)."""
+    env = dict(env or os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "verify.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def in_process(*args, cwd):
+    """`verify-optimizers ARGS` as the CLI's main in this process, from `cwd`: its exit
+    code and what it printed, as subprocess.run gives them (no interpreter to start)."""
+    from verify import cli
+
+    out, err, before = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            code = cli.main(list(args))
+    finally:
+        os.chdir(before)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
 def fast_backend(prefer=("torch", "jax", "tensorflow")):
     """The installed backend that starts and steps fastest (for a save and a load in
     fresh processes, JAX: `prefer`)."""
@@ -132,15 +158,23 @@ def backends():
     return found
 
 
-@pytest.fixture(scope="session", params=["pairwise", pytest.param("product", marks=pytest.mark.slow)])
+# A fixture's runs: in every run of plain `pytest` their pairwise covering
+# (Selection.pairwise: each configuration on every backend, in every dtype and every
+# mode), weekly (slow) the whole product.
+DESIGNS = ["pairwise", pytest.param("product", marks=pytest.mark.slow)]
+
+
+def designed(sel, design):
+    return sel.pairwise() if design == "pairwise" else sel
+
+
+@pytest.fixture(scope="session", params=DESIGNS)
 def verification(backends, tmp_path_factory, request):
     """Every family, every scenario, on the runs of every configuration x backend x dtype
-    x mode: in every run of plain `pytest` their pairwise covering (each configuration on
-    every backend, in every dtype and every mode: a third of the product), weekly (slow)
-    the whole product.  attrs["runs"]: how many runs it made."""
-    sel = make_selection(backends, ["article", "textbook", "keras"] + perturbations.FAMILIES)
-    if request.param == "pairwise":
-        sel = sel.pairwise()
+    x mode (DESIGNS: the pairwise covering is a third of the product).  attrs["runs"]:
+    how many runs it made."""
+    sel = designed(make_selection(backends, ["article", "textbook", "keras"]
+                                  + perturbations.FAMILIES), request.param)
     frame = run_selection(sel, tmp_path_factory.mktemp(f"verification-{request.param}"))
     frame.attrs["runs"] = len(sel.runs())
     return frame

@@ -3,9 +3,6 @@
 import gzip
 import io
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,16 +11,12 @@ import pytest
 
 import reference
 from reference.rule import REGISTRY
-from conftest import own_modes
+from conftest import in_process, own_modes, verify_optimizers
 from verify import cli, output, selection
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def verify_optimizers(*args, cwd):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "verify.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture()
@@ -77,7 +70,7 @@ BAD_FILES = ["three_d", "nan", "strings", "objects", "text", "missing", "npz_ste
 @pytest.mark.parametrize("args", list(BAD.values()), ids=list(BAD))
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, args):
     out = tmp_path / "report"
-    r = verify_optimizers(*args, "--output", str(out), cwd=tmp_path)
+    r = in_process(*args, "--output", str(out), cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("verify-optimizers: error:"), r.stderr
@@ -85,10 +78,18 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, args):
     assert not out.exists() and not list(tmp_path.glob(".report-*"))
 
 
+def test_the_console_gives_bad_input_one_line_and_exit_2(tmp_path):
+    """The same, through the interpreter: nothing printed before the CLI takes over."""
+    for args in (BAD["unknown-flag"], BAD["unknown-optimizer"]):
+        r = verify_optimizers(*args, "--output", str(tmp_path / "report"), cwd=tmp_path)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith("verify-optimizers: error:") and not r.stdout
+
+
 @pytest.mark.parametrize("name", BAD_FILES)
 def test_bad_gradient_file_is_exit_2(tmp_path, gradient_files, name):
     out = tmp_path / "report"
-    r = verify_optimizers("--gradients", gradient_files[name], "--output", str(out),
+    r = in_process("--gradients", gradient_files[name], "--output", str(out),
                           cwd=tmp_path)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "Traceback" not in r.stderr and not out.exists()
@@ -96,7 +97,7 @@ def test_bad_gradient_file_is_exit_2(tmp_path, gradient_files, name):
 
 def test_gradient_file_with_scenario_or_other_shape_is_exit_2(tmp_path, gradient_files):
     for extra in (["--scenario", "tiny"], ["--steps", "5"], ["--size", "7"]):
-        r = verify_optimizers("--gradients", gradient_files["ok"], *extra, cwd=tmp_path)
+        r = in_process("--gradients", gradient_files["ok"], *extra, cwd=tmp_path)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
@@ -112,12 +113,12 @@ def test_existing_report_survives_bad_input(tmp_path):
     out = tmp_path / "report"
     out.mkdir()
     (out / "keep.txt").write_text("old report")
-    r = verify_optimizers("--optimizer", "nope", "--output", str(out), cwd=tmp_path)
+    r = in_process("--optimizer", "nope", "--output", str(out), cwd=tmp_path)
     assert r.returncode == 2 and (out / "keep.txt").read_text() == "old report"
 
 
 def test_list_names_configurations_families_and_scenarios(tmp_path):
-    r = verify_optimizers("list", cwd=tmp_path)
+    r = in_process("list", cwd=tmp_path)
     assert r.returncode == 0
     for word in ("sgd_nesterov", "rmsprop_momentum_centered", "article", "keras", "alternating"):
         assert word in r.stdout
@@ -150,8 +151,8 @@ def _without_environment(out: Path) -> dict:
 def test_run_exit_0_reports_and_byte_identical_rerun(tmp_path, backends):
     backend = backends[0]
     a, b = tmp_path / "a", tmp_path / "b"
-    r1 = verify_optimizers("--backend", backend, *SMALL, "--output", str(a), cwd=tmp_path)
-    r2 = verify_optimizers("--backend", backend, *SMALL, "--output", str(b), cwd=tmp_path)
+    r1 = in_process("--backend", backend, *SMALL, "--output", str(a), cwd=tmp_path)
+    r2 = in_process("--backend", backend, *SMALL, "--output", str(b), cwd=tmp_path)
     assert r1.returncode == 0 and r2.returncode == 0, r1.stderr[-2000:]
     assert "Full tables in" in r1.stdout and "keras" in r1.stdout
     fa, fb = _without_environment(a), _without_environment(b)
@@ -173,7 +174,7 @@ def test_run_exit_0_reports_and_byte_identical_rerun(tmp_path, backends):
 
 def test_gradient_file_runs_as_scenario_file(tmp_path, gradient_files, backends):
     out = tmp_path / "r"
-    r = verify_optimizers("--gradients", gradient_files["ok"], "--backend", backends[0],
+    r = in_process("--gradients", gradient_files["ok"], "--backend", backends[0],
                           "--optimizer", "rmsprop", "--quiet", "--format", "json",
                           "--output", str(out), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -205,7 +206,7 @@ def test_article_mismatch_alone_exits_0(tmp_path, backends, capsys):
 
 def test_progress_in_a_log_is_a_line_per_tenth(tmp_path, backends):
     args = [a for a in SMALL if a != "--quiet"]
-    r = verify_optimizers("--backend", backends[0], "--dtype", "float32", "--mode", "eager",
+    r = in_process("--backend", backends[0], "--dtype", "float32", "--mode", "eager",
                           *args, "--output", str(tmp_path / "out"), cwd=tmp_path)
     assert r.returncode == 0
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("optimizer steps:")]
@@ -230,7 +231,7 @@ def test_an_npz_gives_one_weight_per_array_with_its_shape(tmp_path):
               "token_embedding": rng.standard_normal((6, 5, 2))}
     np.savez(tmp_path / "g.npz", **arrays)
     out = tmp_path / "r"
-    r = verify_optimizers("--gradients", str(tmp_path / "g.npz"), "--backend",
+    r = in_process("--gradients", str(tmp_path / "g.npz"), "--backend",
                           selection.installed_backends()[0], "--family", "keras", "--optimizer",
                           "adam,lamb", "--format", "json", "--quiet", "--output", str(out),
                           cwd=tmp_path)

@@ -16,7 +16,8 @@ import pytest
 
 from verify import cli, output, processes
 from verify.worker.pinned import check_pinned
-from conftest import fast_backend, make_selection, run_selection
+from conftest import fast_backend, in_process, make_selection, run_selection
+from conftest import verify_optimizers as in_a_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,9 +27,10 @@ TINY = ["--family", "keras", "--optimizer", "sgd", "--dtype", "float32", "--mode
 
 
 def verify_optimizers(*args, cwd, env=None, **kw):
-    env = dict(env or os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "verify.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600, **kw)
+    """In this process, but where the environment is the subject (a fresh process)."""
+    if env is None and not kw:
+        return in_process(*args, cwd=cwd)
+    return in_a_process(*args, cwd=cwd, env=env, **kw)
 
 
 def one_error_line(stderr):

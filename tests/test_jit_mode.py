@@ -14,9 +14,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import make_selection, needs, run_selection
+from conftest import DESIGNS, designed, make_selection, needs, run_selection
 from verify import cli, selection
 from verify.runner import SAME_AS
+from verify.scenarios import SCENARIOS
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGURATIONS = ["adam", "sgd_momentum", "adam_accumulation", "adam_ema",
@@ -25,18 +26,21 @@ PERTURBED = {"beta_1+1e-4": "adam", "momentum+1e-4": "sgd_momentum"}
 OWN_JIT = [b for b in ("tensorflow", "torch") if b in selection.installed_backends()]
 
 
-@pytest.fixture(scope="module", params=["pairwise", pytest.param("product", marks=pytest.mark.slow)])
+# compiled code rounds differently where fusion meets epsilon (tiny), large values and
+# IEEE specials (nonfinite): the scenarios of every run; weekly (product) all of them
+PAIRWISE_SCENARIOS = ["gaussian", "tiny", "large", "nonfinite"]
+
+
+@pytest.fixture(scope="module", params=DESIGNS)
 def jit_rows(backends, tmp_path_factory, request):
-    """jit on every installed backend, 30 steps x 64 (JAX's jit is its compiled mode): each
-    configuration on every backend and in both dtypes (pairwise), weekly every dtype on
-    every backend (product)."""
+    """jit on every installed backend, 30 steps x 64 (JAX's jit is its compiled mode)."""
     out = tmp_path_factory.mktemp(f"jit-{request.param}")
+    names = PAIRWISE_SCENARIOS if request.param == "pairwise" else SCENARIOS
     parts = []
     for chosen, mode in ((backends, "jit"), (["jax"] if "jax" in backends else [], "compiled")):
-        sel = make_selection(chosen, ["keras", *PERTURBED], configurations=CONFIGURATIONS,
-                             modes=[mode], steps=30, size=64)
-        if request.param == "pairwise":
-            sel = sel.pairwise()
+        sel = designed(make_selection(chosen, ["keras", *PERTURBED],
+                                      configurations=CONFIGURATIONS, modes=[mode], steps=30,
+                                      size=64, names=names), request.param)
         if sel.runs():
             parts.append(run_selection(sel, out / mode))
     return pd.concat(parts, ignore_index=True)

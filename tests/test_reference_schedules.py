@@ -63,7 +63,9 @@ PROCESSES = [(b, d) for b in installed_backends()
              for d in (("float32", "float64") if b == "jax" else ("float32",))]
 
 
-@pytest.fixture(scope="module", params=PROCESSES, ids=["-".join(p) for p in PROCESSES])
+# JAX's x64 process computes the same float32 schedules with int64 steps: weekly (slow)
+@pytest.fixture(scope="module", ids=["-".join(p) for p in PROCESSES], params=[
+    pytest.param(p, marks=pytest.mark.slow if p == ("jax", "float64") else ()) for p in PROCESSES])
 def keras_values(request, tmp_path_factory):
     backend, dtype = request.param
     env = pinned_environment(backend, tmp_path_factory.mktemp("keras_home"),
