@@ -266,6 +266,18 @@ class Arithmetic:
             x = float(np.float32(x))
         return self._rounded(x)
 
+    def hyperparameter(self, x: float) -> "Tracked":
+        """A Python-float hyperparameter of a rule that does not say how Keras takes
+        it (a `Hyperparameter`): as it is (a Python operator) or rounded to float32
+        first (ops.cast on TensorFlow, an op's operand on torch: the settings
+        cast_rounds_to_float32 and operand_float32).  Its value in the working
+        dtype, its bound covering both."""
+        out = self.const(x)
+        if self.track and (self.precision.cast_rounds_to_float32
+                           or self.precision.operand_float32):
+            out.e = np.maximum(out.e, abs(float(np.float32(x)) - float(x)))
+        return out
+
     def learning_rate(self, lr: float) -> "Tracked":
         lr = float(lr)
         if self.precision.learning_rate_float32:
@@ -301,12 +313,42 @@ def _specials(z, e, special, unsure):
     return np.where(bad, np.where(special & ~unsure, 0.0, np.inf), e)
 
 
+def _stays_hyperparameter(operation):
+    def method(*args):
+        result = operation(*args)
+        return Hyperparameter(result) if type(result) is float else result
+    return method
+
+
+class Hyperparameter(float):
+    """A float hyperparameter handed to a rule written in plain numpy
+    (reference/user_rule.py).  Python arithmetic on it is Python's, as Keras's
+    `1 - self.beta_1` is, and gives a Hyperparameter; where one meets a Tracked
+    value it enters through `Arithmetic.hyperparameter`."""
+
+    __add__ = _stays_hyperparameter(float.__add__)
+    __radd__ = _stays_hyperparameter(float.__radd__)
+    __sub__ = _stays_hyperparameter(float.__sub__)
+    __rsub__ = _stays_hyperparameter(float.__rsub__)
+    __mul__ = _stays_hyperparameter(float.__mul__)
+    __rmul__ = _stays_hyperparameter(float.__rmul__)
+    __truediv__ = _stays_hyperparameter(float.__truediv__)
+    __rtruediv__ = _stays_hyperparameter(float.__rtruediv__)
+    __pow__ = _stays_hyperparameter(float.__pow__)
+    __rpow__ = _stays_hyperparameter(float.__rpow__)
+    __neg__ = _stays_hyperparameter(float.__neg__)
+    __abs__ = _stays_hyperparameter(float.__abs__)
+
+
 def _lift(ar: Arithmetic, x) -> "Tracked":
-    """x as a Tracked value: a number as `Arithmetic.const` takes it; a comparison's
+    """x as a Tracked value: a Hyperparameter as `Arithmetic.hyperparameter` takes
+    it, any other number as `Arithmetic.const` does; a comparison's
     bools as exact 0 and 1 with its ties; a numpy array's numbers each rounded to
     the working dtype, with that rounding."""
     if isinstance(x, Tracked):
         return x
+    if isinstance(x, Hyperparameter):
+        return ar.hyperparameter(x)
     if isinstance(x, (int, float, np.floating, np.integer)):
         return ar.const(float(x))
     if isinstance(x, Condition):
@@ -827,9 +869,9 @@ class Condition(np.ndarray):
     """The bools of a comparison of Tracked values, with its tie mask (`compare`).
 
     np.where keeps the ties in its result; `&`, `|`, `^` and `~` in theirs;
-    arithmetic takes the bools as exact 0 and 1 with the ties; a Python `if` on a
-    tied one raises.  Anything else numpy does with it (methods, indexing) sees
-    the bools alone."""
+    arithmetic takes the bools as exact 0 and 1 with the ties.  Anything else is
+    numpy's on the bools where nothing is tied, and an UnsupportedOperation where
+    something is (a Python `if`, np.any), whose answer rounding may decide."""
 
     def __new__(cls, values, tie, ar: Arithmetic):
         condition = np.asarray(values, dtype=bool).view(cls)
@@ -840,24 +882,37 @@ class Condition(np.ndarray):
         self.tie, self.ar = None, getattr(parent, "ar", None)
 
     def __bool__(self):
-        if self.tie is not None and np.any(self.tie):
-            raise UnsupportedOperation("a Python `if` on a comparison within rounding of its "
-                                       "operands is not supported in a rule: use np.where")
+        _refuse_if_tied("a Python `if`", (self,))
         return bool(np.asarray(self))
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-        if ufunc in LOGICAL and method == "__call__" and not kwargs and not any(
-                isinstance(x, Tracked) for x in inputs):
-            ties = [x.tie for x in inputs if isinstance(x, Condition)]
+        if any(isinstance(x, Tracked) for x in inputs) or (
+                ufunc in NUMPY_UFUNCS and method == "__call__"):
+            return numpy_ufunc(ufunc, method, inputs, kwargs)
+        if ufunc in LOGICAL and method == "__call__" and not kwargs:
             values = ufunc(*(np.asarray(x) for x in inputs))
             tie = None
-            for t in ties:
-                tie = _either(tie, None if t is None else np.broadcast_to(t, np.shape(values)))
+            for x in inputs:
+                if isinstance(x, Condition) and x.tie is not None:
+                    tie = _either(tie, np.broadcast_to(x.tie, np.shape(values)))
             return Condition(values, tie, self.ar)
-        return numpy_ufunc(ufunc, method, inputs, kwargs)
+        _refuse_if_tied(_name(ufunc) + ("" if method == "__call__" else f".{method}"), inputs)
+        if "out" in kwargs:
+            kwargs["out"] = tuple(np.asarray(x) for x in kwargs["out"])
+        return getattr(ufunc, method)(*(np.asarray(x) if isinstance(x, Condition) else x
+                                        for x in inputs), **kwargs)
 
     def __array_function__(self, func, types, args, kwargs):
-        return numpy_function(func, args, kwargs)
+        if func in NUMPY_FUNCTIONS:
+            return numpy_function(func, args, kwargs)
+        _refuse_if_tied(_name(func), args)
+        return super().__array_function__(func, types, args, kwargs)
+
+
+def _refuse_if_tied(what: str, values) -> None:
+    if any(isinstance(x, Condition) and x.tie is not None and np.any(x.tie) for x in values):
+        raise UnsupportedOperation(f"{what} on a comparison within rounding of its operands "
+                                   "is not supported in a rule: use np.where")
 
 
 class UnsupportedOperation(ValueError):
