@@ -339,7 +339,8 @@ FACTORED = '''
 import numpy as np
 
 def initial_slots(weight, **hyperparameters):
-    factored = {"rows": np.zeros(weight.shape[:-1]), "columns": np.zeros(weight.shape[:-2] + weight.shape[-1:])}
+    factored = {"rows": np.zeros(weight.shape[:-1]),
+                "columns": np.zeros(weight.shape[:-2] + weight.shape[-1:])}
     return {"copy": weight, "count": 0.5, "fixed": 2.0, **factored}
 
 def update(step, gradient, weight, slots, decay=0.5, **hyperparameters):
