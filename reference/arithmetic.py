@@ -14,6 +14,7 @@ z = fl(x op y) with u the unit roundoff (eps / 2):
     x ** t   e_z = |t z / x| e_x + u|z| (1 + |t ln x|)   (pow through exp/log)
     cos x    e_z = |sin x| e_x + 2u|z|       (within one ulp: SLEEF u10, Eigen, libm)
     log x    e_z = e_x / |x| + 2u|z|         (the same)
+    exp x    e_z = |z| expm1(e_x) + 6u|z|    (numpy's float32 exp: within three ulps)
     floor x, ceil x   exact integers; a tie where an integer lies within the bound
 
 plus, for every operation, the absolute error of underflow (eq. 2.8).
@@ -45,10 +46,20 @@ value that rounding made negative, a division by a value within rounding of
 zero) is a tie: either result is legitimate.  Ties are carried as a mask next
 to the bound, through every later operation, and the comparison accepts any
 value at a tied element of that step only.
+
+numpy's own ufuncs and functions work on Tracked values through its dispatch
+protocols (a rule written in plain numpy, reference/user_rule.py): those of
+NUMPY_UFUNCS and NUMPY_FUNCTIONS, each one of the operations above, numbers and
+arrays beside a Tracked value lifted as the operators lift them.  A comparison
+(x > y, np.greater) gives a bool array, a Condition, tied where x and y are
+within rounding of each other; np.where passes its ties on.  Anything else
+raises UnsupportedOperation.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -255,6 +266,18 @@ class Arithmetic:
             x = float(np.float32(x))
         return self._rounded(x)
 
+    def hyperparameter(self, x: float) -> "Tracked":
+        """A Python-float hyperparameter of a rule that does not say how Keras takes
+        it (a `Hyperparameter`): as it is (a Python operator) or rounded to float32
+        first (ops.cast on TensorFlow, an op's operand on torch: the settings
+        cast_rounds_to_float32 and operand_float32).  Its value in the working
+        dtype, its bound covering both."""
+        out = self.const(x)
+        if self.track and (self.precision.cast_rounds_to_float32
+                           or self.precision.operand_float32):
+            out.e = np.maximum(out.e, abs(float(np.float32(x)) - float(x)))
+        return out
+
     def learning_rate(self, lr: float) -> "Tracked":
         lr = float(lr)
         if self.precision.learning_rate_float32:
@@ -290,11 +313,52 @@ def _specials(z, e, special, unsure):
     return np.where(bad, np.where(special & ~unsure, 0.0, np.inf), e)
 
 
+def _stays_hyperparameter(operation):
+    def method(*args):
+        result = operation(*args)
+        return Hyperparameter(result) if type(result) is float else result
+    return method
+
+
+class Hyperparameter(float):
+    """A float hyperparameter handed to a rule written in plain numpy
+    (reference/user_rule.py).  Python arithmetic on it is Python's, as Keras's
+    `1 - self.beta_1` is, and gives a Hyperparameter; where one meets a Tracked
+    value it enters through `Arithmetic.hyperparameter`."""
+
+    __add__ = _stays_hyperparameter(float.__add__)
+    __radd__ = _stays_hyperparameter(float.__radd__)
+    __sub__ = _stays_hyperparameter(float.__sub__)
+    __rsub__ = _stays_hyperparameter(float.__rsub__)
+    __mul__ = _stays_hyperparameter(float.__mul__)
+    __rmul__ = _stays_hyperparameter(float.__rmul__)
+    __truediv__ = _stays_hyperparameter(float.__truediv__)
+    __rtruediv__ = _stays_hyperparameter(float.__rtruediv__)
+    __pow__ = _stays_hyperparameter(float.__pow__)
+    __rpow__ = _stays_hyperparameter(float.__rpow__)
+    __neg__ = _stays_hyperparameter(float.__neg__)
+    __abs__ = _stays_hyperparameter(float.__abs__)
+
+
 def _lift(ar: Arithmetic, x) -> "Tracked":
+    """x as a Tracked value: a Hyperparameter as `Arithmetic.hyperparameter` takes
+    it, any other number as `Arithmetic.const` does; a comparison's
+    bools as exact 0 and 1 with its ties; a numpy array's numbers each rounded to
+    the working dtype, with that rounding."""
     if isinstance(x, Tracked):
         return x
+    if isinstance(x, Hyperparameter):
+        return ar.hyperparameter(x)
     if isinstance(x, (int, float, np.floating, np.integer)):
         return ar.const(float(x))
+    if isinstance(x, Condition):
+        return Tracked(np.asarray(x, ar.dtype), np.float64(0.0) if ar.track else None, ar,
+                       x.tie)
+    if isinstance(x, np.ndarray) and x.dtype.kind in "biuf":
+        exact = x.astype(np.float64)
+        value = exact.astype(ar.dtype)
+        e = np.abs(value.astype(np.float64) - exact) + ar.read_as_zero(value)
+        return Tracked(value, e if ar.track else None, ar)
     raise TypeError(f"cannot combine Tracked with {type(x).__name__}")
 
 
@@ -321,13 +385,35 @@ class Tracked:
     depends on a discontinuity evaluated within rounding of its jump)."""
 
     __slots__ = ("v", "e", "ar", "tie")
-    __array_ufunc__ = None  # keep numpy from taking over mixed expressions
 
     def __init__(self, v, e, ar: Arithmetic, tie=None):
         self.v = v
         self.e = e
         self.ar = ar
         self.tie = tie
+
+    # --- numpy's dispatch protocols: a rule in plain numpy (see NUMPY_UFUNCS) ----
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        return numpy_ufunc(ufunc, method, inputs, kwargs)
+
+    def __array_function__(self, func, types, args, kwargs):
+        return numpy_function(func, args, kwargs)
+
+    def __array__(self, dtype=None, copy=None):
+        raise UnsupportedOperation("a Tracked value cannot become a plain numpy array in a "
+                                   "rule (its error bound would be lost)")
+
+    @property
+    def shape(self) -> tuple:
+        return np.shape(self.v)
+
+    @property
+    def ndim(self) -> int:
+        return np.ndim(self.v)
+
+    @property
+    def T(self) -> "Tracked":
+        return self.transpose()
 
     # --- exact rearrangements: the same values, bounds and ties ------------
     def reshape(self, shape) -> "Tracked":
@@ -408,12 +494,33 @@ class Tracked:
     def __rtruediv__(self, other):
         return _lift(self.ar, other) / self
 
+    def __gt__(self, other):
+        return compare(np.greater, self, _lift(self.ar, other))
+
+    def __ge__(self, other):
+        return compare(np.greater_equal, self, _lift(self.ar, other))
+
+    def __lt__(self, other):
+        return compare(np.less, self, _lift(self.ar, other))
+
+    def __le__(self, other):
+        return compare(np.less_equal, self, _lift(self.ar, other))
+
+    def __eq__(self, other):
+        return compare(np.equal, self, _lift(self.ar, other))
+
+    def __ne__(self, other):
+        return compare(np.not_equal, self, _lift(self.ar, other))
+
     def __abs__(self):
         """|x| is exact and 1-Lipschitz: the bound passes through unchanged."""
         return Tracked(np.abs(self.v), self.e, self.ar, self.tie)
 
     def __matmul__(self, other):
-        return matmul(self, other)
+        return matmul(self, _lift(self.ar, other))
+
+    def __rmatmul__(self, other):
+        return matmul(_lift(self.ar, other), self)
 
     def __neg__(self):
         return Tracked(-self.v, self.e, self.ar, self.tie)
@@ -433,6 +540,9 @@ class Tracked:
             return prop + self.ar.u * zz * cond
 
         return self._new(z, err, t)
+
+    def __rpow__(self, other):
+        return _lift(self.ar, other) ** self
 
 
 def sqrt(x: Tracked) -> Tracked:
@@ -472,6 +582,21 @@ def log(x: Tracked) -> Tracked:
             return Tracked(z, None, x.ar)
         return x._new(z, lambda: x.e / np.abs(x.v.astype(np.float64))
                       + x.ar.u * np.abs(z.astype(np.float64)), x)
+
+
+def exp(x: Tracked) -> Tracked:
+    """exp(x): the argument's bound through |exp(x) - exp(x^)| <= exp(x^) expm1(e_x)
+    for |x - x^| <= e_x (the mean value theorem; to first order the condition number
+    |x f'(x) / f(x)| = |x| of Higham 2002, section 1.6), and three ulps of the result:
+    numpy's own accuracy test allows exp three ulps in float32 and one in float64
+    (numpy/_core/tests/data/umath-validation-set-exp.csv; 2.3 measured in float32)."""
+    with np.errstate(over="ignore"):
+        z = np.exp(x.v)
+    if not x.ar.track:
+        return Tracked(z, None, x.ar)
+    az = np.abs(z.astype(np.float64))
+    with np.errstate(over="ignore", invalid="ignore"):
+        return x._new(z, lambda: az * np.expm1(x.e) + 5 * x.ar.u * az, x)
 
 
 def _rounded_integer(x: Tracked, z) -> Tracked:
@@ -721,3 +846,210 @@ def where(condition, a: Tracked, b: Tracked) -> Tracked:
                        False if b.tie is None else b.tie)
     e = None if a.e is None else np.where(condition, a.e, b.e)
     return Tracked(np.where(condition, a.v, b.v), e, a.ar, tie)
+
+
+def compare(ufunc, x: Tracked, y: Tracked) -> "Condition":
+    """x > y (or another comparison `ufunc`) as a bool array; a tie where x and y
+    are within tie_width times their bounds of each other, where the exact values
+    may compare either way."""
+    values = ufunc(x.v, y.v)
+    if not x.ar.track:
+        return Condition(values, None, x.ar)
+    reach = x.ar.tie_width * (np.broadcast_to(x.e, np.shape(values))
+                              + np.broadcast_to(y.e, np.shape(values)))
+    with np.errstate(invalid="ignore", over="ignore"):
+        gap = np.abs(x.v.astype(np.float64) - y.v.astype(np.float64))
+        # an unbounded operand is no tie: its result is not judged
+        tie = np.isfinite(reach) & (reach > 0) & (gap <= reach)
+    return Condition(values, _either(_either(x.tie, y.tie), tie if np.any(tie) else None),
+                     x.ar)
+
+
+class Condition(np.ndarray):
+    """The bools of a comparison of Tracked values, with its tie mask (`compare`).
+
+    np.where keeps the ties in its result; `&`, `|`, `^` and `~` in theirs;
+    arithmetic takes the bools as exact 0 and 1 with the ties.  Anything else is
+    numpy's on the bools where nothing is tied, and an UnsupportedOperation where
+    something is (a Python `if`, np.any), whose answer rounding may decide."""
+
+    def __new__(cls, values, tie, ar: Arithmetic):
+        condition = np.asarray(values, dtype=bool).view(cls)
+        condition.tie, condition.ar = tie, ar
+        return condition
+
+    def __array_finalize__(self, parent):
+        self.tie, self.ar = None, getattr(parent, "ar", None)
+
+    def __bool__(self):
+        _refuse_if_tied("a Python `if`", (self,))
+        return bool(np.asarray(self))
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        if any(isinstance(x, Tracked) for x in inputs) or (
+                ufunc in NUMPY_UFUNCS and method == "__call__"):
+            return numpy_ufunc(ufunc, method, inputs, kwargs)
+        if ufunc in LOGICAL and method == "__call__" and not kwargs:
+            values = ufunc(*(np.asarray(x) for x in inputs))
+            tie = None
+            for x in inputs:
+                if isinstance(x, Condition) and x.tie is not None:
+                    tie = _either(tie, np.broadcast_to(x.tie, np.shape(values)))
+            return Condition(values, tie, self.ar)
+        _refuse_if_tied(_name(ufunc) + ("" if method == "__call__" else f".{method}"), inputs)
+        if "out" in kwargs:
+            kwargs["out"] = tuple(np.asarray(x) for x in kwargs["out"])
+        return getattr(ufunc, method)(*(np.asarray(x) if isinstance(x, Condition) else x
+                                        for x in inputs), **kwargs)
+
+    def __array_function__(self, func, types, args, kwargs):
+        if func in NUMPY_FUNCTIONS:
+            return numpy_function(func, args, kwargs)
+        _refuse_if_tied(_name(func), args)
+        return super().__array_function__(func, types, args, kwargs)
+
+
+def _refuse_if_tied(what: str, values) -> None:
+    if any(isinstance(x, Condition) and x.tie is not None and np.any(x.tie) for x in values):
+        raise UnsupportedOperation(f"{what} on a comparison within rounding of its operands "
+                                   "is not supported in a rule: use np.where")
+
+
+class UnsupportedOperation(ValueError):
+    """A numpy function or ufunc a rule may not use on Tracked values."""
+
+
+# the bools' own operations on comparisons (`&`, `|`, `^`, `~` and numpy's logical_*)
+LOGICAL = (np.logical_and, np.logical_or, np.logical_xor, np.logical_not, np.bitwise_and,
+           np.bitwise_or, np.bitwise_xor, np.invert)
+
+# numpy's ufuncs a rule may apply to Tracked values, as the operations above
+NUMPY_UFUNCS = {
+    np.add: lambda x, y: x + y,
+    np.subtract: lambda x, y: x - y,
+    np.multiply: lambda x, y: x * y,
+    np.divide: lambda x, y: x / y,
+    np.power: lambda x, y: x ** y,
+    np.negative: lambda x: -x,
+    np.absolute: abs,
+    np.sqrt: sqrt,
+    np.square: square,
+    np.sign: sign,
+    np.maximum: maximum,
+    np.minimum: minimum,
+    np.log: log,
+    np.exp: exp,
+    np.cos: cos,
+    np.matmul: matmul,
+    **{ufunc: (lambda ufunc: lambda x, y: compare(ufunc, x, y))(ufunc)
+       for ufunc in (np.greater, np.greater_equal, np.less, np.less_equal, np.equal,
+                     np.not_equal)},
+}
+
+
+def _where(condition, x, y):
+    ar = _arithmetic((condition, x, y))
+    out = where(np.asarray(condition, dtype=bool), _lift(ar, x), _lift(ar, y))
+    if isinstance(condition, Condition) and condition.tie is not None:
+        out.tie = _either(out.tie, np.broadcast_to(condition.tie, np.shape(out.v)))
+    return out
+
+
+def _filled(a, fill_value):
+    ar = _arithmetic((a, fill_value))
+    fill = _lift(ar, fill_value)
+    shape = np.shape(a.v if isinstance(a, Tracked) else a)
+    if np.shape(fill.v) == shape:
+        return fill
+    return Tracked(np.broadcast_to(fill.v, shape).copy(), fill.e, ar,
+                   None if fill.tie is None else np.broadcast_to(fill.tie, shape))
+
+
+def _clip(a, a_min, a_max):
+    ar = _arithmetic((a, a_min, a_max))
+    out = _lift(ar, a)
+    if a_min is not None:
+        out = maximum(out, _lift(ar, a_min))
+    if a_max is not None:
+        out = minimum(out, _lift(ar, a_max))
+    return out
+
+
+def _norm(x, ord=None, axis=None, keepdims=False):
+    if ord is not None:
+        _unsupported(f"numpy.linalg.norm with ord={ord!r}")
+    return norm(x, axis, keepdims)
+
+
+def _tracked(operation):
+    """`operation` of a Tracked first argument, lifted if it is a comparison."""
+    @functools.wraps(operation)
+    def lifted(a, *args, **kwargs):
+        return operation(_lift(_arithmetic((a,)), a), *args, **kwargs)
+    return lifted
+
+
+# numpy's functions a rule may call on Tracked values: each implementation takes
+# numpy's arguments by numpy's names, and nothing more
+NUMPY_FUNCTIONS = {
+    np.where: _where,
+    np.sum: _tracked(lambda a, axis=None, keepdims=False: sum_over(a, axis, keepdims)),
+    np.mean: _tracked(lambda a, axis=None, keepdims=False: mean_over(a, axis, keepdims)),
+    np.linalg.norm: _tracked(_norm),
+    np.zeros_like: lambda a: _filled(a, 0.0),
+    np.ones_like: lambda a: _filled(a, 1.0),
+    np.full_like: _filled,
+    np.clip: _clip,
+    np.shape: _tracked(lambda a: a.shape),
+    np.ndim: _tracked(lambda a: a.ndim),
+    np.reshape: _tracked(lambda a, shape: a.reshape(shape)),
+    np.transpose: _tracked(lambda a, axes=None: a.transpose(axes)),
+}
+
+
+def _arithmetic(values) -> Arithmetic:
+    """The arithmetic of the first Tracked value or comparison among `values`."""
+    return next(x.ar for x in values if isinstance(x, (Tracked, Condition)))
+
+
+def _name(numpy_object) -> str:
+    module = getattr(numpy_object, "__module__", None) or "numpy"
+    return f"{module}.{numpy_object.__name__}"
+
+
+def _supported() -> str:
+    return ", ".join(sorted(_name(f) for f in (*NUMPY_UFUNCS, *NUMPY_FUNCTIONS)))
+
+
+def _unsupported(what: str):
+    raise UnsupportedOperation(f"{what} is not supported in a rule (supported: {_supported()})")
+
+
+def numpy_ufunc(ufunc, method: str, inputs: tuple, kwargs: dict):
+    """numpy's ufunc call on Tracked values (`Tracked.__array_ufunc__`): the
+    operation of NUMPY_UFUNCS on the inputs, numbers and arrays lifted as the
+    operators lift them; anything else is an UnsupportedOperation."""
+    name = _name(ufunc)
+    if ufunc not in NUMPY_UFUNCS:
+        _unsupported(name)
+    if method != "__call__":
+        _unsupported(f"{name}.{method}")
+    if kwargs:
+        _unsupported(f"{name} with {', '.join(f'{k}=' for k in kwargs)}")
+    ar = _arithmetic(inputs)
+    return NUMPY_UFUNCS[ufunc](*(_lift(ar, x) for x in inputs))
+
+
+def numpy_function(func, args: tuple, kwargs: dict):
+    """numpy's function call on Tracked values (`Tracked.__array_function__`): the
+    implementation of NUMPY_FUNCTIONS, called with numpy's arguments; anything
+    else, or an argument it does not take, is an UnsupportedOperation."""
+    name = _name(func)
+    implementation = NUMPY_FUNCTIONS.get(func)
+    if implementation is None:
+        _unsupported(name)
+    try:
+        inspect.signature(implementation).bind(*args, **kwargs)
+    except TypeError as error:
+        _unsupported(f"{name} with these arguments ({error})")
+    return implementation(*args, **kwargs)
