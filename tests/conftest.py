@@ -36,7 +36,7 @@ QUICK = {"test_arithmetic_reductions", "test_compare", "test_diff_pool",
          "test_gradient_digest", "test_keras_refusals", "test_readme",
          "test_reference_adafactor", "test_reference_base", "test_reference_muon",
          "test_reference_rules", "test_reference_shapes", "test_reference_textbook_base",
-         "test_reports_fresh", "test_workflow"}
+         "test_reports_fresh", "test_user_rule", "test_workflow"}
 
 
 def pytest_collection_modifyitems(items):
