@@ -7,13 +7,17 @@ of it.  `get_rule(family, class_name)` returns a `reference.rule.Rule`;
 `SPACES[class_name]` is the variant space `explain` searches.
 """
 
-from reference import multi
+from reference import multi, user_rule
 from reference.arithmetic import PRECISIONS, Arithmetic, Precision, Tracked
 from reference.optimizer import name_of, register_variants
 from reference.optimizers import OPTIMIZERS, loss_scale
 from reference.rule import REGISTRY, Rule, StateSpec, Unsupported
 
 FAMILIES = ("article", "textbook", "keras")
+# The families that state what a class's own source computes: Keras's, and a user's rule
+# for their own class (reference/user_rule.py).  A mismatch of one of them is a verified
+# change (exit 1); the other families' mismatches are findings.
+JUDGED = ("keras", user_rule.FAMILY)
 
 for _optimizer in OPTIMIZERS.values():
     for _family in _optimizer.points:
@@ -39,6 +43,6 @@ def get_rule(family: str, class_name: str) -> Rule:
         raise Unsupported(f"the {family} family does not state {class_name}") from None
 
 
-__all__ = ["CLASSES", "FAMILIES", "OPTIMIZERS", "PRECISIONS", "SPACES", "Arithmetic",
+__all__ = ["CLASSES", "FAMILIES", "JUDGED", "OPTIMIZERS", "PRECISIONS", "SPACES", "Arithmetic",
            "Precision", "Rule", "StateSpec", "Tracked", "Unsupported", "get_rule", "name_of",
            "register_variants"]

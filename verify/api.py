@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 import reference
+from reference.user_rule import FAMILY as USER_FAMILY
 from verify import scenarios as scenario_module
 from verify.configurations import (CONFIGURATIONS, EXCLUDE, ConfigError, Configuration,
                                    check_magnitudes, from_keras, user_selection)
@@ -82,7 +83,9 @@ def configurations(optimizers) -> list:
                                   "`verify-optimizers list`)")
             chosen.append(CONFIGURATIONS[item])
             continue
-        if isinstance(item, Configuration):  # one not built in is checked as a dict would be
+        if isinstance(item, Configuration) and item.source is not None:
+            c = item  # a user's own class, checked by building it (verify/user_class.py)
+        elif isinstance(item, Configuration):  # one not built in is checked as a dict would be
             c = item if CONFIGURATIONS.get(item.id) == item else from_keras(
                 item.keras_config(), f"configuration {item.id!r}", explicit_id=item.id)
         elif isinstance(item, dict):
@@ -164,11 +167,16 @@ def selection(optimizers=None, *, backends=None, dtypes=None, families=None, sce
         size = size if size is not None else FULL_SIZE if full else DEFAULT_SIZE
     check_run_size(steps, size, len(names), seed)
     part = parse_shard(shard)
+    chosen = configurations(list(CONFIGURATIONS) if optimizers is None else optimizers)
+    # a user's own class is judged by its rule (verify/user_class.py)
+    own = [c for c in chosen if c.source is not None]
+    known_families = reference.FAMILIES + ((USER_FAMILY,) if own else ())
     sel = Selection(backends=chosen_backends([backends] if isinstance(backends, str)
                                              else list(backends or [])),
-                    dtypes=chosen_dtypes, families=_names(families, reference.FAMILIES, "family"),
-                    configurations=configurations(list(CONFIGURATIONS) if optimizers is None
-                                                  else optimizers),
+                    dtypes=chosen_dtypes,
+                    families=_names(families, known_families, "family",
+                                    [USER_FAMILY] if len(own) == len(chosen) else None),
+                    configurations=chosen,
                     scenarios=names, modes=_names(modes, MODES, "mode", DEFAULT_MODES),
                     steps=steps, size=size, seed=seed, gradients=arrays, weights=weights,
                     shard=part)

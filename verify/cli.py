@@ -36,8 +36,8 @@ try:
     from verify.report.tables import pivot
     from verify.runner import Selection
     from verify.selection import (DEFAULT_DTYPES, DEFAULT_SIZE, DEFAULT_STEPS, DTYPES, FORMATS,
-                                  FULL_SIZE, FULL_STEPS, KERAS_REFUSES, UsageError, choices,
-                                  installed_backends)
+                                  FULL_SIZE, FULL_STEPS, KERAS_REFUSES, UsageError,
+                                  choices, chosen_backends, installed_backends)
 except ImportError as _exc:
     print("".join(c if c.isprintable() else repr(c)[1:-1]
                   for c in f"verify-optimizers: error: cannot import the harness: {_exc}"),
@@ -103,6 +103,13 @@ def build_parser(shard=True) -> argparse.ArgumentParser:
                         "returns it (an optional \"id\" names it), inline or in a file "
                         "holding one or a list; repeatable. Alone it replaces the built-in "
                         "configurations; with --optimizer it joins those")
+    p.add_argument("--class", dest="class_spec", metavar="FILE.py:ClassName",
+                   help="your own keras.optimizers.Optimizer subclass (or "
+                        "package.module:ClassName), its constructor's arguments as one JSON "
+                        "object in --config, checked against --rule; runs your code")
+    p.add_argument("--rule", metavar="FILE.py",
+                   help="with --class: update(step, gradient, weight, slots, "
+                        "**hyperparameters) in plain numpy, the family `rule` (docs/rules.md)")
     p.add_argument("--config-file", action="append", default=[], metavar="FILE.toml",
                    help="configurations in verify/configurations.toml's format (the table "
                         "names are the ids); as --config")
@@ -152,7 +159,7 @@ def selection_from_args(args, replace_output=True) -> tuple:
     formats = choices(args.format, FORMATS, "format") or list(FORMATS)
     if getattr(args, "shard", None) is not None and not {"csv", "json"} <= set(formats):
         raise UsageError("a shard report needs the csv and json formats (merge reads them)")
-    user = user_configurations(args)
+    user = own_class(args) if getattr(args, "class_spec", None) else user_configurations(args)
     known = {**CONFIGURATIONS, **getattr(args, "recorded", {})}
     optimizer_ids = choices(args.optimizer, list(known), "optimizer") or (
         [] if user else list(CONFIGURATIONS))
@@ -167,6 +174,28 @@ def selection_from_args(args, replace_output=True) -> tuple:
     output = claim_output(args.output, [("the gradient file", args.gradients)]
                           + list(getattr(args, "inputs", [])), replace=replace_output)
     return sel, output, formats
+
+
+def own_class(args) -> list:
+    """--class with --rule and --config: the user's class as the one configuration, its
+    rule registered as family `rule` (UsageError)."""
+    import json
+
+    from verify import user_class
+
+    if not args.rule:
+        raise UsageError("--class needs --rule FILE.py, the update your class should compute")
+    if len(args.config) > 1 or args.config_file:
+        raise UsageError("--class takes its constructor's arguments as one JSON object in "
+                         "--config")
+    try:
+        config = json.loads(args.config[0]) if args.config else {}
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--config: not JSON: {exc}") from None
+    backends = chosen_backends(args.backend)
+    chosen, built = user_class.configuration(args.class_spec, config, backends[0])
+    user_class.register_rule(args.rule, chosen, built)
+    return [chosen]
 
 
 def user_configurations(args) -> list:
@@ -255,7 +284,7 @@ def conclude(df, output, formats, console) -> int:
     written = {"md": "summary.md, steps.md", "csv": "summary.csv, steps/", "json": "summary.json",
                "html": "report.html"}
     print(f"Full tables in {output}/: " + "; ".join(written[f] for f in formats), file=console)
-    keras_rows = df[df.family == "keras"]
+    keras_rows = df[df.family.isin(reference.JUDGED)]
     if (keras_rows.verdict == "mismatch").any():
         return 1
     errors = keras_rows[keras_rows.verdict == "error"]

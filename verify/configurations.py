@@ -64,6 +64,9 @@ class Configuration:
     id: str
     class_name: str
     config: dict
+    # a user's own class: its file (absolute path) or module (verify/user_class.py);
+    # None: keras.optimizers
+    source: str | None = None
 
     def keras_config(self) -> dict:
         """As given: class_name, config, and exclude_from_weight_decay beside them."""

@@ -208,7 +208,8 @@ class Runner:
                         run = RunSpec(run_id, configuration, backend, dtype, mode, names)
                         self.runs[run_id] = run
                         specs.append({"id": run_id, "class_name": configuration.class_name,
-                                      "config": configuration.config, "dtype": dtype,
+                                      "config": configuration.config,
+                                      "source": configuration.source, "dtype": dtype,
                                       "mode": mode, "scenarios": list(names),
                                       "weights": [[n, list(shape)] for n, shape
                                                   in sel.weights.items()]})
@@ -353,7 +354,7 @@ class Runner:
             c.on_table.close()
         with self._lock:
             for s, scenario in enumerate(run.scenarios):
-                if isinstance(c, str) and family == "keras":  # the harness must state Keras
+                if isinstance(c, str) and family in reference.JUDGED:  # the harness must state it
                     self.sink.row(family, run, scenario, error=c)
                 elif isinstance(c, str):
                     self.sink.row(family, run, scenario, not_stated=c)

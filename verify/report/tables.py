@@ -407,7 +407,7 @@ def explanations(df: pd.DataFrame) -> list:
     by_cell = {key: group for key, group in df.groupby(cell, sort=False)}
     out = []
     for _, r in df.iterrows():
-        if r.family == "keras" or r.verdict != "mismatch":
+        if r.family in reference.JUDGED or r.verdict != "mismatch":
             out.append("")
             continue
         text = cause(r.family, r.optimizer, r.backend, r["dtype"]) or (

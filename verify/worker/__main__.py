@@ -79,14 +79,15 @@ def main(job_path: str) -> int:
                 run_class = Run
             run = run_class(keras, spec, job, gradients, initial)
             build += time.process_time() - started
-            key = (spec["class_name"], json.dumps(spec["config"], sort_keys=True), spec["dtype"],
+            key = (spec.get("source"), spec["class_name"],
+                   json.dumps(spec["config"], sort_keys=True), spec["dtype"],
                    json.dumps(spec["weights"]))
             if key not in round_trips and not job.get("floor"):
                 first = spec["scenarios"][0]
                 round_trips[key] = round_trip(
                     keras, spec["class_name"], spec["config"], lambda: run.make_variables(first),
                     lambda t: run._grads(t, run._gradient_arrays(t, first)), job["steps"],
-                    run.variables)
+                    run.variables, spec.get("source"))
             run.round_trip = round_trips.get(key)
             if job.get("floor"):
                 run.floor(out, job["steps"])

@@ -20,6 +20,7 @@ from reference.arithmetic import numpy_dtype
 from verify.worker import dtypes
 from verify.worker.gradients import gradient_digest
 from verify.worker.messages import RunMessages
+from verify.worker.user_class import load_class
 
 def _state_layout(optimizer, variables):
     """Map every optimizer variable to (variable index or None, state name).
@@ -114,11 +115,14 @@ def iteration_variable(optimizer):
     return counter if id(counter) in own else optimizer.iterations
 
 
-def build_optimizer(keras, class_name, config):
+def build_optimizer(keras, class_name, config, source=None):
     """The optimizer from its class, as a user writes it: a serialized schedule
     deserialized, a MultiOptimizer's OptimizerMap built from its optimizers, and
     `exclude_from_weight_decay` (a method, kept in the config by
-    verify/configurations.py) called before build."""
+    verify/configurations.py) called before build.  `source`: the file or module
+    of a user's own class (verify/worker/user_class.py); None: keras.optimizers."""
+    if source is not None:
+        return load_class(keras, source, class_name)(**config)
     cls = getattr(keras.optimizers, class_name, None)
     if not isinstance(cls, type):
         raise ClassMissing(f"keras.optimizers has no class {class_name} "
@@ -172,7 +176,8 @@ def _optimizer_map(keras, serialized):
 ROUND_TRIP_STEPS = 10
 
 
-def round_trip(keras, class_name, config, make_variables, grads, steps, every_variable):
+def round_trip(keras, class_name, config, make_variables, grads, steps, every_variable,
+               source=None):
     """Keras's public serialization round trip (keras.optimizers.serialize, JSON,
     keras.optimizers.deserialize; model.save stores the same serialized dict), then
     the rebuilt optimizer run beside one built from the class for a few steps, on
@@ -180,7 +185,7 @@ def round_trip(keras, class_name, config, make_variables, grads, steps, every_va
     keeps or loses is a hyperparameter, the same for every scenario); which of
     `every_variable` each decays is compared too.  None, or what went wrong (a
     finding)."""
-    original = build_optimizer(keras, class_name, config)
+    original = build_optimizer(keras, class_name, config, source)
     excluded = config.get("exclude_from_weight_decay")
     try:
         text = json.dumps(keras.optimizers.serialize(original))
@@ -275,7 +280,8 @@ class Run:
             return [np.asarray(a * scale) for a in arrays]
 
     def make_optimizer(self):
-        optimizer = build_optimizer(self.keras, self.spec["class_name"], self.spec["config"])
+        optimizer = build_optimizer(self.keras, self.spec["class_name"], self.spec["config"],
+                                    self.spec.get("source"))
         optimizer.build(self.variables)
         return optimizer
 
