@@ -284,15 +284,16 @@ def conclude(df, output, formats, console) -> int:
     written = {"md": "summary.md, steps.md", "csv": "summary.csv, steps/", "json": "summary.json",
                "html": "report.html"}
     print(f"Full tables in {output}/: " + "; ".join(written[f] for f in formats), file=console)
-    keras_rows = df[df.family.isin(reference.JUDGED)]
-    if (keras_rows.verdict == "mismatch").any():
+    judged = df[df.family.isin(reference.JUDGED)]
+    if (judged.verdict == "mismatch").any():
         return 1
-    errors = keras_rows[keras_rows.verdict == "error"]
+    errors = judged[judged.verdict == "error"]
     of_keras = errors.reason.str.startswith(KERAS_REFUSES)
     for what, part, code in (("note", errors[of_keras], 0), ("error", errors[~of_keras], 2)):
         if len(part):
             first = part.iloc[0]
-            print(one_line(f"verify-optimizers: {what}: {len(part)} keras-family comparison(s) "
+            family = "/".join(sorted(set(part.family), key=reference.JUDGED.index))
+            print(one_line(f"verify-optimizers: {what}: {len(part)} {family}-family comparison(s) "
                            f"could not run, e.g. {first['optimizer']} {first['backend']} "
                            f"{first['dtype']} {first['mode']}: {first['reason']} (report in "
                            f"{output})"), file=sys.stderr)

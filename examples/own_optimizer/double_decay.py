@@ -12,5 +12,6 @@ from adam_like import AdamLike
 class DoubleDecayAdam(AdamLike):
     def update_step(self, gradient, variable, learning_rate):
         super().update_step(gradient, variable, learning_rate)
-        lr = ops.cast(learning_rate, variable.dtype)
-        self.assign_sub(variable, ops.multiply(variable, lr * self.weight_decay))
+        if self.weight_decay:
+            lr = ops.cast(learning_rate, variable.dtype)
+            self.assign_sub(variable, ops.multiply(variable, lr * self.weight_decay))
