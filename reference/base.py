@@ -79,12 +79,16 @@ def per_row(mask: np.ndarray, x: Tracked) -> np.ndarray:
 def rounded_to_float32(x: Tracked) -> Tracked:
     """x stored as a float32 tensor (torch's ops.minimum / ops.maximum with a
     Python float, `min_max_float32`): the value rounded, its bound grown by
-    the rounding."""
+    the rounding.  An inf or NaN stays itself in float32, exactly: its bound is
+    its own (0 where it is IEEE's exact answer, reference/arithmetic.py), not
+    inf - inf; a finite value beyond float32's range that becomes inf grows its
+    bound to inf (an overflow)."""
     if x.ar.dtype == np.float32:
         return x
-    rounded = x.v.astype(np.float32).astype(x.ar.dtype)
-    e = None if x.e is None else x.e + np.abs(rounded.astype(np.float64)
-                                              - x.v.astype(np.float64))
+    with np.errstate(over="ignore", invalid="ignore"):
+        rounded = x.v.astype(np.float32).astype(x.ar.dtype)
+        rounding = np.abs(rounded.astype(np.float64) - x.v.astype(np.float64))
+    e = None if x.e is None else x.e + np.where(np.isfinite(x.v), rounding, 0.0)
     return Tracked(rounded, e, x.ar, x.tie)
 
 

@@ -12,6 +12,7 @@ import pytest
 
 import reference
 from reference import PRECISIONS, Arithmetic, base
+from reference.arithmetic import Tracked
 from verify.compare import TOLERANCE, element_errors
 
 
@@ -191,6 +192,29 @@ def test_torch_float64_clipnorm_divides_by_a_float32_norm():
                 precision="jax")["variable"][0]
     assert np.array_equal(torch.v[0], keras_like)
     assert accepted(torch, keras_like) and not accepted(exact, keras_like)
+
+
+def test_an_infinite_norm_rounds_to_float32_exactly_and_an_overflow_does_not():
+    """inf and NaN are themselves in float32: an exact one (bound 0) stays exact, not
+    inf - inf = NaN; a float64 value beyond float32's range overflows to inf (bound
+    inf).  So torch's float64 clipnorm of a gradient holding inf leaves the other
+    elements' updates judged: w - lr * 0 there, and a value off by 1e-9 is rejected."""
+    ar = Arithmetic("float64", PRECISIONS["torch"])
+    x = ar.exact([np.inf, -np.inf, np.nan, 1e300, 0.1])
+    out = base.rounded_to_float32(x)
+    np.testing.assert_array_equal(out.e[:3], 0.0)
+    assert out.e[3] == np.inf and np.isinf(out.v[3])
+    assert out.e[4] == abs(float(np.float32(0.1)) - 0.1)
+    w, g = np.array([0.5, -2.0, 3.0]), np.array([np.inf, 4.0, -1.0])
+    torch = run("SGD", {"learning_rate": 1.0, "clipnorm": 0.5}, [w], [g], 0,
+                precision="torch")["variable"][0]
+    assert np.isnan(torch.v[0, 0]) and np.array_equal(torch.v[0, 1:], w[1:])
+    assert np.all(np.isfinite(torch.e))
+    finite = run("SGD", {"learning_rate": 1.0, "clipnorm": 0.5}, [w[1:]], [g[1:]], 0,
+                 precision="torch")["variable"][0]
+    assert accepted(Tracked(torch.v[:, 1:], torch.e[:, 1:], torch.ar), w[1:])
+    assert not accepted(Tracked(torch.v[:, 1:], torch.e[:, 1:], torch.ar), w[1:] + 1e-9)
+    assert not np.array_equal(finite.v[0], w[1:])  # without the inf the norm clips them
 
 
 # --- 2. accumulate ----------------------------------------------------------------

@@ -304,6 +304,74 @@ def test_the_base_pipeline_runs_around_a_rule_as_around_keras_adam(base):
     agree(builtin, got, ar, bit_for_bit=True)
 
 
+INF_STEP = 2  # the step of the batch whose vector gradient holds +inf in its first element
+
+
+def with_infinite_gradient(seed):
+    """Random states and gradients (velocity small enough that epsilon's placement shows)
+    with +inf in the vector's first gradient element at step INF_STEP."""
+    states, grads = random_states(seed=seed, velocity_scale=1e-4)
+    grads[1][INF_STEP, 0] = np.inf
+    return states, grads
+
+
+def scaled_at_the_infinite_step(expected, got):
+    """The scaled errors (element_errors) of `expected` against `got` on the vector at
+    INF_STEP, every state: NaN where got's bound cannot judge a difference."""
+    return np.concatenate([element_errors(e[1].v[INF_STEP], g[1].v[INF_STEP],
+                                          np.broadcast_to(g[1].e, g[1].v.shape)[INF_STEP])[2]
+                           for e, g in ((expected[name], got[name]) for name in got)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clipnorm_of_an_infinite_gradient_leaves_finite_bounds_as_around_keras_adam(backend,
+                                                                                   dtype):
+    """clipnorm=1.0 of a vector gradient holding +inf: the norm is inf (exact, bound 0),
+    the clipped gradient NaN there and exactly 0 elsewhere.  The rule's values are the
+    built-in keras Adam's, NaN at the same elements, and every bound is finite (0 at the
+    NaN, IEEE's exact answer): rounding the inf norm to float32 (torch's ops.maximum of
+    float64, min_max_float32) is exact, not a bound of inf - inf = NaN that left every
+    finite element unjudgeable ("its error bound overflowed")."""
+    ar = Arithmetic(dtype, PRECISIONS[backend])
+    config = {"learning_rate": 0.01, "clipnorm": 1.0}
+    states, grads = with_infinite_gradient(seed=8)
+    builtin = step(reference.get_rule("keras", "Adam"), ar, config, states, grads)
+    got = step(user("adam.py"), ar, config, states, grads)
+    assert set(got) == set(builtin) == {"variable", "momentum", "velocity"}
+    for name in got:
+        for b, g in zip(builtin[name], got[name]):
+            np.testing.assert_array_equal(np.isnan(b.v), np.isnan(g.v), err_msg=name)
+            for x in (b, g):
+                assert np.all(np.isfinite(np.broadcast_to(x.e, x.v.shape))), name
+    assert np.isnan(got["variable"][1].v[INF_STEP, 0])
+    assert np.all(np.isfinite(got["variable"][1].v[INF_STEP, 1:]))
+    scaled = scaled_at_the_infinite_step(builtin, got)
+    assert not np.any(np.isnan(scaled)) and np.max(scaled) <= 1
+    assert worst_scaled(builtin, got) <= 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clipnorm_of_an_infinite_gradient_still_tells_another_formula(backend, dtype,
+                                                                     tmp_path):
+    """Sensitivity beside it: at the step of the infinite gradient, beta_1 moved by 1e-4
+    or epsilon inside the square root is outside the rule's bound on the finite elements
+    (judged there, not unknown)."""
+    ar = Arithmetic(dtype, PRECISIONS[backend])
+    config = {"learning_rate": 0.01, "clipnorm": 1.0}
+    states, grads = with_infinite_gradient(seed=9)
+    builtin = step(reference.get_rule("keras", "Adam"), ar, config, states, grads)
+    shifted = step(user("adam.py"), ar, {**config, "beta_1": 0.9 + 1e-4}, states, grads)
+    inside = step(user("adam.py", path=edited(tmp_path, "adam.py", "np.sqrt(v) + epsilon",
+                                              "np.sqrt(v + epsilon)")),
+                  ar, config, states, grads)
+    for other in (shifted, inside):
+        scaled = scaled_at_the_infinite_step(builtin, other)
+        assert not np.any(np.isnan(scaled))
+        assert np.max(scaled) > TOLERANCE
+
+
 def edited(tmp_path, file, old, new):
     text = (RULES / file).read_text()
     assert old in text
