@@ -1,10 +1,11 @@
 """A user's rule in plain numpy (reference/user_rule.py) on the bound-tracking
 arithmetic's numpy protocols (reference/arithmetic.py).
 
-Specificity: Keras's Adam and Lamb written in plain numpy (tests/rules/) give the
-built-in keras rules' values within their bounds, bit for bit where both round
-alike, on every backend's precision setting, in float32 and float64, with weight
-decay, on a batch of steps of a matrix and a vector.  Sensitivity: the same files
+Specificity: Keras's Adam and Lamb written in plain numpy
+(examples/own_optimizer/adam_rule.py, tests/rules/lamb.py) give the built-in keras
+rules' values within their bounds, bit for bit where both round alike, on every
+backend's precision setting, in float32 and float64, with weight decay, on a batch of
+steps of a matrix and a vector.  Sensitivity: the same files
 with beta_1 moved by 1e-4, epsilon inside the square root, or the trust ratio's
 norms over one axis, are outside the bound (verify.compare's scaled error above
 its TOLERANCE).
@@ -26,7 +27,9 @@ from reference.user_rule import RuleError
 from test_compare import N, S, stream
 from verify.compare import TOLERANCE, RunComparison, Segments, element_errors
 
-RULES = Path(__file__).parent / "rules"
+# Keras's Adam as a user writes it is the example of the README and docs/rules.md
+RULES = {"adam.py": Path(__file__).parent.parent / "examples" / "own_optimizer" / "adam_rule.py",
+         "lamb.py": Path(__file__).parent / "rules" / "lamb.py"}
 BACKENDS = ("tensorflow", "jax", "torch")
 DTYPES = ("float32", "float64")
 ITERATIONS = np.array([0.0, 1.0, 9.0, 99.0])  # Keras's iterations before each step
@@ -218,7 +221,7 @@ def step(rule, ar, config, states, grads):
 
 
 def user(file, class_name="Adam", path=None):
-    loaded = user_rule.load(path or RULES / file)
+    loaded = user_rule.load(path or RULES[file])
     return user_rule.optimizer(loaded, class_name,
                                reference.OPTIMIZERS[class_name].defaults).rule("rule")
 
@@ -373,7 +376,7 @@ def test_clipnorm_of_an_infinite_gradient_still_tells_another_formula(backend, d
 
 
 def edited(tmp_path, file, old, new):
-    text = (RULES / file).read_text()
+    text = RULES[file].read_text()
     assert old in text
     path = tmp_path / file
     path.write_text(text.replace(old, new))

@@ -60,6 +60,7 @@ class PeerConfiguration:
     scale: dict = field(default_factory=dict)    # peer state -> factor to Keras's units
     wrappers: tuple = ()    # ((wrapper, {argument: value}), ...) as written
     not_kept: dict = field(default_factory=dict)  # Keras slot -> why partly not compared
+    source = None  # the Keras class is keras.optimizers' (configurations.Configuration.source)
 
     @property
     def text(self) -> str:
