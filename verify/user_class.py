@@ -23,8 +23,6 @@ from verify import processes
 from verify.configurations import Configuration, derived_id
 from verify.selection import UsageError
 
-FAMILY = user_rule.FAMILY
-
 
 def parse(spec: str) -> tuple:
     """--class FILE.py:ClassName or package.module:ClassName -> (source, class name):
@@ -95,5 +93,5 @@ def register_rule(path: str, chosen: Configuration, built: dict) -> None:
         raise UsageError(f"--rule: {exc}") from None
     defaults = {**rule.hyperparameters,
                 **{k: v for k, v in built.items() if k not in base.DEFAULTS and k != "name"}}
-    REGISTRY[(FAMILY, chosen.class_name)] = user_rule.optimizer(
-        rule, chosen.class_name, defaults).rule(FAMILY)
+    REGISTRY[(user_rule.FAMILY, chosen.class_name)] = user_rule.optimizer(
+        rule, chosen.class_name, defaults).rule(user_rule.FAMILY)
